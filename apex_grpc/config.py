@@ -185,7 +185,7 @@ class ServeOptions:
     kv_placement: KVPlacement = KVPlacement.AUTO
     gpu_kv_blocks: int | None = None
     gpu_kv_gb: float | None = None
-    host_kv_gb: float = 0.0
+    host_kv_gb: float | None = None  # None: a default sized for the device
     block_size: int = 16
     max_num_seqs: int = 64
     max_batched_tokens: int = 2048

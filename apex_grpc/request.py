@@ -109,7 +109,6 @@ class Request:
     deadline: float | None = None
     output_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
-    tier: Tier = Tier.GPU
     # Tokens whose KV is already in the cache (prefill progress, then prompt+output-1).
     num_computed_tokens: int = 0
     num_preemptions: int = 0
@@ -136,10 +135,14 @@ class Request:
         return len(self.output_ids)
 
     @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose KV is not in the cache yet (1 for a decode)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
     def is_prefilling(self) -> bool:
-        """True while some tokens (prompt, or prompt+output after a preemption) lack KV."""
-        return self.num_computed_tokens < self.num_tokens - 1 or not self.output_ids and \
-            self.num_computed_tokens < self.num_tokens
+        """True while the prompt (or prompt+output after a preemption) still lacks KV."""
+        return self.num_uncomputed_tokens > 1 or not self.output_ids
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,192 @@
+"""Pure-torch paged attention: the ground truth for every attention kernel, and a working backend.
+
+TorchPagedAttention implements AttentionBackend over the two KV tiers of attention/base.py.
+paged_attention_reference() is the math on one layer's paged cache (float32 softmax, optional
+log-sum-exp) that kernel tests compare against. build_paged_batch() / build_metadata() make
+metadata for simple cases (each sequence given its list of block ids) for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from apex_grpc.attention.base import (AttentionMetadata, HostPrefillBatch, PagedSeqBatch)
+
+
+def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """cache [2, num_blocks, num_kv_heads, block_size, head_dim]; k/v [n, num_kv_heads, head_dim]
+    go to token slots block_id * block_size + offset."""
+    block_size = cache.shape[3]
+    slots = slot_mapping.to(cache.device, torch.int64)
+    block_ids = slots // block_size
+    offsets = slots % block_size
+    cache[0, block_ids, :, offsets] = k.to(cache.device, cache.dtype)
+    cache[1, block_ids, :, offsets] = v.to(cache.device, cache.dtype)
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor,
+                    seq_len: int) -> torch.Tensor:
+    """cache [num_blocks, num_kv_heads, block_size, head_dim] -> [num_kv_heads, seq_len, d]."""
+    block_size = cache.shape[2]
+    num_blocks = -(-seq_len // block_size)
+    blocks = cache[block_table[:num_blocks].to(cache.device, torch.int64)]
+    # [num_blocks, kv_heads, block_size, d] -> [kv_heads, num_blocks * block_size, d]
+    context = blocks.permute(1, 0, 2, 3).reshape(cache.shape[1], num_blocks * block_size, -1)
+    return context[:, :seq_len]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+            num_cached: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of q [q_len, heads, d] over k/v [kv_heads, seq_len, d] where the first
+    num_cached keys precede the queries. Returns (out [q_len, heads, d] float32, lse [q_len,
+    heads] float32)."""
+    q_len, num_heads, _ = q.shape
+    group = num_heads // k.shape[0]
+    k32 = k.float().repeat_interleave(group, dim=0)  # [heads, seq_len, d]
+    v32 = v.float().repeat_interleave(group, dim=0)
+    scores = torch.einsum("qhd,hkd->hqk", q.float(), k32) * scale  # [heads, q_len, seq_len]
+    query_pos = num_cached + torch.arange(q_len, device=q.device).unsqueeze(1)
+    key_pos = torch.arange(k.shape[1], device=q.device).unsqueeze(0)
+    scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [heads, q_len]
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    out = torch.einsum("hqk,hkd->qhd", probs, v32)
+    return out, lse.transpose(0, 1)
+
+
+def paged_attention_reference(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq]
+    seq_lens: Sequence[int],  # context per sequence including the queries
+    query_lens: Sequence[int],  # query rows per sequence, consecutive in q
+    scale: float,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of each sequence's query rows over its paged context (whose k/v must
+    already be in the cache). Output in q's dtype; lse [num_tokens, num_heads] float32."""
+    if len(seq_lens) != len(query_lens) or sum(query_lens) != q.shape[0]:
+        raise ValueError(f"query_lens {tuple(query_lens)} do not cover q's {q.shape[0]} rows")
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    row = 0
+    for seq_idx, (seq_len, query_len) in enumerate(zip(seq_lens, query_lens)):
+        if query_len > seq_len:
+            raise ValueError(f"sequence {seq_idx}: query_len {query_len} > seq_len {seq_len}")
+        k = _gather_context(k_cache, block_tables[seq_idx], seq_len).to(q.device)
+        v = _gather_context(v_cache, block_tables[seq_idx], seq_len).to(q.device)
+        rows = slice(row, row + query_len)
+        out[rows], lse[rows] = _attend(q[rows], k, v, scale, seq_len - query_len)
+        row += query_len
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+class TorchPagedAttention:
+    """AttentionBackend in plain torch for both tiers (CPU or CUDA; fp32, bf16, fp16)."""
+
+    def __init__(self, gpu_kv: torch.Tensor, host_kv: torch.Tensor | None,
+                 scale: float) -> None:
+        # [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim] per tier
+        if gpu_kv.dim() != 6 or (host_kv is not None and host_kv.dim() != 6):
+            raise ValueError("KV caches must be [num_layers, 2, num_blocks, num_kv_heads, "
+                             "block_size, head_dim]")
+        self.gpu_kv = gpu_kv
+        self.host_kv = host_kv
+        self.scale = scale
+
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        if q.shape[0] != meta.num_tokens:
+            raise ValueError(f"q has {q.shape[0]} rows, metadata says {meta.num_tokens}")
+        out = torch.empty_like(q)
+        if meta.gpu is not None:
+            self._paged(self.gpu_kv[layer_idx], meta.gpu, q, k, v, out)
+        if meta.host_prefill is not None:
+            self._host_prefill(layer_idx, meta.host_prefill, q, k, v, out)
+        if meta.host_decode is not None:
+            self._paged(self._host_layer(layer_idx), meta.host_decode, q, k, v, out)
+        return out
+
+    def _host_layer(self, layer_idx: int) -> torch.Tensor:
+        if self.host_kv is None:
+            raise ValueError("metadata has host-tier rows but this backend has no host KV cache")
+        return self.host_kv[layer_idx]
+
+    def _paged(self, cache: torch.Tensor, batch: PagedSeqBatch, q: torch.Tensor,
+               k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        rows = slice(batch.row_start, batch.row_end)
+        write_kv(cache, batch.slot_mapping, k[rows], v[rows])
+        result = paged_attention_reference(
+            q[rows].to(cache.device), cache[0], cache[1], batch.block_tables, batch.seq_lens,
+            batch.query_lens, self.scale)
+        out[rows] = result.to(out.device)
+
+    def _host_prefill(self, layer_idx: int, batch: HostPrefillBatch, q: torch.Tensor,
+                      k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        rows = slice(batch.row_start, batch.row_start + batch.num_tokens)
+        write_kv(self._host_layer(layer_idx), batch.host_slot_mapping, k[rows], v[rows])
+        row = batch.row_start
+        for query_len in batch.query_lens:
+            seq_rows = slice(row, row + query_len)
+            # The chunk is the whole context: k/v [kv_heads, query_len, d].
+            seq_out, _ = _attend(q[seq_rows], k[seq_rows].transpose(0, 1),
+                                 v[seq_rows].transpose(0, 1), self.scale, 0)
+            out[seq_rows] = seq_out.to(out.dtype)
+            row += query_len
+
+
+def build_paged_batch(row_start: int, block_ids: Sequence[Sequence[int]],
+                      num_cached: Sequence[int], query_lens: Sequence[int], block_size: int,
+                      device: torch.device | str) -> PagedSeqBatch:
+    """Metadata for sequences whose blocks are given: sequence i has num_cached[i] tokens in the
+    cache already and query_lens[i] new rows (positions num_cached[i] ... in order)."""
+    seq_lens = tuple(c + n for c, n in zip(num_cached, query_lens))
+    max_blocks = max((len(ids) for ids in block_ids), default=1)
+    table = torch.zeros(len(block_ids), max(max_blocks, 1), dtype=torch.int32)
+    slots: list[int] = []
+    for seq_idx, (ids, cached, seq_len) in enumerate(zip(block_ids, num_cached, seq_lens)):
+        if len(ids) * block_size < seq_len:
+            raise ValueError(f"sequence {seq_idx} needs {seq_len} slots, has {len(ids)} blocks")
+        table[seq_idx, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        slots.extend(ids[pos // block_size] * block_size + pos % block_size
+                     for pos in range(cached, seq_len))
+    starts = [0]
+    for query_len in query_lens:
+        starts.append(starts[-1] + query_len)
+    return PagedSeqBatch(
+        row_start=row_start, num_tokens=starts[-1], query_lens=tuple(query_lens),
+        seq_lens=seq_lens, block_tables=table.to(device),
+        seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device))
+
+
+def build_host_prefill_batch(row_start: int, block_ids: Sequence[Sequence[int]],
+                             query_lens: Sequence[int], block_size: int) -> HostPrefillBatch:
+    """Whole prompts prefilled on the GPU whose k/v go to the given host-tier blocks."""
+    slots = [ids[pos // block_size] * block_size + pos % block_size
+             for ids, query_len in zip(block_ids, query_lens) for pos in range(query_len)]
+    return HostPrefillBatch(row_start=row_start, num_tokens=len(slots),
+                            query_lens=tuple(query_lens),
+                            host_slot_mapping=torch.tensor(slots, dtype=torch.int64))
+
+
+def build_metadata(gpu: PagedSeqBatch | None = None,
+                   host_prefill: HostPrefillBatch | None = None,
+                   host_decode: PagedSeqBatch | None = None) -> AttentionMetadata:
+    """Combine parts (rows must follow the order gpu, host_prefill, host_decode)."""
+    num_tokens = sum(part.num_tokens for part in (gpu, host_prefill, host_decode)
+                     if part is not None)
+    return AttentionMetadata(num_tokens=num_tokens, gpu=gpu, host_prefill=host_prefill,
+                             host_decode=host_decode)
+
+
+def contiguous_block_ids(seq_index: int, max_blocks_per_seq: int) -> list[int]:
+    """Blocks [seq_index * max_blocks_per_seq, ...): a trivial allocation for tests/benchmarks."""
+    start = seq_index * max_blocks_per_seq
+    return list(range(start, start + max_blocks_per_seq))

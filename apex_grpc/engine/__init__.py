@@ -1,0 +1,1 @@
+"""Engine: the asyncio front (async_engine), the synchronous core (core) and the builder."""

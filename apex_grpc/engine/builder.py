@@ -1,0 +1,106 @@
+"""ServeOptions -> a running AsyncEngine: loads the model, sizes both KV tiers, wires the
+scheduler, the runner, the attention backends and the CPU pool."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from apex_grpc.attention.cpu_kernel import CpuAttentionPool
+from apex_grpc.attention.hybrid import HybridAttention
+from apex_grpc.attention.torch_ref import TorchPagedAttention
+from apex_grpc.config import EngineConfig, ModelConfig, Policy, ServeOptions
+from apex_grpc.engine.async_engine import AsyncEngine
+from apex_grpc.engine.core import EngineCore
+from apex_grpc.kv_cache.manager import KVCacheManager
+from apex_grpc.kv_cache.storage import KVStorage, bytes_per_block
+from apex_grpc.model.loader import load_model
+from apex_grpc.platform import device_name, resolve_device, resolve_dtype
+from apex_grpc.runner.model_runner import ModelRunner
+from apex_grpc.scheduler.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+_GIB = 1 << 30
+# Without a GPU the "GPU tier" is ordinary memory: keep its default modest.
+_CPU_DEFAULT_GPU_KV_GIB = 0.5
+_CPU_DEFAULT_HOST_KV_GIB = 0.5
+_CUDA_DEFAULT_HOST_KV_GIB = 8.0
+# Share of free device memory (after weights) given to the GPU KV tier when not told.
+_CUDA_KV_MEMORY_FRACTION = 0.85
+
+
+def default_cpu_attention_threads() -> int:
+    """All cores but two: the engine thread and the asyncio loop need theirs."""
+    return max(1, (os.cpu_count() or 1) - 2)
+
+
+def _num_blocks(gib: float, block_bytes: int) -> int:
+    return int(gib * _GIB) // block_bytes
+
+
+def size_kv_tiers(opts: ServeOptions, model: ModelConfig, dtype: torch.dtype,
+                  device: torch.device) -> tuple[int, int]:
+    block_bytes = bytes_per_block(model, opts.block_size, dtype)
+    if opts.gpu_kv_blocks is not None:
+        num_gpu = opts.gpu_kv_blocks
+    elif opts.gpu_kv_gb is not None:
+        num_gpu = _num_blocks(opts.gpu_kv_gb, block_bytes)
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        num_gpu = int(free * _CUDA_KV_MEMORY_FRACTION) // block_bytes
+    else:
+        num_gpu = _num_blocks(_CPU_DEFAULT_GPU_KV_GIB, block_bytes)
+    if opts.policy == Policy.GPU_ONLY:
+        num_host = 0
+    else:
+        host_gib = opts.host_kv_gb if opts.host_kv_gb is not None else (
+            _CUDA_DEFAULT_HOST_KV_GIB if device.type == "cuda" else _CPU_DEFAULT_HOST_KV_GIB)
+        num_host = _num_blocks(host_gib, block_bytes)
+    if num_gpu < 1:
+        raise ValueError(f"the GPU KV budget holds no block of {block_bytes} bytes")
+    log.info("KV cache: GPU tier %d blocks (%.3f GiB, %d tokens), host tier %d blocks "
+             "(%.3f GiB, %d tokens), block size %d", num_gpu, num_gpu * block_bytes / _GIB,
+             num_gpu * opts.block_size, num_host, num_host * block_bytes / _GIB,
+             num_host * opts.block_size, opts.block_size)
+    return num_gpu, num_host
+
+
+def build_engine(opts: ServeOptions) -> AsyncEngine:
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    torch.manual_seed(opts.seed)
+    model, model_config, tokenizer, name = load_model(
+        opts.model, opts.load_format, device, dtype, dummy_config=opts.dummy_config)
+    num_gpu_blocks, num_host_blocks = size_kv_tiers(opts, model_config, dtype, device)
+    max_model_len = min(opts.max_model_len or model_config.max_position_embeddings,
+                        model_config.max_position_embeddings)
+    threads = opts.cpu_attention_threads or default_cpu_attention_threads()
+    config = EngineConfig(
+        block_size=opts.block_size, num_gpu_blocks=num_gpu_blocks,
+        num_host_blocks=num_host_blocks, max_num_seqs=opts.max_num_seqs,
+        max_batched_tokens=opts.max_batched_tokens, max_model_len=max_model_len,
+        policy=opts.policy, kv_placement=opts.kv_placement, cpu_attention_threads=threads,
+        max_waiting=opts.max_waiting, max_step_stretch=opts.max_step_stretch)
+    core = build_core(config, model, model_config, tokenizer, dtype, device)
+    return AsyncEngine(core, model_config, config, name, str(dtype).removeprefix("torch."),
+                       device_name(device), tokenizer)
+
+
+def build_core(config: EngineConfig, model: torch.nn.Module, model_config: ModelConfig,
+               tokenizer, dtype: torch.dtype, device: torch.device) -> EngineCore:
+    """The synchronous engine over an already loaded model (tests build it directly)."""
+    storage = KVStorage(model_config, config.block_size, config.num_gpu_blocks,
+                        config.num_host_blocks, dtype, device)
+    scale = model_config.head_dim ** -0.5
+    attention = HybridAttention(
+        TorchPagedAttention(storage.gpu, storage.host, scale), storage.host,
+        CpuAttentionPool(config.cpu_attention_threads), scale, config.max_num_seqs,
+        model_config.num_attention_heads, model_config.num_key_value_heads,
+        model_config.head_dim, device)
+    runner = ModelRunner(model, storage, attention, config.block_size, device)
+    kv = KVCacheManager(config.block_size, config.num_gpu_blocks, config.num_host_blocks)
+    eos = tokenizer.eos_token_ids if tokenizer is not None else model_config.eos_token_ids
+    return EngineCore(config, Scheduler(config, kv), runner, tokenizer, tuple(eos), device)

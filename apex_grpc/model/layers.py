@@ -1,0 +1,137 @@
+"""Building blocks of the Llama-family decoder: linear layers, RMSNorm, rotary embedding, MLP.
+
+Parameters are allocated uninitialised (torch.empty) directly on the target device and dtype:
+loaders overwrite every one of them, and skipping the default init keeps large models cheap to
+build. Fused layouts (q|k|v and gate|up stacked along the output dimension) halve the number of
+matmuls per layer; the loaders copy each checkpoint tensor into its slice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from apex_grpc.config import ConfigError
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b) with W [out_features, in_features], allocated without initialisation."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype,
+                                               device=device), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                  requires_grad=False) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with an optional fused residual add.
+
+    Normalisation runs in float32 whatever the weight dtype, like the reference implementation,
+    so bf16/fp16 models do not lose precision in the variance.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def forward(self, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (normed, new_residual) where new_residual = x + residual (or x)."""
+        if residual is not None:
+            x = x + residual
+        return self._normalize(x), x
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama-3.1 frequency remap: long wavelengths are slowed by `factor`, short ones kept, and
+    the band between is interpolated smoothly (in wavelength units of the original context)."""
+    factor = float(scaling["factor"])
+    low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+    high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+    original_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    low_freq_wavelen = original_len / low_freq_factor
+    high_freq_wavelen = original_len / high_freq_factor
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_inv_freq(head_dim: int, rope_theta: float,
+                  rope_scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] in float64 for the given rope settings."""
+    inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, rope_scaling or {})
+    if rope_type == "linear":
+        return inv_freq / float((rope_scaling or {})["factor"])
+    raise ConfigError(f"unsupported rope_scaling type {rope_type!r}; supported: default, "
+                      "linear, llama3")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE with a cos/sin cache precomputed once for every position."""
+
+    def __init__(self, head_dim: int, max_positions: int, rope_theta: float,
+                 rope_scaling: dict[str, Any] | None, device: torch.device) -> None:
+        super().__init__()
+        inv_freq = rope_inv_freq(head_dim, rope_theta, rope_scaling)
+        # Angles in float64 then stored as float32: large positions keep their precision.
+        angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        self.max_positions = max_positions
+        self.register_buffer("cos_cache", angles.cos().float().to(device), persistent=False)
+        self.register_buffer("sin_cache", angles.sin().float().to(device), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [n, num_heads, head_dim], k [n, num_kv_heads, head_dim] -> rotated, same dtypes."""
+        cos = self.cos_cache[positions].unsqueeze(1)  # [n, 1, head_dim // 2]
+        sin = self.sin_cache[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1 = x[..., :half].float()
+    x2 = x[..., half:].float()
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)) with gate|up fused into one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, False, dtype, device)
+        self.down_proj = Linear(intermediate_size, hidden_size, False, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

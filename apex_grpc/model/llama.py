@@ -1,0 +1,108 @@
+"""The Llama-family decoder (Llama-2/3/3.1/3.2, SmolLM2, Mistral without sliding window, Qwen2).
+
+The model never touches the KV cache: each layer's pre-attention part returns rotated q/k/v, the
+attention backend (given per-batch metadata) stores k/v and attends, and the post-attention part
+finishes the layer. forward() is exactly that sequence, and the pieces are public so the NEO
+pipeline can run sub-batches layer by layer in a skewed order.
+
+Inputs are flattened over the batch: every row is one token, `positions` gives its position in
+its own sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from apex_grpc.attention.base import AttentionBackend, AttentionMetadata
+from apex_grpc.config import ModelConfig
+from apex_grpc.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = config.q_size
+        self.kv_size = config.kv_size
+        hidden = config.hidden_size
+        self.input_layernorm = RMSNorm(hidden, config.rms_norm_eps, dtype, device)
+        self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, config.qkv_bias,
+                               dtype, device)
+        self.o_proj = Linear(self.q_size, hidden, config.o_bias, dtype, device)
+        self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps, dtype, device)
+        self.mlp = GatedMLP(hidden, config.intermediate_size, dtype, device)
+        # Shared with every layer; not registered as a submodule so it is not duplicated.
+        self._rotary = (rotary,)
+
+    def pre_attention(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden [n, hidden_size] (residual None on the first layer) ->
+        q [n, num_heads, head_dim], k/v [n, num_kv_heads, head_dim] (RoPE applied), residual."""
+        normed, residual = self.input_layernorm(hidden, residual)
+        qkv = self.qkv_proj(normed)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        num_tokens = hidden.shape[0]
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = self._rotary[0](positions, q, k)
+        return q, k, v, residual
+
+    def post_attention(self, attn_out: torch.Tensor,
+                       residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """attn_out [n, num_heads, head_dim] -> (mlp output, residual) for the next layer."""
+        hidden = self.o_proj(attn_out.reshape(attn_out.shape[0], self.q_size))
+        normed, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(normed), residual
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        hidden = config.hidden_size
+        self.embed_tokens = nn.Parameter(
+            torch.empty(config.vocab_size, hidden, dtype=dtype, device=self.device),
+            requires_grad=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+                                      config.rope_theta, config.rope_scaling, self.device)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, self.rotary, dtype, self.device)
+            for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(hidden, config.rms_norm_eps, dtype, self.device)
+        # Tied models reuse the embedding matrix as the LM head (no separate parameter).
+        self.lm_head = (None if config.tie_word_embeddings
+                        else Linear(hidden, config.vocab_size, False, dtype, self.device))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [n] int64 -> hidden [n, hidden_size]."""
+        return self.embed_tokens[input_ids]
+
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden, residual)[0]
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions [num_tokens] int64 -> hidden [num_tokens, hidden_size]."""
+        hidden = self.embed(input_ids)
+        residual: torch.Tensor | None = None
+        for layer_idx, layer in enumerate(self.layers):
+            q, k, v, residual = layer.pre_attention(hidden, residual, positions)
+            attn_out = attn.forward(layer_idx, q, k, v, meta)
+            hidden, residual = layer.post_attention(attn_out, residual)
+        assert residual is not None, "a model has at least one layer"
+        return self.final_norm(hidden, residual)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, hidden_size] -> float32 logits [n, vocab_size]."""
+        weight = self.embed_tokens if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight).float()

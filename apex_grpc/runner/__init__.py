@@ -1,0 +1,1 @@
+"""Runner: StepPlan -> tensors -> model -> sampler -> StepResult."""

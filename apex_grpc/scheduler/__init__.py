@@ -1,0 +1,1 @@
+"""Scheduling: the StepPlan hand-off, the iteration scheduler and the strategy choosers."""

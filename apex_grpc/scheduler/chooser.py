@@ -1,0 +1,44 @@
+"""Strategy choosers: given this iteration's candidate rows, pick the execution strategy and
+which host-resident decode rows run.
+
+SimpleChooser is the fixed rule of each policy (every host row runs every step). The APEX
+chooser, which weighs predicted step times from the performance model, lives in apex_chooser.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from apex_grpc.config import Policy
+from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
+
+
+@dataclass(frozen=True)
+class Choice:
+    strategy: Strategy
+    host_decode_seqs: tuple[ScheduledSeq, ...]
+    predicted_step_ms: float = 0.0
+
+
+class StrategyChooser(Protocol):
+    def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],
+               host_prefill_seqs: tuple[ScheduledSeq, ...],
+               host_decode_seqs: tuple[ScheduledSeq, ...]) -> Choice:
+        ...
+
+
+class SimpleChooser:
+    """gpu-only never has host rows; neo pipelines whenever there are host rows; apex overlaps."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],
+               host_prefill_seqs: tuple[ScheduledSeq, ...],
+               host_decode_seqs: tuple[ScheduledSeq, ...]) -> Choice:
+        if not host_decode_seqs:
+            return Choice(Strategy.GPU_ONLY, ())
+        if self.policy == Policy.NEO:
+            return Choice(Strategy.ASYMMETRIC_PIPELINE, host_decode_seqs)
+        return Choice(Strategy.ASYNC_OVERLAP, host_decode_seqs)

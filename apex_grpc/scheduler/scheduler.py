@@ -1,0 +1,220 @@
+"""The iteration scheduler: memory bookkeeping, running requests, admission, then strategy.
+
+Pure bookkeeping over Request objects and the KVCacheManager: it emits one StepPlan per
+iteration and never touches tensors, so the simulator drives this same code in simulated time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from apex_grpc.config import EngineConfig, KVPlacement, Policy
+from apex_grpc.kv_cache.manager import KVCacheManager, KVMove
+from apex_grpc.request import Request, RequestStatus, Tier
+from apex_grpc.scheduler.chooser import SimpleChooser, StrategyChooser
+from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan
+
+# Fraction of GPU blocks kept free at admission so running decodes can grow without preempting.
+_GPU_ADMISSION_WATERMARK = 0.01
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, kv: KVCacheManager,
+                 chooser: StrategyChooser | None = None) -> None:
+        self.config = config
+        self.kv = kv
+        self.chooser = chooser or SimpleChooser(config.policy)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order, oldest first
+        self.num_preemptions = 0
+        self.num_evictions = 0
+        self.num_restores = 0
+        self._num_alternate_admissions = 0
+
+    # -- queue management ---------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def hybrid_enabled(self) -> bool:
+        return self.config.policy != Policy.GPU_ONLY and self.kv.total_blocks(Tier.HOST) > 0
+
+    def remove(self, req: Request) -> None:
+        """Take a request out of the queues and free its KV in both tiers (finish or abort)."""
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.FINISHED
+
+    def num_host_resident(self) -> int:
+        return sum(1 for r in self.running if self.kv.tier_of(r.request_id) == Tier.HOST)
+
+    # -- one iteration ------------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        moves: list[KVMove] = []
+        self._rebalance_tiers(moves)
+        budget = self.config.max_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        budget = self._schedule_running(scheduled, moves, budget)
+        self._admit_waiting(scheduled, budget)
+        return self._make_plan(scheduled, moves)
+
+    def _rebalance_tiers(self, moves: list[KVMove]) -> None:
+        """Evict newest GPU decodes while the GPU tier cannot hold this step's growth; otherwise
+        bring the oldest host-resident request back (never both in one iteration)."""
+        if not self.hybrid_enabled:
+            return
+        placement = self.config.kv_placement
+        gpu_decodes = [r for r in self.running
+                       if self.kv.tier_of(r.request_id) == Tier.GPU and not r.is_prefilling]
+        if placement == KVPlacement.HOST:
+            # Forced host placement: long prompts prefilled on the GPU move out once decoding.
+            for req in gpu_decodes:
+                if self.kv.can_move(req.request_id, Tier.HOST):
+                    moves.append(self._move(req, Tier.HOST))
+            return
+        gpu_pool = self.kv.pools[Tier.GPU]
+        growth = sum(self.kv.num_new_blocks(r.request_id, r.num_tokens) for r in gpu_decodes)
+        while growth > gpu_pool.num_free and gpu_decodes:
+            victim = gpu_decodes.pop()  # newest first
+            if not self.kv.can_move(victim.request_id, Tier.HOST):
+                break  # host full too: _schedule_running preempts by recompute
+            growth -= self.kv.num_new_blocks(victim.request_id, victim.num_tokens)
+            moves.append(self._move(victim, Tier.HOST))
+        if moves or placement != KVPlacement.AUTO:
+            return
+        host_decodes = [r for r in self.running if self.kv.tier_of(r.request_id) == Tier.HOST]
+        if host_decodes:
+            oldest = host_decodes[0]
+            num_blocks = len(self.kv.block_table(oldest.request_id)) + 1
+            limit = self.config.restore_below_fraction * gpu_pool.num_total
+            if gpu_pool.num_used + growth + num_blocks <= limit and \
+                    self.kv.can_move(oldest.request_id, Tier.GPU):
+                moves.append(self._move(oldest, Tier.GPU))
+
+    def _move(self, req: Request, dst: Tier) -> KVMove:
+        if dst == Tier.HOST:
+            self.num_evictions += 1
+        else:
+            self.num_restores += 1
+        return self.kv.move(req.request_id, dst)
+
+    def _schedule_running(self, scheduled: list[ScheduledSeq], moves: list[KVMove],
+                          budget: int) -> int:
+        for req in list(self.running):
+            if budget <= 0:
+                break
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop to make room
+            num_new = min(req.num_uncomputed_tokens, budget)
+            tier = self.kv.tier_of(req.request_id)
+            if not self._make_room(req, tier, req.num_computed_tokens + num_new, moves):
+                continue
+            scheduled.append(self._scheduled_seq(req, num_new, tier))
+            budget -= num_new
+        return budget
+
+    def _make_room(self, req: Request, tier: Tier, total_tokens: int,
+                   moves: list[KVMove]) -> bool:
+        """Grow req's table, preempting the newest requests of its tier (req last) if needed."""
+        while not self.kv.can_grow(req.request_id, tier, total_tokens):
+            victims = [r for r in self.running if self.kv.tier_of(r.request_id) == tier]
+            victim = victims[-1]
+            self._preempt(victim, moves)
+            if victim is req:
+                return False
+        self.kv.grow(req.request_id, tier, total_tokens)
+        return True
+
+    def _preempt(self, req: Request, moves: list[KVMove]) -> None:
+        """Drop the request's KV (recompute later); it goes back to the front of the queue."""
+        # A move planned this step for the victim would copy blocks that are about to be freed.
+        moves[:] = [m for m in moves if m.request_id != req.request_id]
+        self.running.remove(req)
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def _admit_waiting(self, scheduled: list[ScheduledSeq], budget: int) -> None:
+        sent_to_host = False
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            num_new = min(req.num_uncomputed_tokens, budget)
+            tier = self._place(req, num_new, sent_to_host)
+            if tier is None:
+                break  # FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            self.kv.grow(req.request_id, tier, num_new)
+            req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+            self.running.append(req)
+            scheduled.append(self._scheduled_seq(req, num_new, tier))
+            budget -= num_new
+            sent_to_host |= tier == Tier.HOST
+
+    def _place(self, req: Request, num_new: int, sent_to_host: bool) -> Tier | None:
+        """The tier for a new request's KV, or None when neither tier has room now."""
+        fits_gpu = self._fits(req, Tier.GPU, num_new, watermark=True)
+        # Host prefill streams a whole prompt in one pass (no earlier context to read back).
+        host_ok = self.hybrid_enabled and num_new == req.num_uncomputed_tokens and \
+            self._fits(req, Tier.HOST, num_new, watermark=False)
+        placement = self.config.kv_placement if self.hybrid_enabled else KVPlacement.GPU
+        if placement == KVPlacement.ALTERNATE and num_new == req.num_uncomputed_tokens:
+            self._num_alternate_admissions += 1
+            placement = KVPlacement.HOST if self._num_alternate_admissions % 2 == 0 \
+                else KVPlacement.GPU
+        if placement == KVPlacement.HOST and host_ok:
+            return Tier.HOST
+        if placement in (KVPlacement.GPU, KVPlacement.HOST, KVPlacement.ALTERNATE):
+            return Tier.GPU if fits_gpu else None
+        if fits_gpu and not sent_to_host:
+            return Tier.GPU
+        return Tier.HOST if host_ok else None
+
+    def _fits(self, req: Request, tier: Tier, num_new: int, watermark: bool) -> bool:
+        pool = self.kv.pools[tier]
+        reserve = int(_GPU_ADMISSION_WATERMARK * pool.num_total) if watermark else 0
+        return self.kv.num_new_blocks(req.request_id, num_new) + reserve <= pool.num_free
+
+    def _scheduled_seq(self, req: Request, num_new: int, tier: Tier) -> ScheduledSeq:
+        start = req.num_computed_tokens
+        token_ids = tuple(req.all_ids[start:start + num_new])
+        return ScheduledSeq(
+            request_id=req.request_id,
+            token_ids=token_ids,
+            num_computed_tokens=start,
+            block_table=tuple(self.kv.block_table(req.request_id)),
+            tier=tier,
+            samples=start + num_new == req.num_tokens,
+        )
+
+    def _make_plan(self, scheduled: list[ScheduledSeq], moves: list[KVMove]) -> StepPlan:
+        gpu = tuple(s for s in scheduled if s.tier == Tier.GPU)
+        host = [s for s in scheduled if s.tier == Tier.HOST]
+        host_prefill = tuple(s for s in host if not s.is_decode)
+        host_decode = tuple(s for s in host if s.is_decode)
+        choice = self.chooser.choose(gpu, host_prefill, host_decode)
+        selected = set(s.request_id for s in choice.host_decode_seqs)
+        for req in self.running:
+            if self.kv.tier_of(req.request_id) == Tier.HOST and not req.is_prefilling:
+                req.num_skipped_steps = 0 if req.request_id in selected else \
+                    req.num_skipped_steps + 1
+        return StepPlan(
+            strategy=choice.strategy,
+            gpu_seqs=gpu,
+            host_prefill_seqs=host_prefill,
+            host_decode_seqs=choice.host_decode_seqs,
+            moves=tuple(moves),
+            predicted_step_ms=choice.predicted_step_ms,
+        )

@@ -1,0 +1,120 @@
+// Shared definitions of the native CPU decode-attention kernel: element types, scalar
+// conversions, the per-ISA kernel table and the description of one decode problem.
+//
+// KV layout (one layer; see apex_grpc/attention/base.py):
+//   k_cache, v_cache  [num_blocks, num_kv_heads, block_size, head_dim], contiguous
+//   token slot        block_id * block_size + offset_in_block
+// GQA: query head (kv_head * group_size + g) attends kv head kv_head.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace apex {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+inline int element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+
+inline float bits_to_float(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+inline uint32_t float_to_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+inline float bf16_to_float(uint16_t bits) { return bits_to_float(uint32_t(bits) << 16); }
+
+inline uint16_t float_to_bf16(float value) {
+  uint32_t bits = float_to_bits(value);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x40u);  // keep NaN
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
+  return uint16_t(bits >> 16);
+}
+
+inline float fp16_to_float(uint16_t half) {
+  const uint32_t sign = uint32_t(half & 0x8000u) << 16;
+  const uint32_t exponent = (half >> 10) & 0x1fu;
+  const uint32_t mantissa = half & 0x3ffu;
+  if (exponent == 0) {
+    // Zero or subnormal: mantissa * 2^-24, exact in float.
+    const float magnitude = float(mantissa) * 5.9604644775390625e-8f;
+    return bits_to_float(float_to_bits(magnitude) | sign);
+  }
+  if (exponent == 31) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
+  return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+inline uint16_t float_to_fp16(float value) {
+  const uint32_t bits = float_to_bits(value);
+  const uint16_t sign = uint16_t((bits >> 16) & 0x8000u);
+  uint32_t magnitude = bits & 0x7fffffffu;
+  if (magnitude >= 0x7f800000u) return sign | (magnitude > 0x7f800000u ? 0x7e00u : 0x7c00u);
+  if (magnitude >= 0x477ff000u) return sign | 0x7c00u;  // rounds past 65504: infinity
+  if (magnitude < 0x38800000u) {
+    // Half subnormal: scale by 2^24 and round to the nearest even integer.
+    const float scaled = bits_to_float(magnitude) * 16777216.0f;
+    const float rounded = __builtin_rintf(scaled);
+    return sign | uint16_t(rounded);
+  }
+  magnitude += 0xc8000fffu + ((magnitude >> 13) & 1u);  // rebias exponent, round to nearest even
+  return sign | uint16_t(magnitude >> 13);
+}
+
+inline float load_as_float(const void* base, int64_t index, DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return static_cast<const float*>(base)[index];
+    case DType::kBFloat16:
+      return bf16_to_float(static_cast<const uint16_t*>(base)[index]);
+    default:
+      return fp16_to_float(static_cast<const uint16_t*>(base)[index]);
+  }
+}
+
+inline void store_from_float(void* base, int64_t index, DType dtype, float value) {
+  switch (dtype) {
+    case DType::kFloat32:
+      static_cast<float*>(base)[index] = value;
+      break;
+    case DType::kBFloat16:
+      static_cast<uint16_t*>(base)[index] = float_to_bf16(value);
+      break;
+    default:
+      static_cast<uint16_t*>(base)[index] = float_to_fp16(value);
+  }
+}
+
+// The three inner loops of one KV block, specialised per ISA and element type. Rows of q, p
+// and acc belong to the query heads of one GQA group; k and v point at one block of one kv head.
+struct KernelOps {
+  // scores[g * num_tokens + t] = scale * dot(q[g], k[t]).  q_raw is in the KV element type,
+  // q_f32 is the same rows converted to float32; each implementation reads the one it wants.
+  void (*scores)(const void* q_raw, const float* q_f32, const void* k, int num_rows,
+                 int num_tokens, int head_dim, float scale, float* scores);
+  // One online-softmax step on a row of scores: x[t] <- exp(x[t] - new_max), *running_max and
+  // *running_sum updated; returns the factor exp(old_max - new_max) that rescales the old sum.
+  float (*softmax_step)(float* x, int num_tokens, float* running_max, float* running_sum);
+  // acc[g][:] = acc[g][:] * alpha[g] + sum_t p[g * num_tokens + t] * v[t][:].
+  void (*accumulate)(const float* p, const void* v, int num_rows, int num_tokens, int head_dim,
+                     const float* alpha, float* acc);
+  const char* name;
+};
+
+// Returns the kernels for dtype on the best ISA this CPU supports (or the named one, for tests:
+// "avx512bf16", "avx512", "avx2", "scalar"; nullptr where that ISA is not available).
+const KernelOps* select_kernel_ops(DType dtype, const char* isa = nullptr);
+
+const KernelOps* scalar_kernel_ops(DType dtype);
+#if defined(__x86_64__)
+const KernelOps* avx2_kernel_ops(DType dtype);
+const KernelOps* avx512_kernel_ops(DType dtype, bool use_bf16_dot);
+#endif
+
+
+}  // namespace apex

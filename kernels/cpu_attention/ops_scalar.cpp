@@ -1,0 +1,94 @@
+// Portable kernels (any CPU, any compiler) and the run-time choice of the fastest kernel set.
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "common.h"
+
+namespace apex {
+namespace {
+
+template <DType kType>
+void scalar_scores(const void* /*q_raw*/, const float* q_f32, const void* k, int num_rows,
+                   int num_tokens, int head_dim, float scale, float* scores) {
+  for (int t = 0; t < num_tokens; ++t) {
+    const int64_t row = int64_t(t) * head_dim;
+    for (int g = 0; g < num_rows; ++g) {
+      const float* q_row = q_f32 + int64_t(g) * head_dim;
+      float sum = 0.0f;
+      for (int d = 0; d < head_dim; ++d) sum += q_row[d] * load_as_float(k, row + d, kType);
+      scores[g * num_tokens + t] = sum * scale;
+    }
+  }
+}
+
+float scalar_softmax_step(float* x, int num_tokens, float* running_max, float* running_sum) {
+  float block_max = -std::numeric_limits<float>::infinity();
+  for (int t = 0; t < num_tokens; ++t) block_max = std::fmax(block_max, x[t]);
+  const float new_max = std::fmax(*running_max, block_max);
+  const float alpha = std::exp(*running_max - new_max);  // exp(-inf) = 0 on the first block
+  float block_sum = 0.0f;
+  for (int t = 0; t < num_tokens; ++t) {
+    x[t] = std::exp(x[t] - new_max);
+    block_sum += x[t];
+  }
+  *running_sum = *running_sum * alpha + block_sum;
+  *running_max = new_max;
+  return alpha;
+}
+
+template <DType kType>
+void scalar_accumulate(const float* p, const void* v, int num_rows, int num_tokens,
+                       int head_dim, const float* alpha, float* acc) {
+  for (int g = 0; g < num_rows; ++g) {
+    float* acc_row = acc + int64_t(g) * head_dim;
+    for (int d = 0; d < head_dim; ++d) acc_row[d] *= alpha[g];
+    for (int t = 0; t < num_tokens; ++t) {
+      const float weight = p[g * num_tokens + t];
+      const int64_t row = int64_t(t) * head_dim;
+      for (int d = 0; d < head_dim; ++d) acc_row[d] += weight * load_as_float(v, row + d, kType);
+    }
+  }
+}
+
+template <DType kType>
+const KernelOps* scalar_table(const char* name) {
+  static const KernelOps ops{scalar_scores<kType>, scalar_softmax_step,
+                             scalar_accumulate<kType>, name};
+  return &ops;
+}
+
+}  // namespace
+
+const KernelOps* scalar_kernel_ops(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return scalar_table<DType::kFloat32>("scalar");
+    case DType::kBFloat16:
+      return scalar_table<DType::kBFloat16>("scalar");
+    default:
+      return scalar_table<DType::kFloat16>("scalar");
+  }
+}
+
+const KernelOps* select_kernel_ops(DType dtype, const char* isa) {
+  const bool any = isa == nullptr;
+  auto wants = [&](const char* name) { return any || std::strcmp(isa, name) == 0; };
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  const bool has_avx512 = __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  const bool has_bf16_dot = has_avx512 && __builtin_cpu_supports("avx512bf16");
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                        __builtin_cpu_supports("f16c");
+  if (wants("avx512bf16") && has_bf16_dot && dtype == DType::kBFloat16)
+    return avx512_kernel_ops(dtype, true);
+  if (wants("avx512") && has_avx512) return avx512_kernel_ops(dtype, false);
+  if (wants("avx2") && has_avx2) return avx2_kernel_ops(dtype);
+#endif
+  if (wants("scalar")) return scalar_kernel_ops(dtype);
+  return nullptr;
+}
+
+}  // namespace apex

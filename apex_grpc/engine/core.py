@@ -59,8 +59,7 @@ class EngineCore:
 
     # -- requests -----------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
-        if req.request_id in self.tracked:
-            raise ValueError(f"duplicate request_id {req.request_id!r}")
+        self.scheduler.add_request(req)  # raises on a duplicate id before any state is kept
         generator = None
         if req.sampling.seed is not None and not req.sampling.is_greedy:
             generator = torch.Generator(self.device).manual_seed(req.sampling.seed)
@@ -72,7 +71,6 @@ class EngineCore:
             if stop_strings else None,
             generator=generator,
         )
-        self.scheduler.add_request(req)
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORTED,
               error: str = "") -> RequestOutput | None:
@@ -109,18 +107,14 @@ class EngineCore:
             self.counters.steps[plan.strategy] += 1
         now = time.monotonic()
         outputs = []
-        for seq in plan.all_seqs:
-            tracked = self.tracked[seq.request_id]
-            tracked.req.num_computed_tokens += seq.num_new_tokens
-            token = result.sampled.get(seq.request_id)
-            if token is not None:
-                outputs.append(self._append_token(tracked, token,
-                                                  result.logprobs.get(seq.request_id), now))
+        for req in self.scheduler.record_step(plan, result.sampled):
+            outputs.append(self._after_token(self.tracked[req.request_id],
+                                             result.logprobs.get(req.request_id), now))
         for tracked in list(self.tracked.values()):  # time limits also bind queued requests
             limit = tracked.req.stopping.time_limit_ms
             if limit is not None and (now - tracked.req.arrival_time) * 1e3 >= limit:
                 outputs.append(self._finish_with_flush(tracked, FinishReason.TIME_LIMIT, [], []))
-        return [o for o in outputs if o is not None]
+        return outputs
 
     def _sampling_input(self, request_id: str) -> SamplingInput:
         tracked = self.tracked[request_id]
@@ -128,15 +122,14 @@ class EngineCore:
         prior = tracked.req.all_ids if params.repetition_penalty != 1.0 else None
         return SamplingInput(params, tracked.generator, prior)
 
-    def _append_token(self, tracked: _Tracked, token: int, logprob: TokenLogprob | None,
-                      now: float) -> RequestOutput | None:
+    def _after_token(self, tracked: _Tracked, logprob: TokenLogprob | None,
+                     now: float) -> RequestOutput:
+        """Stop checks and detokenization for the token record_step just appended."""
         req = tracked.req
-        if req.finished:
-            return None  # finished by a time limit during this very step
+        token = req.output_ids[-1]
         if req.first_token_time is None:
             req.first_token_time = now
             self.counters.prompt_tokens += req.num_prompt_tokens
-        req.output_ids.append(token)
         self.counters.generation_tokens += 1
         logprobs = [logprob] if logprob is not None else []
         stopping = req.stopping

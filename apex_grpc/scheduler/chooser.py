@@ -8,7 +8,7 @@ chooser, which weighs predicted step times from the performance model, lives in 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Mapping, Protocol
 
 from apex_grpc.config import Policy
 from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
@@ -24,7 +24,11 @@ class Choice:
 class StrategyChooser(Protocol):
     def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],
                host_prefill_seqs: tuple[ScheduledSeq, ...],
-               host_decode_seqs: tuple[ScheduledSeq, ...]) -> Choice:
+               host_decode_seqs: tuple[ScheduledSeq, ...],
+               num_skipped_steps: Mapping[str, int]) -> Choice:
+        """Pick the strategy and the host decode rows that run this step (a subset of
+        host_decode_seqs, in order). num_skipped_steps: consecutive steps each host-resident
+        request has sat out, so a chooser can bound how long any request waits."""
         ...
 
 
@@ -36,7 +40,8 @@ class SimpleChooser:
 
     def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],
                host_prefill_seqs: tuple[ScheduledSeq, ...],
-               host_decode_seqs: tuple[ScheduledSeq, ...]) -> Choice:
+               host_decode_seqs: tuple[ScheduledSeq, ...],
+               num_skipped_steps: Mapping[str, int]) -> Choice:
         if not host_decode_seqs:
             return Choice(Strategy.GPU_ONLY, ())
         if self.policy == Policy.NEO:

@@ -27,6 +27,7 @@ class Scheduler:
         self.chooser = chooser or SimpleChooser(config.policy)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order, oldest first
+        self.requests: dict[str, Request] = {}  # every waiting or running request by id
         self.num_preemptions = 0
         self.num_evictions = 0
         self.num_restores = 0
@@ -34,6 +35,9 @@ class Scheduler:
 
     # -- queue management ---------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request_id {req.request_id!r}")
+        self.requests[req.request_id] = req
         self.waiting.append(req)
 
     @property
@@ -51,10 +55,26 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.free(req.request_id)
+        self.requests.pop(req.request_id, None)
         req.status = RequestStatus.FINISHED
 
     def num_host_resident(self) -> int:
         return sum(1 for r in self.running if self.kv.tier_of(r.request_id) == Tier.HOST)
+
+    def record_step(self, plan: StepPlan, sampled: dict[str, int]) -> list[Request]:
+        """Advance every executed request past this step's tokens and append sampled tokens;
+        returns the requests that received a token, in row order."""
+        got_token = []
+        for seq in plan.all_seqs:
+            req = self.requests.get(seq.request_id)
+            if req is None:
+                continue  # finished (e.g. by a time limit) while the step ran
+            req.num_computed_tokens += seq.num_new_tokens
+            token = sampled.get(seq.request_id)
+            if token is not None:
+                req.output_ids.append(token)
+                got_token.append(req)
+        return got_token
 
     # -- one iteration ------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -204,7 +224,9 @@ class Scheduler:
         host = [s for s in scheduled if s.tier == Tier.HOST]
         host_prefill = tuple(s for s in host if not s.is_decode)
         host_decode = tuple(s for s in host if s.is_decode)
-        choice = self.chooser.choose(gpu, host_prefill, host_decode)
+        skipped = {s.request_id: self.requests[s.request_id].num_skipped_steps
+                   for s in host_decode}
+        choice = self.chooser.choose(gpu, host_prefill, host_decode, skipped)
         selected = set(s.request_id for s in choice.host_decode_seqs)
         for req in self.running:
             if self.kv.tier_of(req.request_id) == Tier.HOST and not req.is_prefilling:

@@ -1,0 +1,147 @@
+"""GGUF files of the llama architecture: hyperparameters, tensors and tokenizer from one file.
+
+Tensors are dequantized one at a time with the `gguf` package (the file is memory-mapped), so
+peak host memory stays near one model copy. GGUF converters permute the rows of q and k for
+GGML's interleaved RoPE; we undo that to get back the rotate-half layout our RoPE uses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, dequantize
+
+from apex_grpc.config import ModelConfig
+from apex_grpc.model.weights import CheckpointError, CheckpointFileNotFoundError, WeightSink
+
+SUPPORTED_TYPES = frozenset({
+    GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+    GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+})
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def open_gguf(path: str) -> GGUFReader:
+    if not os.path.isfile(path):
+        raise CheckpointFileNotFoundError(f"missing file {path}")
+    try:
+        return GGUFReader(path)
+    except (ValueError, OSError, IndexError) as exc:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({exc})") from exc
+
+
+def gguf_metadata(reader: GGUFReader) -> dict[str, Any]:
+    """Every metadata key -> its Python value (strings decoded, arrays as lists)."""
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+def hf_tensor_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _LAYER_PATTERN.fullmatch(gguf_name)
+    if match is None or match.group(2) not in _LAYER_NAMES:
+        return None
+    layer, part, kind = match.groups()
+    return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+
+
+def config_from_gguf(reader: GGUFReader, metadata: dict[str, Any], path: str) -> ModelConfig:
+    arch = metadata.get("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: unsupported GGUF architecture {arch!r}; only 'llama'")
+    tensor_names = {tensor.name for tensor in reader.tensors}
+    if "rope_freqs.weight" in tensor_names:
+        raise CheckpointError(f"{path}: per-frequency RoPE factors (rope_freqs, Llama-3.1 GGUF) "
+                              "are not supported; load the Hugging Face checkpoint instead")
+
+    def need(key: str) -> Any:
+        if f"llama.{key}" not in metadata:
+            raise CheckpointError(f"{path}: GGUF metadata lacks llama.{key}")
+        return metadata[f"llama.{key}"]
+
+    hidden = int(need("embedding_length"))
+    num_heads = int(need("attention.head_count"))
+    head_dim = int(metadata.get("llama.attention.key_length", hidden // num_heads))
+    rope_dim = int(metadata.get("llama.rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise CheckpointError(f"{path}: partial rotary ({rope_dim} of {head_dim}) unsupported")
+    eos = metadata.get("tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=int(metadata.get("llama.vocab_size",
+                                    len(metadata.get("tokenizer.ggml.tokens", ())))),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_hidden_layers=int(need("block_count")),
+        num_attention_heads=num_heads,
+        num_key_value_heads=int(metadata.get("llama.attention.head_count_kv", num_heads)),
+        head_dim=head_dim,
+        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(metadata.get("llama.rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(metadata, path),
+        max_position_embeddings=int(metadata.get("llama.context_length", 4096)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=() if eos is None else (int(eos),),
+        name=str(metadata.get("general.name") or os.path.basename(path)),
+    )
+
+
+def _rope_scaling(metadata: dict[str, Any], path: str) -> dict[str, Any] | None:
+    kind = metadata.get("llama.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(metadata["llama.rope.scaling.factor"])}
+    raise CheckpointError(f"{path}: unsupported GGUF rope scaling type {kind!r}")
+
+
+def check_tensor_types(reader: GGUFReader, path: str) -> None:
+    """Fail before allocating the model if any tensor uses a quantization we cannot read."""
+    for tensor in reader.tensors:
+        if tensor.tensor_type not in SUPPORTED_TYPES:
+            supported = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+            raise CheckpointError(f"{path}: tensor {tensor.name!r} uses unsupported quantization "
+                                  f"type {tensor.tensor_type.name}; supported: {supported}")
+
+
+def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo the converter's per-head row interleave: within each head, rows were reordered
+    from [first half, second half] to alternating pairs; restore the halves."""
+    rows = weight.shape[0]
+    head_rows = rows // num_heads
+    rest = weight.shape[1:]
+    return (weight.reshape(num_heads, head_rows // 2, 2, *rest).transpose(1, 2)
+            .reshape(rows, *rest))
+
+
+def load_gguf_weights(reader: GGUFReader, config: ModelConfig, sink: WeightSink,
+                      path: str) -> None:
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name)
+        if name is None or not sink.wants(name):
+            continue
+        array = dequantize(tensor.data, tensor.tensor_type)
+        values = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
+        if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
+            values = unpermute_rows(values, config.num_attention_heads)
+        elif name.endswith("self_attn.k_proj.weight") or name.endswith("self_attn.k_proj.bias"):
+            values = unpermute_rows(values, config.num_key_value_heads)
+        sink.put(name, values)
+    sink.finish(path)

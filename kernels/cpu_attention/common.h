@@ -116,5 +116,4 @@ const KernelOps* avx2_kernel_ops(DType dtype);
 const KernelOps* avx512_kernel_ops(DType dtype, bool use_bf16_dot);
 #endif
 
-
 }  // namespace apex

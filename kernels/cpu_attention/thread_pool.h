@@ -57,7 +57,7 @@ class Job {
   bool has_unclaimed_tasks() const {
     return next_task_.load(std::memory_order_relaxed) < num_tasks_;
   }
-  // Runs tasks until none is left to claim; returns the number this call ran.
+  // Runs tasks until none is left to claim.
   void run_available(WorkerScratch& scratch);
   // Claims every task nobody has started and finishes them with `reason` as the error.
   void cancel(const char* reason);
@@ -89,9 +89,11 @@ class ThreadPool {
 
  private:
   void worker_loop(int worker_index);
-  std::shared_ptr<Job> next_runnable_locked(std::shared_ptr<Job>* first_gated);
-  void watch(const std::shared_ptr<Job>& gated, uint64_t seen_version);
-  void wake_for(const Job& job);
+  // The first job with unclaimed tasks that may start; fills `gated` with those that may not.
+  std::shared_ptr<Job> next_runnable_locked(std::vector<std::shared_ptr<Job>>* gated);
+  // One idle worker polls the gated jobs' ready flags (no Python, no futex per flag).
+  void watch(const std::vector<std::shared_ptr<Job>>& gated, uint64_t seen_version);
+  void wake_workers(int num_tasks);
 
   std::vector<int> pin_cores_;
   std::vector<std::thread> workers_;
@@ -100,7 +102,7 @@ class ThreadPool {
   std::deque<std::shared_ptr<Job>> queue_;  // FIFO; gated jobs may be overtaken by ready ones
   std::atomic<uint64_t> queue_version_{0};  // bumped on every submit, so a watcher re-scans
   bool watcher_active_ = false;
-  bool stopping_ = false;
+  std::atomic<bool> stopping_{false};
 };
 
 // Waits until *flag >= value (acquire): spins briefly, then yields, then sleeps with backoff.

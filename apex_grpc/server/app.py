@@ -1,0 +1,221 @@
+"""Launch and lifecycle of the gRPC server: grpc.aio under uvloop, health, reflection, metrics.
+
+Owns ServerSettings (the server-side serve flags), ApexServer (bind, load the engine off the
+event loop, readiness polling, graceful drain) and run_server (signal handling and the exit
+code). Order of life: the port opens first with readiness NOT_SERVING and generation RPCs
+answering UNAVAILABLE; the engine is built in a worker thread; readiness turns SERVING and one
+"ready" line is logged; SIGTERM/SIGINT drains (readiness NOT_SERVING, new requests UNAVAILABLE,
+in-flight streams get the grace period), then the server stops and run_server returns 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from apex_grpc.engine.protocol import EngineClient
+from apex_grpc.proto import generation_pb2, generation_pb2_grpc, model_pb2, model_pb2_grpc
+from apex_grpc.server.auth import BearerTokenInterceptor, load_server_credentials
+from apex_grpc.server.metrics import ServerMetrics
+from apex_grpc.server.servicer import GenerationServicer, ModelServicer, ServingState
+
+logger = logging.getLogger("apex_grpc.server")
+
+GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+MODEL_SERVICE = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+LIVENESS_SERVICE = ""
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Server-side flags of `apex-grpc serve` (the engine's are in config.ServeOptions)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    auth_token: str | None = field(default=None, repr=False)  # repr=False: never logged
+    max_concurrent_streams: int = 2048
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_queue_time_ms: int | None = None
+    shutdown_grace_s: float = 10.0
+    # How often readiness re-reads engine.is_ready (a dead engine thread turns it false).
+    health_poll_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key must be given together")
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(f"--{name.replace('_', '-')} must be in 0..65535, got {value}")
+        for name in ("max_concurrent_streams", "max_message_bytes", "health_poll_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_queue_time_ms is not None and self.max_queue_time_ms <= 0:
+            raise ValueError(f"--max-queue-time-ms must be positive, got {self.max_queue_time_ms}")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"--shutdown-grace must be >= 0, got {self.shutdown_grace_s}")
+        if self.auth_token is not None and not self.auth_token:
+            raise ValueError("--auth-token must not be empty")
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class ApexServer:
+    """One gRPC server around one engine; the engine comes from engine_factory (blocking)."""
+
+    def __init__(self, settings: ServerSettings,
+                 engine_factory: Callable[[], EngineClient]) -> None:
+        self.settings = settings
+        self._engine_factory = engine_factory
+        self.state = ServingState(max_concurrent_streams=settings.max_concurrent_streams,
+                                  max_queue_time_ms=settings.max_queue_time_ms)
+        self.metrics = ServerMetrics(lambda: self.state.engine)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health_task: asyncio.Task | None = None
+        self._stopped = False
+
+    async def start(self) -> int:
+        """Open the port (readiness NOT_SERVING until load_engine); returns the bound port."""
+        settings = self.settings
+        interceptors = [BearerTokenInterceptor(settings.auth_token)] if settings.auth_token else []
+        self._server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            # A second server on the same port must fail, not silently share it.
+            ("grpc.so_reuseport", 0),
+        ])
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+            GenerationServicer(self.state, self.metrics), self._server)
+        model_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.state), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (GENERATION_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self._server)
+        await self._set_readiness(False)
+        address = _host_port(settings.host, settings.port)
+        if settings.tls_cert is not None:
+            credentials = load_server_credentials(settings.tls_cert, settings.tls_key)
+            self.port = self._server.add_secure_port(address, credentials)
+        else:
+            self.port = self._server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"could not bind {address}")
+        await self._server.start()
+        if settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(settings.host, settings.metrics_port)
+        logger.info("event=listening address=%s tls=%s auth=%s metrics_port=%s",
+                    _host_port(settings.host, self.port), settings.tls_cert is not None,
+                    settings.auth_token is not None, self.metrics_port)
+        return self.port
+
+    async def load_engine(self) -> EngineClient:
+        """Build the engine in a worker thread (the loop keeps answering health), then serve."""
+        engine = await asyncio.to_thread(self._engine_factory)
+        self.state.attach(engine)
+        await self._set_readiness(self.state.is_ready)
+        self._health_task = asyncio.create_task(self._poll_readiness())
+        logger.info("apex-grpc ready on %s model=%s device=%s policy=%s",
+                    _host_port(self.settings.host, self.port), engine.model_name,
+                    engine.device_name, engine.engine_config.policy.value)
+        return engine
+
+    async def _set_readiness(self, ready: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if ready
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in (GENERATION_SERVICE, MODEL_SERVICE):
+            await self.health.set(service, status)
+
+    async def _poll_readiness(self) -> None:
+        was_ready = self.state.is_ready
+        while True:
+            await asyncio.sleep(self.settings.health_poll_s)
+            ready = self.state.is_ready
+            if ready != was_ready:
+                logger.warning("event=readiness_changed ready=%s", ready)
+                await self._set_readiness(ready)
+                was_ready = ready
+
+    async def stop(self) -> None:
+        """Graceful drain: NOT_SERVING, refuse new requests, let in-flight ones finish."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace_s = self.settings.shutdown_grace_s
+        logger.info("event=draining grace_s=%.1f active_streams=%d", grace_s,
+                    self.state.num_active_streams)
+        self.state.draining = True
+        await self._set_readiness(False)
+        if self._health_task is not None:
+            self._health_task.cancel()
+        engine = self.state.engine
+        if engine is not None:
+            # Streams that outlive the grace end with ABORTED from the engine, not a reset.
+            await engine.shutdown(grace_s)
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            # The engine has ended every request; this only lets handlers flush final messages.
+            await self._server.stop(grace=min(grace_s, 2.0))
+        if engine is not None and hasattr(engine, "close"):
+            await asyncio.to_thread(engine.close)
+        self.metrics.close()
+        logger.info("event=stopped")
+
+
+async def serve_until_signal(server: ApexServer) -> int:
+    """Start, load the engine, serve until SIGTERM/SIGINT, drain; returns the exit code."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop_requested.is_set():
+            logger.warning("event=signal signal=%s already draining", signal.Signals(signum).name)
+        else:
+            logger.info("event=signal signal=%s", signal.Signals(signum).name)
+        stop_requested.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await server.start()
+    load_task = asyncio.create_task(server.load_engine())
+    stop_task = asyncio.create_task(stop_requested.wait())
+    await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    exit_code = 0
+    if load_task.done() and load_task.exception() is not None:
+        logger.error("event=engine_load_failed error=%r", load_task.exception())
+        exit_code = 1
+    elif not load_task.done():
+        # A loading thread cannot be interrupted: wait for it so its engine is closed cleanly.
+        logger.info("event=stop_during_load")
+        await asyncio.wait({load_task})
+        exit_code = 0 if load_task.exception() is None else 1
+    else:
+        await stop_task
+    stop_task.cancel()
+    await server.stop()
+    return exit_code
+
+
+def run_server(settings: ServerSettings, engine_factory: Callable[[], EngineClient]) -> int:
+    """Run under uvloop when it is installed (it is a dependency off Windows)."""
+    server = ApexServer(settings, engine_factory)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve_until_signal(server))
+    return uvloop.run(serve_until_signal(server))

@@ -1,0 +1,80 @@
+// Paged decode attention as a pool job: planning (work split in KV blocks), the per-task
+// online-softmax loop, the log-sum-exp merge of split contexts, and the KV append.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "common.h"
+#include "thread_pool.h"
+
+namespace apex {
+
+// One layer's decode problem; every pointer is borrowed from tensors the caller keeps alive.
+struct DecodeProblem {
+  const void* q = nullptr;           // [num_seqs, num_heads, head_dim]
+  void* k_cache = nullptr;           // [num_blocks, num_kv_heads, block_size, head_dim]
+  void* v_cache = nullptr;           // same as k_cache
+  const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks_per_seq]
+  const int32_t* seq_lens = nullptr;      // [num_seqs], context length including the new token
+  void* out = nullptr;               // [num_seqs, num_heads, head_dim], q's dtype
+  float* lse = nullptr;              // [num_seqs, num_heads]
+  const void* new_k = nullptr;       // optional [num_seqs, num_kv_heads, head_dim]
+  const void* new_v = nullptr;       // optional, like new_k
+  const int64_t* slot_mapping = nullptr;  // optional [num_seqs] cache slot of each new token
+  int num_seqs = 0;
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int block_size = 0;
+  int num_blocks = 0;
+  int max_blocks_per_seq = 0;
+  DType dtype = DType::kFloat32;
+  float scale = 1.0f;
+};
+
+class DecodeJob final : public Job {
+ public:
+  // Throws std::invalid_argument for shapes or lengths that would make the plan unsafe.
+  DecodeJob(const DecodeProblem& problem, const KernelOps* ops, int num_threads,
+            const FlagGate& gate);
+
+ protected:
+  void run_task(int index, WorkerScratch& scratch) override;
+
+ private:
+  struct Task {
+    int32_t seq;
+    int32_t kv_head;
+    int32_t part;
+  };
+  void plan(int num_threads);
+  int num_parts(int seq) const { return partial_base_[seq + 1] - partial_base_[seq]; }
+  void run_append(int first_seq, int end_seq);
+  void run_attention(const Task& task, WorkerScratch& scratch);
+  void merge_parts(int seq, int kv_head);
+
+  DecodeProblem problem_;
+  const KernelOps* ops_;
+  int group_size_;
+  int part_blocks_ = 1;
+  int num_append_tasks_ = 0;
+  std::atomic<int> appended_tasks_{0};
+  std::vector<Task> tasks_;
+  // Sequences split into several parts keep each part's normalised output and lse here, and
+  // the last part to finish for a (seq, kv_head) merges them.
+  std::vector<int> partial_base_;  // [num_seqs + 1] prefix sums; parts of seq s: base[s]..
+  std::vector<float> partial_out_;  // [num_partials, num_heads, head_dim]; 1-part seqs unused
+  std::vector<float> partial_lse_;  // [num_partials, num_heads]
+  std::unique_ptr<std::atomic<int>[]> parts_left_;  // [num_seqs * num_kv_heads]
+};
+
+// Writes k, v [num_tokens, num_kv_heads, head_dim] into cache slots slot_mapping[num_tokens].
+// Throws std::invalid_argument for a slot outside the cache.
+void append_kv(void* k_cache, void* v_cache, const int64_t* slot_mapping, const void* k,
+               const void* v, int num_tokens, int num_kv_heads, int head_dim, int block_size,
+               int num_blocks, DType dtype);
+
+}  // namespace apex

@@ -1,0 +1,177 @@
+"""Scheduler policy tests: a real Scheduler over a real KVCacheManager, no model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from apex_grpc.config import EngineConfig, KVPlacement, Policy
+from apex_grpc.kv_cache.block_pool import BlockPool, BlockPoolError
+from apex_grpc.kv_cache.manager import KVCacheManager
+from apex_grpc.request import Request, RequestStatus, SamplingParams, StoppingParams, Tier
+from apex_grpc.scheduler.plan import Strategy
+from apex_grpc.scheduler.scheduler import Scheduler
+
+
+def make_scheduler(**overrides) -> Scheduler:
+    fields = dict(block_size=4, num_gpu_blocks=16, num_host_blocks=0, max_num_seqs=8,
+                  max_batched_tokens=32, max_model_len=128)
+    fields.update(overrides)
+    config = EngineConfig(**fields)
+    kv = KVCacheManager(config.block_size, config.num_gpu_blocks, config.num_host_blocks)
+    return Scheduler(config, kv)
+
+
+def make_request(rid: str, prompt_len: int, max_new: int = 8) -> Request:
+    return Request(rid, list(range(1, prompt_len + 1)), SamplingParams(),
+                   StoppingParams(max_new_tokens=max_new))
+
+
+def run_step(sched: Scheduler):
+    """Schedule, pretend to execute (token 7 for each sampling row), retire finished requests."""
+    plan = sched.schedule()
+    sampled = {s.request_id: 7 for s in plan.all_seqs if s.samples}
+    for req in sched.record_step(plan, sampled):
+        if req.num_output_tokens >= req.stopping.max_new_tokens:
+            sched.remove(req)
+    sched.kv.check_integrity()
+    return plan
+
+
+def test_block_pool_detects_double_free_and_over_allocation():
+    pool = BlockPool(4, Tier.GPU)
+    blocks = pool.allocate(3)
+    with pytest.raises(BlockPoolError, match="asked for 2 blocks, 1 free"):
+        pool.allocate(2)
+    pool.free(blocks[:1])
+    with pytest.raises(BlockPoolError, match="freed twice"):
+        pool.free(blocks[:1])
+    pool.check_integrity()
+    assert pool.num_free + pool.num_used == pool.num_total
+
+
+def test_fcfs_admission_respects_token_budget_and_chunks_long_prompts():
+    sched = make_scheduler(max_batched_tokens=16)
+    sched.add_request(make_request("long", 40))
+    sched.add_request(make_request("short", 4))
+    plan = run_step(sched)
+    assert [(s.request_id, s.num_new_tokens, s.samples) for s in plan.all_seqs] == \
+        [("long", 16, False)]
+    plan = run_step(sched)
+    assert [(s.request_id, s.num_new_tokens) for s in plan.all_seqs] == [("long", 16)]
+    plan = run_step(sched)
+    # The last 8 prompt tokens end the prefill (a token is sampled); "short" fills the budget.
+    assert [(s.request_id, s.num_new_tokens, s.samples) for s in plan.all_seqs] == \
+        [("long", 8, True), ("short", 4, True)]
+    plan = run_step(sched)
+    assert all(s.is_decode for s in plan.all_seqs) and len(plan.all_seqs) == 2
+
+
+def test_max_num_seqs_caps_the_running_batch():
+    sched = make_scheduler(max_num_seqs=2)
+    for i in range(4):
+        sched.add_request(make_request(f"r{i}", 2))
+    plan = run_step(sched)
+    assert {s.request_id for s in plan.all_seqs} == {"r0", "r1"}
+    assert [r.request_id for r in sched.waiting] == ["r2", "r3"]
+
+
+def test_gpu_only_preempts_newest_by_recompute_and_resumes_it_first():
+    # 6 blocks of 4 tokens: three 7-token prompts fit (2 blocks each), then decodes need more.
+    sched = make_scheduler(num_gpu_blocks=6)
+    for i in range(3):
+        sched.add_request(make_request(f"r{i}", 7, max_new=6))
+    run_step(sched)  # prefill all three: 7 tokens + 1 sampled
+    run_step(sched)  # decode: token 8 fits in block 2
+    plan = run_step(sched)  # token 9 needs a third block each: the newest is preempted
+    assert sched.num_preemptions >= 1
+    preempted = sched.waiting[0]
+    assert preempted.request_id == "r2" and preempted.status == RequestStatus.PREEMPTED
+    assert preempted.num_computed_tokens == 0 and preempted.output_ids  # keeps its output
+    assert "r2" not in {s.request_id for s in plan.all_seqs}
+    while sched.has_work:
+        run_step(sched)
+    assert sched.kv.used_blocks(Tier.GPU) == 0
+
+
+def test_apex_evicts_newest_gpu_decode_to_host_instead_of_preempting():
+    sched = make_scheduler(num_gpu_blocks=6, num_host_blocks=32, policy=Policy.APEX)
+    for i in range(3):
+        sched.add_request(make_request(f"r{i}", 7, max_new=6))
+    run_step(sched)
+    run_step(sched)
+    plan = run_step(sched)
+    assert sched.num_evictions >= 1 and sched.num_preemptions == 0
+    assert [m.request_id for m in plan.moves] == ["r2"] and plan.moves[0].dst_tier == Tier.HOST
+    assert "r2" in {s.request_id for s in plan.host_decode_seqs}
+    assert plan.strategy == Strategy.ASYNC_OVERLAP
+
+
+def test_restore_uses_hysteresis_and_never_follows_an_eviction_in_the_same_step():
+    sched = make_scheduler(num_gpu_blocks=8, num_host_blocks=32, policy=Policy.APEX)
+    for i, max_new in enumerate([3, 10, 10]):  # r0 finishes early and makes room on the GPU
+        sched.add_request(make_request(f"r{i}", 7, max_new=max_new))
+    kinds_per_step = []
+    while sched.has_work:
+        plan = run_step(sched)
+        kinds_per_step.append({m.dst_tier for m in plan.moves})
+    assert all(len(kinds) <= 1 for kinds in kinds_per_step)
+    assert sched.num_evictions >= 1 and sched.num_restores >= 1
+    assert sched.kv.used_blocks(Tier.HOST) == 0 and sched.kv.used_blocks(Tier.GPU) == 0
+
+
+@pytest.mark.parametrize("placement,expected", [
+    (KVPlacement.HOST, [Tier.HOST] * 4),
+    (KVPlacement.GPU, [Tier.GPU] * 4),
+    (KVPlacement.ALTERNATE, [Tier.GPU, Tier.HOST, Tier.GPU, Tier.HOST]),
+])
+def test_forced_placement(placement, expected):
+    sched = make_scheduler(num_host_blocks=32, kv_placement=placement)
+    for i in range(4):
+        sched.add_request(make_request(f"r{i}", 5))
+    plan = run_step(sched)
+    tiers = {s.request_id: s.tier for s in plan.all_seqs}
+    assert [tiers[f"r{i}"] for i in range(4)] == expected
+    plan = run_step(sched)
+    host_rows = [s.request_id for s in plan.host_decode_seqs]
+    assert host_rows == [f"r{i}" for i in range(4) if expected[i] == Tier.HOST]
+
+
+def test_auto_placement_sends_overflow_to_host_and_keeps_fcfs_order():
+    sched = make_scheduler(num_gpu_blocks=5, num_host_blocks=32)
+    for i in range(3):
+        sched.add_request(make_request(f"r{i}", 8))
+    plan = run_step(sched)
+    tiers = [s.tier for s in plan.all_seqs]
+    # r0 fits on the GPU (2 blocks), r1 would leave no headroom: host; r2 follows r1 to host.
+    assert tiers[0] == Tier.GPU and Tier.HOST in tiers
+    assert tiers.index(Tier.HOST) == len(tiers) - tiers[::-1].count(Tier.HOST)
+
+
+def test_neo_policy_plans_the_asymmetric_pipeline_when_host_rows_exist():
+    sched = make_scheduler(num_host_blocks=32, policy=Policy.NEO,
+                           kv_placement=KVPlacement.ALTERNATE)
+    for i in range(2):
+        sched.add_request(make_request(f"r{i}", 5))
+    run_step(sched)
+    plan = run_step(sched)
+    assert plan.strategy == Strategy.ASYMMETRIC_PIPELINE and plan.host_decode_seqs
+
+
+def test_random_workload_keeps_pools_consistent_and_drains_completely():
+    rng = random.Random(0)
+    sched = make_scheduler(num_gpu_blocks=12, num_host_blocks=20, max_num_seqs=6)
+    for i in range(40):
+        sched.add_request(make_request(f"r{i}", rng.randint(1, 30), max_new=rng.randint(1, 12)))
+    for _ in range(2000):
+        if not sched.has_work:
+            break
+        run_step(sched)
+        if rng.random() < 0.1 and sched.running:  # abort a random running request
+            sched.remove(rng.choice(sched.running))
+        gpu = sched.kv.pools[Tier.GPU]
+        host = sched.kv.pools[Tier.HOST]
+        assert gpu.num_used <= gpu.num_total and host.num_used <= host.num_total
+    assert not sched.has_work
+    assert sched.kv.used_blocks(Tier.GPU) == 0 and sched.kv.used_blocks(Tier.HOST) == 0

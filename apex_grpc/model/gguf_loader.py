@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, dequantize
 
-from apex_grpc.config import ModelConfig
+from apex_grpc.config import ConfigError, ModelConfig
 from apex_grpc.model.weights import CheckpointError, CheckpointFileNotFoundError, WeightSink
 
 SUPPORTED_TYPES = frozenset({
@@ -69,7 +69,14 @@ def config_from_gguf(reader: GGUFReader, metadata: dict[str, Any], path: str) ->
     if "rope_freqs.weight" in tensor_names:
         raise CheckpointError(f"{path}: per-frequency RoPE factors (rope_freqs, Llama-3.1 GGUF) "
                               "are not supported; load the Hugging Face checkpoint instead")
+    try:
+        return ModelConfig(**_config_fields(metadata, tensor_names, path))
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
 
+
+def _config_fields(metadata: dict[str, Any], tensor_names: set[str],
+                   path: str) -> dict[str, Any]:
     def need(key: str) -> Any:
         if f"llama.{key}" not in metadata:
             raise CheckpointError(f"{path}: GGUF metadata lacks llama.{key}")
@@ -82,7 +89,7 @@ def config_from_gguf(reader: GGUFReader, metadata: dict[str, Any], path: str) ->
     if rope_dim != head_dim:
         raise CheckpointError(f"{path}: partial rotary ({rope_dim} of {head_dim}) unsupported")
     eos = metadata.get("tokenizer.ggml.eos_token_id")
-    return ModelConfig(
+    return dict(
         architecture="LlamaForCausalLM",
         vocab_size=int(metadata.get("llama.vocab_size",
                                     len(metadata.get("tokenizer.ggml.tokens", ())))),

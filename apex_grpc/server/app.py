@@ -93,6 +93,9 @@ class ApexServer:
     async def start(self) -> int:
         """Open the port (readiness NOT_SERVING until load_engine); returns the bound port."""
         settings = self.settings
+        credentials = None
+        if settings.tls_cert is not None:
+            credentials = load_server_credentials(settings.tls_cert, settings.tls_key)
         interceptors = [BearerTokenInterceptor(settings.auth_token)] if settings.auth_token else []
         self._server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -109,19 +112,23 @@ class ApexServer:
             self._server)
         await self._set_readiness(False)
         address = _host_port(settings.host, settings.port)
-        if settings.tls_cert is not None:
-            credentials = load_server_credentials(settings.tls_cert, settings.tls_key)
-            self.port = self._server.add_secure_port(address, credentials)
-        else:
-            self.port = self._server.add_insecure_port(address)
+        try:
+            if credentials is not None:
+                self.port = self._server.add_secure_port(address, credentials)
+            else:
+                self.port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc reports a busy or bad address this way
+            raise OSError(f"could not bind {address}: {exc}") from exc
         if not self.port:
             raise OSError(f"could not bind {address}")
         await self._server.start()
         if settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(settings.host, settings.metrics_port)
-        logger.info("event=listening address=%s tls=%s auth=%s metrics_port=%s",
+        loop_type = type(asyncio.get_running_loop())
+        logger.info("event=listening address=%s tls=%s auth=%s metrics_port=%s event_loop=%s.%s",
                     _host_port(settings.host, self.port), settings.tls_cert is not None,
-                    settings.auth_token is not None, self.metrics_port)
+                    settings.auth_token is not None, self.metrics_port, loop_type.__module__,
+                    loop_type.__qualname__)
         return self.port
 
     async def load_engine(self) -> EngineClient:

@@ -24,16 +24,27 @@ class ResponseOptions:
     return_logprobs: bool
 
 
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    """Display text of a token; "" without a tokenizer or for ids it does not know (the
+    model's embedding table may be padded past the tokenizer's vocabulary)."""
+    if tokenizer is None:
+        return ""
+    try:
+        return tokenizer.id_to_token(token_id)
+    except (ValueError, IndexError, KeyError):
+        return ""
+
+
 def _logprob_messages(tokenizer: Any,
                       logprobs: list[TokenLogprob]) -> list[generation_pb2.TokenLogprob]:
     messages = []
     for entry in logprobs:
         top = [generation_pb2.TopLogprob(token_id=token_id, logprob=logprob,
-                                         token=tokenizer.id_to_token(token_id))
+                                         token=_token_text(tokenizer, token_id))
                for token_id, logprob in entry.top]
         messages.append(generation_pb2.TokenLogprob(
             token_id=entry.token_id, logprob=entry.logprob,
-            token=tokenizer.id_to_token(entry.token_id), top=top))
+            token=_token_text(tokenizer, entry.token_id), top=top))
     return messages
 
 
@@ -98,7 +109,7 @@ def model_info_response(engine: EngineClient) -> model_pb2.GetModelInfoResponse:
         num_attention_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads,
         head_dim=config.head_dim,
-        has_chat_template=bool(engine.tokenizer.has_chat_template),
+        has_chat_template=engine.tokenizer is not None and engine.tokenizer.has_chat_template,
     )
     if config.bos_token_id is not None:
         response.bos_token_id = config.bos_token_id

@@ -46,7 +46,11 @@ class ServingState:
     live_request_ids: set[str] = field(default_factory=set)
 
     def attach(self, engine: EngineClient) -> None:
-        limits = ModelLimits(vocab_size=engine.model_config.vocab_size,
+        vocab_size = engine.model_config.vocab_size
+        if engine.tokenizer is not None:
+            # Ids past the tokenizer's vocabulary (padded embedding rows) cannot be detokenized.
+            vocab_size = min(vocab_size, engine.tokenizer.vocab_size)
+        limits = ModelLimits(vocab_size=vocab_size,
                              max_model_len=engine.engine_config.max_model_len,
                              max_stop_strings=engine.engine_config.max_stop_strings)
         self.validator = RequestValidator(engine.tokenizer, limits)
@@ -108,6 +112,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     async def Tokenize(self, request, context):
         engine = await self._require_engine(context, "")
+        if engine.tokenizer is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "the model has no tokenizer")
         ids = await _tokenize(
             lambda: engine.tokenizer.encode(request.text,
                                             add_special_tokens=request.add_special_tokens),

@@ -133,6 +133,8 @@ class RequestValidator:
             raise ValidationError("input is missing: set one of text, token_ids or chat")
         if kind == "text" and not request.text:
             raise ValidationError("text must not be empty")
+        if kind in ("text", "chat") and self.tokenizer is None:
+            raise ValidationError(f"{kind}: the model has no tokenizer; send token_ids")
         if kind == "token_ids":
             ids = request.token_ids.ids
             if not ids:

@@ -137,7 +137,10 @@ async def run_target(args: argparse.Namespace, target: str, rates: list[float],
     percentiles = parse_percentiles(args.metric_percentiles)
     goodput_slos = parse_goodput(args.goodput)
     async with connection.open_channel() as channel:
-        server = await describe_server(channel, connection.metadata)
+        try:
+            server = await describe_server(channel, connection.metadata)
+        except BenchError as exc:
+            raise BenchError(f"{target}: {exc}") from None
         requests = build_workload(args, server)
         for rate in rates:
             options = RunOptions(request_rate=rate, burstiness=args.burstiness,

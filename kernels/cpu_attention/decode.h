@@ -50,11 +50,12 @@ class DecodeJob final : public Job {
     int32_t kv_head;
     int32_t part;
   };
+  void check_problem() const;
   void plan(int num_threads);
-  int num_parts(int seq) const { return partial_base_[seq + 1] - partial_base_[seq]; }
-  void run_append(int first_seq, int end_seq);
   void run_attention(const Task& task, WorkerScratch& scratch);
-  void merge_parts(int seq, int kv_head);
+  void finish_rows(const Task& task, const float* acc, const float* running_max,
+                   const float* running_sum, WorkerScratch& scratch);
+  void merge_parts(int seq, int kv_head, WorkerScratch& scratch);
 
   DecodeProblem problem_;
   const KernelOps* ops_;
@@ -63,10 +64,11 @@ class DecodeJob final : public Job {
   int num_append_tasks_ = 0;
   std::atomic<int> appended_tasks_{0};
   std::vector<Task> tasks_;
+  std::vector<int> num_parts_;  // [num_seqs] context partitions per sequence
   // Sequences split into several parts keep each part's normalised output and lse here, and
   // the last part to finish for a (seq, kv_head) merges them.
-  std::vector<int> partial_base_;  // [num_seqs + 1] prefix sums; parts of seq s: base[s]..
-  std::vector<float> partial_out_;  // [num_partials, num_heads, head_dim]; 1-part seqs unused
+  std::vector<int> partial_index_;  // [num_seqs] first partial row of a split seq, else -1
+  std::vector<float> partial_out_;  // [num_partials, num_heads, head_dim]
   std::vector<float> partial_lse_;  // [num_partials, num_heads]
   std::unique_ptr<std::atomic<int>[]> parts_left_;  // [num_seqs * num_kv_heads]
 };

@@ -75,6 +75,7 @@ class FakeEngine:
     # Yield a FinishReason.ERROR output after this many tokens.
     error_after: int | None = None
     unavailable: bool = False
+    unavailable_first_calls: int = 0  # this many first requests get EngineUnavailableError
     ready: bool = True
     has_chat_template: bool = True
     model_name: str = "fake-model"
@@ -113,7 +114,9 @@ class FakeEngine:
 
     async def _run(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
                    stopping: StoppingParams) -> AsyncIterator[RequestOutput]:
-        if self.unavailable or self.shutdown_grace_s is not None:
+        call_number = len(self.calls)
+        if (self.unavailable or call_number <= self.unavailable_first_calls
+                or self.shutdown_grace_s is not None):
             raise EngineUnavailableError("fake engine is not accepting requests")
         if len(self.live) >= self.max_live:
             raise QueueFullError(f"{len(self.live)} requests waiting")

@@ -1,0 +1,402 @@
+"""Python face of the native CPU decode-attention kernel (extension apex_grpc._cpu_attention).
+
+Owns: validation at the boundary (vectorized torch checks that raise TypeError/ValueError
+before any pointer reaches C++), CpuAttentionPool (the native thread pool), JobHandle (keeps
+every tensor of an in-flight job alive until it is waited on), the flag helpers used by
+flag-gated jobs, append_kv, and paged_decode_attention on a lazily created default pool.
+
+KV layout per layer: k_cache, v_cache [num_blocks, num_kv_heads, block_size, head_dim],
+contiguous; slot = block_id * block_size + offset (apex_grpc/attention/base.py).
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from apex_grpc import _cpu_attention as _native
+
+__all__ = [
+    "CpuAttentionPool",
+    "DecodeSizes",
+    "JobHandle",
+    "append_kv",
+    "best_isa",
+    "paged_decode_attention",
+    "set_flag",
+    "wait_flag",
+]
+
+
+@dataclass(slots=True)
+class JobHandle:
+    """One submitted decode job; the tensors stay referenced until wait() returns."""
+
+    native: Any  # _cpu_attention.Job
+    out: torch.Tensor  # [num_seqs, num_heads, head_dim]
+    lse: torch.Tensor  # [num_seqs, num_heads] float32
+    keepalive: tuple[torch.Tensor, ...]
+
+    @property
+    def done(self) -> bool:
+        return self.native.done()
+
+
+class CpuAttentionPool:
+    """Persistent native worker threads running paged decode attention jobs outside the GIL."""
+
+    def __init__(
+        self, num_threads: int, pin_cores: list[int] | None = None, *, isa: str | None = None
+    ) -> None:
+        if not isinstance(num_threads, int) or num_threads < 1:
+            raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
+        cores = list(pin_cores) if pin_cores is not None else []
+        if any(not isinstance(core, int) or core < 0 for core in cores):
+            raise ValueError(f"pin_cores must be non-negative core ids, got {pin_cores!r}")
+        # isa: None picks the fastest kernels for this CPU; "avx512bf16", "avx512", "avx2" or
+        # "scalar" forces one (tests compare them).
+        self._native = _native.Pool(num_threads, cores, isa or "")
+        # Jobs whose handles the caller may have dropped: their tensors must outlive the job.
+        self._in_flight: deque[JobHandle] = deque()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def num_threads(self) -> int:
+        return self._native.num_threads
+
+    def isa(self, dtype: torch.dtype) -> str:
+        """The kernel set this pool uses for KV of the given dtype."""
+        return self._native.isa(DTYPE_CODES[dtype])
+
+    def submit_decode(
+        self,
+        q: torch.Tensor,  # [num_seqs, num_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+        seq_lens: torch.Tensor,  # [num_seqs] int32, including the new token
+        out: torch.Tensor,  # [num_seqs, num_heads, head_dim], q's dtype
+        lse: torch.Tensor,  # [num_seqs, num_heads] float32
+        *,
+        scale: float | None = None,
+        new_k: torch.Tensor | None = None,  # [num_seqs, num_kv_heads, head_dim]
+        new_v: torch.Tensor | None = None,
+        slot_mapping: torch.Tensor | None = None,  # [num_seqs] int64
+        ready_flag: torch.Tensor | None = None,  # [1] int64: start once ready_flag[0] >= value
+        ready_value: int = 0,
+        done_flag: torch.Tensor | None = None,  # [1] int64: set to done_value when finished
+        done_value: int = 0,
+        check_values: bool = True,
+    ) -> JobHandle:
+        """Queue one layer's decode attention (with the fused append first, if new_k/new_v/
+        slot_mapping are given); returns at once. Structure (types, shapes, dtypes, contiguity)
+        is always checked here. check_values=False skips the checks that read tensor contents
+        (lengths, block ids, slots), e.g. when the step's metadata was checked once for all
+        layers: the kernel still rejects bad lengths at submit (ValueError) and bad block ids
+        or slots at wait() (RuntimeError), so bad input never reads outside the cache."""
+        if self._closed:
+            raise RuntimeError("the CPU attention pool is closed")
+        tensors = (q, k_cache, v_cache, block_tables, seq_lens, out, lse)
+        appends = (new_k, new_v, slot_mapping)
+        flags = (ready_flag, done_flag)
+        sizes = check_decode(*tensors, *appends, check_values=check_values)
+        for name, flag in zip(("ready_flag", "done_flag"), flags):
+            if flag is not None:
+                check_flag(name, flag)
+        scale = _resolve_scale(scale, sizes.head_dim)
+        native_job = self._native.submit_decode(
+            *(tensor.data_ptr() for tensor in tensors),
+            *(tensor.data_ptr() if tensor is not None else 0 for tensor in appends),
+            sizes.as_list(),
+            DTYPE_CODES[q.dtype],
+            scale,
+            ready_flag.data_ptr() if ready_flag is not None else 0,
+            int(ready_value),
+            done_flag.data_ptr() if done_flag is not None else 0,
+            int(done_value),
+        )
+        keepalive = tuple(t for t in (*tensors, *appends, *flags) if t is not None)
+        handle = JobHandle(native_job, out, lse, keepalive)
+        with self._lock:
+            while self._in_flight and self._in_flight[0].done:
+                self._in_flight.popleft()
+            self._in_flight.append(handle)
+        return handle
+
+    def wait(self, handle: JobHandle) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block (GIL released) until the job is done; a worker error raises RuntimeError."""
+        handle.native.wait()
+        return handle.out, handle.lse
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        out: torch.Tensor | None = None,
+        lse: torch.Tensor | None = None,
+        **options: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """submit_decode + wait; allocates out and lse when they are not given."""
+        _require_tensor("q", q, ndim=3)
+        out = torch.empty_like(q) if out is None else out
+        lse = torch.empty(q.shape[:2], dtype=torch.float32) if lse is None else lse
+        handle = self.submit_decode(q, k_cache, v_cache, block_tables, seq_lens, out, lse, **options)
+        return self.wait(handle)
+
+    def close(self) -> None:
+        """Stop the workers; jobs not yet started fail (their waiters get RuntimeError)."""
+        self._closed = True
+        self._native.close()
+        with self._lock:
+            self._in_flight.clear()
+
+    def __enter__(self) -> CpuAttentionPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _resolve_scale(scale: float | None, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def wait_flag(flag: torch.Tensor, value: int, timeout_s: float | None = None) -> bool:
+    """Wait (GIL released, natively) until flag[0] >= value; False if timeout_s passes first."""
+    check_flag("flag", flag)
+    if timeout_s is not None and timeout_s < 0:
+        raise ValueError(f"timeout_s must be non-negative, got {timeout_s}")
+    return _native.wait_flag(flag.data_ptr(), int(value), -1.0 if timeout_s is None else timeout_s)
+
+
+def set_flag(flag: torch.Tensor, value: int) -> None:
+    """Store value into flag[0] with release semantics (the CPU stand-in for a copy stream)."""
+    check_flag("flag", flag)
+    _native.set_flag(flag.data_ptr(), int(value))
+
+
+def append_kv(
+    k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int64
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,
+) -> None:
+    """Write each token's k/v rows into its cache slot (in the calling thread, GIL released)."""
+    check_append(k_cache, v_cache, slot_mapping, k, v)
+    num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
+    _native.append_kv(
+        k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(), k.data_ptr(),
+        v.data_ptr(), k.shape[0], num_kv_heads, head_dim, block_size, num_blocks,
+        DTYPE_CODES[k_cache.dtype],
+    )
+
+
+def best_isa(dtype: torch.dtype) -> str:
+    """The kernel set a default pool uses on this CPU for KV of this dtype."""
+    return _native.best_isa(DTYPE_CODES[dtype])
+
+
+_default_pool: CpuAttentionPool | None = None
+_default_pool_lock = threading.Lock()
+
+
+def _get_default_pool() -> CpuAttentionPool:
+    global _default_pool
+    with _default_pool_lock:
+        if _default_pool is None:
+            num_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+            _default_pool = CpuAttentionPool(max(1, num_cpus or os.cpu_count() or 1))
+            atexit.register(_default_pool.close)
+        return _default_pool
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float | None = None,
+    pool: CpuAttentionPool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention for one layer: (out [num_seqs, num_heads, head_dim], lse float32)."""
+    pool = pool if pool is not None else _get_default_pool()
+    return pool.decode(q, k_cache, v_cache, block_tables, seq_lens, scale=scale)
+
+
+
+# ---- validation at the boundary --------------------------------------------------------------
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeSizes:
+    num_seqs: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    num_blocks: int
+    max_blocks_per_seq: int
+
+    def as_list(self) -> list[int]:
+        return [self.num_seqs, self.num_heads, self.num_kv_heads, self.head_dim,
+                self.block_size, self.num_blocks, self.max_blocks_per_seq]
+
+
+def _require_tensor(
+    name: str, tensor: object, *, ndim: int, dtype: torch.dtype | None = None
+) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu":
+        raise ValueError(f"{name} is on {tensor.device}; the CPU attention kernel needs CPU tensors")
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+    if dtype is not None and tensor.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {tensor.dtype}")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _require_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+
+
+def check_flag(name: str, flag: torch.Tensor) -> None:
+    _require_tensor(name, flag, ndim=1, dtype=torch.int64)
+    if flag.numel() != 1:
+        raise ValueError(f"{name} must hold exactly one int64, got {flag.numel()}")
+
+
+def _check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.dtype:
+    _require_tensor("k_cache", k_cache, ndim=4)
+    if k_cache.dtype not in DTYPE_CODES:
+        raise TypeError(f"KV cache dtype must be float32, bfloat16 or float16, got {k_cache.dtype}")
+    _require_tensor("v_cache", v_cache, ndim=4, dtype=k_cache.dtype)
+    _require_shape("v_cache", v_cache, tuple(k_cache.shape))
+    return k_cache.dtype
+
+
+def _check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
+    if slot_mapping.numel() == 0:
+        return
+    low, high = torch.aminmax(slot_mapping)
+    if int(low) < 0 or int(high) >= num_slots:
+        row = int(((slot_mapping < 0) | (slot_mapping >= num_slots)).nonzero()[0, 0])
+        raise ValueError(f"slot_mapping[{row}] = {int(slot_mapping[row])} is outside the KV cache "
+                         f"(0..{num_slots - 1})")
+
+
+def _check_lengths_and_tables(
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int, num_blocks: int
+) -> None:
+    """Vectorized: a handful of torch ops however large the batch (this runs every layer)."""
+    if seq_lens.numel() == 0:
+        return
+    max_blocks = block_tables.shape[1]
+    min_len, max_len = (int(x) for x in torch.aminmax(seq_lens))
+    if min_len <= 0:
+        seq = int((seq_lens <= 0).nonzero()[0, 0])
+        raise ValueError(f"seq_lens[{seq}] = {int(seq_lens[seq])}: every context must hold at "
+                         "least the new token")
+    capacity = max_blocks * block_size
+    if max_len > capacity:
+        seq = int((seq_lens > capacity).nonzero()[0, 0])
+        raise ValueError(f"seq_lens[{seq}] = {int(seq_lens[seq])} is longer than its block table "
+                         f"holds ({max_blocks} blocks of {block_size} = {capacity} tokens)")
+    low, high = (int(x) for x in torch.aminmax(block_tables))
+    if low >= 0 and high < num_blocks:
+        return  # the common case: even the unused padding is a valid id
+    blocks_used = (seq_lens + (block_size - 1)) // block_size  # [num_seqs]
+    used = torch.arange(max_blocks, dtype=torch.int32) < blocks_used.unsqueeze(1)
+    bad = used & ((block_tables < 0) | (block_tables >= num_blocks))
+    if bool(bad.any()):
+        seq, block = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"block_tables[{seq}, {block}] = {int(block_tables[seq, block])} is "
+                         f"outside the KV cache (0..{num_blocks - 1})")
+
+
+def check_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    new_k: torch.Tensor | None,
+    new_v: torch.Tensor | None,
+    slot_mapping: torch.Tensor | None,
+    *,
+    check_values: bool = True,
+) -> DecodeSizes:
+    """Raise TypeError/ValueError naming the first problem; return the problem's sizes."""
+    dtype = _check_kv_cache(k_cache, v_cache)
+    num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
+    _require_tensor("q", q, ndim=3, dtype=dtype)
+    num_seqs, num_heads, q_head_dim = q.shape
+    if q_head_dim != head_dim:
+        raise ValueError(f"q has head_dim {q_head_dim} but the KV cache has {head_dim}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    _require_tensor("block_tables", block_tables, ndim=2, dtype=torch.int32)
+    if block_tables.shape[0] != num_seqs:
+        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
+    _require_tensor("seq_lens", seq_lens, ndim=1, dtype=torch.int32)
+    _require_shape("seq_lens", seq_lens, (num_seqs,))
+    _require_tensor("out", out, ndim=3, dtype=dtype)
+    _require_shape("out", out, tuple(q.shape))
+    _require_tensor("lse", lse, ndim=2, dtype=torch.float32)
+    _require_shape("lse", lse, (num_seqs, num_heads))
+    appends = (new_k, new_v, slot_mapping)
+    if any(t is not None for t in appends) and any(t is None for t in appends):
+        raise ValueError("new_k, new_v and slot_mapping must be given together")
+    if slot_mapping is not None:
+        for name, rows in (("new_k", new_k), ("new_v", new_v)):
+            _require_tensor(name, rows, ndim=3, dtype=dtype)
+            _require_shape(name, rows, (num_seqs, num_kv_heads, head_dim))
+        _require_tensor("slot_mapping", slot_mapping, ndim=1, dtype=torch.int64)
+        _require_shape("slot_mapping", slot_mapping, (num_seqs,))
+    if check_values:
+        _check_lengths_and_tables(block_tables, seq_lens, block_size, num_blocks)
+        if slot_mapping is not None:
+            _check_slots(slot_mapping, num_blocks * block_size)
+    max_blocks = block_tables.shape[1]
+    return DecodeSizes(num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks,
+                       max_blocks)
+
+
+def check_append(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+) -> None:
+    dtype = _check_kv_cache(k_cache, v_cache)
+    _, num_kv_heads, block_size, head_dim = k_cache.shape
+    _require_tensor("slot_mapping", slot_mapping, ndim=1, dtype=torch.int64)
+    num_tokens = slot_mapping.shape[0]
+    for name, rows in (("k", k), ("v", v)):
+        _require_tensor(name, rows, ndim=3, dtype=dtype)
+        _require_shape(name, rows, (num_tokens, num_kv_heads, head_dim))
+    _check_slots(slot_mapping, k_cache.shape[0] * block_size)

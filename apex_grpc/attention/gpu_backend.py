@@ -1,0 +1,123 @@
+"""The GPU attention backend: the GPU tier's rows through the Triton paged kernels.
+
+TritonPagedAttention implements AttentionBackend (attention/base.py) with the constructor of
+TorchPagedAttention. Its `gpu` part stores k/v and attends in place over the paged GPU cache
+(attention/triton_paged.py); the host_prefill and host_decode parts go to a TorchPagedAttention
+it holds (the hybrid backend routes host_decode to the native CPU pool before this is reached).
+make_gpu_attention_backend() picks it on CUDA when triton imports, else the torch reference.
+
+triton is imported only when a Triton backend is built, so that importing this module never
+compiles or decorates kernels on a machine (or in a test session) that does not use them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from apex_grpc.attention.base import AttentionBackend, AttentionMetadata, PagedSeqBatch
+from apex_grpc.attention.torch_ref import TorchPagedAttention
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSplit:
+    """How one PagedSeqBatch is cut between the two kernels: sequences before the trailing run
+    of one-query sequences go through the prefill kernel, the run (decodes, and any one-token
+    final chunk) through the decode kernel."""
+
+    num_chunks: int  # sequences for the prefill kernel
+    chunk_rows: int  # their rows, first in the batch
+    max_chunk_len: int
+    max_decode_seq_len: int
+
+    @staticmethod
+    def of(batch: PagedSeqBatch) -> KernelSplit:
+        query_lens, seq_lens = batch.query_lens, batch.seq_lens
+        if batch.block_tables.shape[0] != batch.num_seqs or len(seq_lens) != batch.num_seqs:
+            raise ValueError(f"batch has {batch.num_seqs} query_lens, {len(seq_lens)} seq_lens "
+                             f"and {batch.block_tables.shape[0]} block tables")
+        if batch.num_seqs and (min(query_lens) < 1 or any(map(int.__gt__, query_lens, seq_lens))):
+            raise ValueError(f"every query_len must be in 1..seq_len; got query_lens "
+                             f"{query_lens} for seq_lens {seq_lens}")
+        num_chunks = batch.num_seqs
+        while num_chunks > 0 and query_lens[num_chunks - 1] == 1:
+            num_chunks -= 1
+        return KernelSplit(num_chunks=num_chunks, chunk_rows=sum(query_lens[:num_chunks]),
+                           max_chunk_len=max(query_lens[:num_chunks], default=0),
+                           max_decode_seq_len=max(seq_lens[num_chunks:], default=0))
+
+
+class TritonPagedAttention:
+    """AttentionBackend: GPU-tier rows through Triton, host-tier parts through torch."""
+
+    def __init__(self, gpu_kv: torch.Tensor, host_kv: torch.Tensor | None,
+                 scale: float) -> None:
+        # Checks the [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim] layout.
+        self.host_backend = TorchPagedAttention(gpu_kv, host_kv, scale)
+        if gpu_kv.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise ValueError(f"the Triton backend needs a CUDA KV cache, got {gpu_kv.device} "
+                             "(TRITON_INTERPRET=1 runs it on the CPU for tests)")
+        from apex_grpc.attention import triton_paged
+
+        self.kernels = triton_paged
+        self.gpu_kv = gpu_kv
+        self.host_kv = host_kv
+        self.scale = scale
+        self._last_batch: PagedSeqBatch | None = None
+        self._last_split = KernelSplit(0, 0, 0, 0)
+
+    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        if q.shape[0] != meta.num_tokens:
+            raise ValueError(f"q has {q.shape[0]} rows, metadata says {meta.num_tokens}")
+        if meta.host_prefill is not None or meta.host_decode is not None:
+            # The torch backend fills the host parts' rows; the gpu rows are filled below.
+            out = self.host_backend.forward(layer_idx, q, k, v,
+                                            dataclasses.replace(meta, gpu=None))
+        else:
+            out = torch.empty_like(q)
+        batch = meta.gpu
+        if batch is not None and batch.num_tokens > 0:
+            split = self._split(batch)
+            rows = slice(batch.row_start, batch.row_end)
+            layer = self.gpu_kv[layer_idx]  # [2, num_blocks, num_kv_heads, block_size, head_dim]
+            self.kernels.store_kv(layer[0], layer[1], batch.slot_mapping, k[rows], v[rows])
+            self._attend(q[rows], layer[0], layer[1], batch, split, out[rows])
+        return out
+
+    def _split(self, batch: PagedSeqBatch) -> KernelSplit:
+        # Every layer of a step passes the same batch object: check and cut it once per step.
+        if batch is not self._last_batch:
+            self._last_split = KernelSplit.of(batch)
+            self._last_batch = batch
+        return self._last_split
+
+    def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                batch: PagedSeqBatch, split: KernelSplit, out: torch.Tensor) -> None:
+        """Attention of batch's rows q [batch.num_tokens, num_heads, head_dim] (their k/v
+        already stored) into out, same shape."""
+        num_chunks, chunk_rows = split.num_chunks, split.chunk_rows
+        if num_chunks > 0:
+            self.kernels.paged_prefill_attention(
+                q[:chunk_rows], k_cache, v_cache, batch.block_tables[:num_chunks],
+                batch.seq_lens_tensor[:num_chunks], batch.query_start_loc[:num_chunks + 1],
+                split.max_chunk_len, self.scale, out=out[:chunk_rows])
+        if num_chunks < batch.num_seqs:
+            self.kernels.paged_decode_attention(
+                q[chunk_rows:], k_cache, v_cache, batch.block_tables[num_chunks:],
+                batch.seq_lens_tensor[num_chunks:], split.max_decode_seq_len,
+                self.scale, out=out[chunk_rows:])
+
+
+def make_gpu_attention_backend(gpu_kv: torch.Tensor, host_kv: torch.Tensor | None,
+                               scale: float) -> AttentionBackend:
+    """TritonPagedAttention for a CUDA KV cache when triton imports, else TorchPagedAttention."""
+    if gpu_kv.device.type == "cuda":
+        try:
+            import triton  # noqa: F401  (only asks whether it is installed)
+        except ImportError:
+            return TorchPagedAttention(gpu_kv, host_kv, scale)
+        return TritonPagedAttention(gpu_kv, host_kv, scale)
+    return TorchPagedAttention(gpu_kv, host_kv, scale)

@@ -1,0 +1,245 @@
+"""`apex-grpc profile`: measures the performance-model tables on the actual device.
+
+Times the real pieces: a decoder layer's pre_attention/post_attention vs token count (T_lin),
+TorchPagedAttention for GPU prefill and decode attention, the native CpuAttentionPool for CPU
+decode attention over (requests, context tokens), torch copies for the PCIe link, a tiny pool
+round trip for the per-layer sync, and the LM head. Every point gets a share of a time budget,
+so profiling at server start-up is bounded. profile_derive.py builds the shipped profiles for
+hardware we cannot measure here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from apex_grpc.attention.torch_ref import (TorchPagedAttention, build_metadata,
+                                           build_paged_batch, contiguous_block_ids)
+from apex_grpc.config import ModelConfig
+from apex_grpc.platform import device_name, resolve_device, resolve_dtype
+from apex_grpc.scheduler.perf_model import Link, ModelShape, Profile, Table1D, Table2D
+
+_BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Grid:
+    linear_tokens: tuple[int, ...]
+    prefill_lens: tuple[int, ...]
+    gpu_ctx_tokens: tuple[int, ...]
+    cpu_reqs: tuple[int, ...]
+    cpu_ctx_tokens: tuple[int, ...]
+    copy_bytes: tuple[int, ...]
+    head_rows: tuple[int, ...]
+
+    @property
+    def num_points(self) -> int:
+        return (len(self.linear_tokens) + len(self.prefill_lens) + len(self.gpu_ctx_tokens)
+                + len(self.cpu_reqs) * len(self.cpu_ctx_tokens) + 2 * len(self.copy_bytes)
+                + len(self.head_rows) + 1)
+
+
+QUICK_GRID = Grid((1, 16, 64, 256, 512), (64, 256, 1024), (256, 2048, 8192), (1, 8, 32),
+                  (512, 4096, 16384), (1 << 16, 1 << 22), (1, 32, 256))
+FULL_GRID = Grid((1, 8, 32, 64, 128, 256, 512, 1024, 2048), (64, 256, 1024, 2048, 4096),
+                 (256, 1024, 4096, 16384, 65536), (1, 4, 16, 64, 256),
+                 (512, 4096, 16384, 65536, 262144), (1 << 16, 1 << 20, 1 << 24, 1 << 26),
+                 (1, 16, 64, 256, 512))
+
+
+class _Timer:
+    """Median wall time of a callable within a per-point share of the remaining budget."""
+
+    def __init__(self, device: torch.device, budget_s: float, num_points: int,
+                 progress: tqdm) -> None:
+        self.device = device
+        self.deadline = time.perf_counter() + budget_s
+        self.points_left = num_points
+        self.progress = progress
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def ms(self, fn: Callable[[], object], max_repeats: int = 20) -> float:
+        share = max(0.0, self.deadline - time.perf_counter()) / max(1, self.points_left)
+        stop = time.perf_counter() + share
+        fn()  # warm-up: allocator, kernel selection
+        self._sync()
+        samples: list[float] = []
+        while len(samples) < max_repeats and (not samples or time.perf_counter() < stop):
+            start = time.perf_counter()
+            fn()
+            self._sync()
+            samples.append((time.perf_counter() - start) * 1e3)
+        self.points_left -= 1
+        self.progress.update(1)
+        return statistics.median(samples)
+
+
+def _monotone(values: list[float]) -> tuple[float, ...]:
+    """Timing noise must not make a bigger batch predict faster than a smaller one."""
+    out: list[float] = []
+    for value in values:
+        out.append(max(value, out[-1]) if out else value)
+    return tuple(out)
+
+
+def _linear_table(model, config: ModelConfig, grid: Grid, timer: _Timer) -> Table1D:
+    layer = model.layers[0]
+    dtype, device = model.dtype, model.device
+    times = []
+    for num_tokens in grid.linear_tokens:
+        hidden = torch.randn(num_tokens, config.hidden_size, dtype=dtype, device=device)
+        residual = torch.randn_like(hidden)
+        positions = torch.arange(num_tokens, device=device) % config.max_position_embeddings
+
+        def run() -> None:
+            q, _, _, res = layer.pre_attention(hidden, residual.clone(), positions)
+            layer.post_attention(q, res)
+        with torch.inference_mode():
+            times.append(timer.ms(run))
+    return Table1D(tuple(map(float, grid.linear_tokens)), _monotone(times))
+
+
+def _paged_ms(config: ModelConfig, dtype: torch.dtype, device: torch.device, num_seqs: int,
+              ctx_len: int, query_len: int, timer: _Timer) -> float:
+    """One layer of TorchPagedAttention over num_seqs sequences of ctx_len tokens."""
+    blocks_per_seq = -(-ctx_len // _BLOCK_SIZE)
+    kv = torch.randn(1, 2, num_seqs * blocks_per_seq, config.num_key_value_heads, _BLOCK_SIZE,
+                     config.head_dim, dtype=dtype, device=device)
+    backend = TorchPagedAttention(kv, None, config.head_dim ** -0.5)
+    ids = [contiguous_block_ids(i, blocks_per_seq) for i in range(num_seqs)]
+    batch = build_paged_batch(0, ids, [ctx_len - query_len] * num_seqs, [query_len] * num_seqs,
+                              _BLOCK_SIZE, device)
+    meta = build_metadata(gpu=batch)
+    rows = num_seqs * query_len
+    q = torch.randn(rows, config.num_attention_heads, config.head_dim, dtype=dtype, device=device)
+    k = torch.randn(rows, config.num_key_value_heads, config.head_dim, dtype=dtype, device=device)
+    return timer.ms(lambda: backend.forward(0, q, k, k, meta))
+
+
+def _cpu_attention_table(config: ModelConfig, dtype: torch.dtype, threads: int, grid: Grid,
+                         timer: _Timer) -> tuple[Table2D, float, str]:
+    """CPU decode attention of one layer; also the pool's round trip for a tiny job."""
+    from apex_grpc.attention.cpu_kernel import CpuAttentionPool
+    pool = CpuAttentionPool(threads)
+    table = []
+    for num_reqs in grid.cpu_reqs:
+        table.append(_monotone([_pool_ms(pool, config, dtype, num_reqs, max(1, ctx // num_reqs),
+                                         timer) for ctx in grid.cpu_ctx_tokens]))
+    sync_ms = _pool_ms(pool, config, dtype, 1, 1, timer)
+    return (Table2D(tuple(map(float, grid.cpu_reqs)), tuple(map(float, grid.cpu_ctx_tokens)),
+                    tuple(table)), sync_ms, "CPU attention: native CpuAttentionPool")
+
+
+def _pool_ms(pool, config: ModelConfig, dtype: torch.dtype, num_reqs: int, ctx_len: int,
+             timer: _Timer) -> float:
+    blocks_per_seq = -(-ctx_len // _BLOCK_SIZE)
+    shape = (num_reqs * blocks_per_seq, config.num_key_value_heads, _BLOCK_SIZE, config.head_dim)
+    k_cache, v_cache = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    tables = torch.arange(num_reqs * blocks_per_seq, dtype=torch.int32).reshape(num_reqs, -1)
+    seq_lens = torch.full((num_reqs,), ctx_len, dtype=torch.int32)
+    q = torch.randn(num_reqs, config.num_attention_heads, config.head_dim, dtype=dtype)
+    out = torch.empty_like(q)
+    lse = torch.empty(num_reqs, config.num_attention_heads, dtype=torch.float32)
+    scale = config.head_dim ** -0.5
+    return timer.ms(lambda: pool.wait(pool.submit_decode(q, k_cache, v_cache, tables, seq_lens,
+                                                         out, lse, scale=scale)))
+
+
+def _link(device: torch.device, to_host: bool, grid: Grid, timer: _Timer) -> Link:
+    """Latency from the smallest copy, bandwidth from the largest (pinned host memory)."""
+    times = []
+    for num_bytes in grid.copy_bytes:
+        dev = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+        host = torch.empty(num_bytes, dtype=torch.uint8,
+                           pin_memory=device.type == "cuda")
+        src, dst = (dev, host) if to_host else (host, dev)
+        times.append(timer.ms(lambda: dst.copy_(src, non_blocking=True)))
+    small, large = grid.copy_bytes[0], grid.copy_bytes[-1]
+    per_byte_ms = max(1e-12, (times[-1] - times[0]) / (large - small))
+    return Link(latency_ms=max(0.0, times[0] - small * per_byte_ms),
+                gb_per_s=1.0 / (per_byte_ms * 1e6))
+
+
+def _head_table(model, config: ModelConfig, grid: Grid, timer: _Timer) -> Table1D:
+    times = []
+    for num_rows in grid.head_rows:
+        hidden = torch.randn(num_rows, config.hidden_size, dtype=model.dtype, device=model.device)
+        times.append(timer.ms(lambda: model.compute_logits(
+            model.final_norm(hidden, hidden)).argmax(dim=-1)))
+    return Table1D(tuple(map(float, grid.head_rows)), _monotone(times))
+
+
+def measure(model, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+            threads: int, grid: Grid, budget_s: float, name: str = "") -> Profile:
+    """Every table of the Profile, measured within about budget_s seconds."""
+    torch.manual_seed(0)
+    with tqdm(total=grid.num_points, desc="profiling", unit="pt") as progress:
+        timer = _Timer(device, budget_s, grid.num_points, progress)
+        linear = _linear_table(model, config, grid, timer)
+        prefill = Table1D(tuple(map(float, grid.prefill_lens)), _monotone(
+            [_paged_ms(config, dtype, device, 1, n, n, timer) for n in grid.prefill_lens]))
+        # Eight sequences share the context: decode attention work is per context token.
+        gpu = Table1D(tuple(map(float, grid.gpu_ctx_tokens)), _monotone(
+            [_paged_ms(config, dtype, device, 8, max(1, c // 8), 1, timer)
+             for c in grid.gpu_ctx_tokens]))
+        cpu, sync_ms, cpu_note = _cpu_attention_table(config, dtype, threads, grid, timer)
+        d2h = _link(device, True, grid, timer)
+        h2d = _link(device, False, grid, timer)
+        head = _head_table(model, config, grid, timer)
+    dtype_name = str(dtype).removeprefix("torch.")
+    return Profile(ModelShape.of(config), dtype_name, device_name(device), threads, linear,
+                   prefill, gpu, cpu, d2h, h2d, layer_launch_ms=0.0, layer_sync_ms=sync_ms,
+                   head=head, name=name or f"{config.name} on {device_name(device)}",
+                   notes=f"measured by apex-grpc profile; launches inside T_lin; {cpu_note}")
+
+
+def profile_quick(model, model_config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                  threads: int, budget_s: float = 20.0) -> Profile:
+    """The start-up profile: the quick grid within budget_s seconds."""
+    return measure(model, model_config, dtype, device, threads, QUICK_GRID, budget_s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apex-grpc profile",
+                                     description="measure the performance-model tables")
+    parser.add_argument("--model", default=None,
+                        help="HF directory or .gguf; default: the embedded model")
+    parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
+    parser.add_argument("--dummy-config", default=None)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                        default="auto")
+    parser.add_argument("--cpu-attention-threads", type=int, default=None)
+    parser.add_argument("--output", required=True, help="where to write the profile JSON")
+    parser.add_argument("--quick", action="store_true",
+                        help="a coarse grid in about 25 s (what start-up profiling uses)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="time budget (default 25 with --quick, else 300)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from apex_grpc.engine.builder import default_cpu_attention_threads
+    from apex_grpc.model.loader import load_model
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, model_config, _, name = load_model(args.model, args.load_format, device, dtype,
+                                              dummy_config=args.dummy_config)
+    threads = args.cpu_attention_threads or default_cpu_attention_threads()
+    budget = args.budget_s if args.budget_s is not None else (25.0 if args.quick else 300.0)
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    profile = measure(model, model_config, dtype, device, threads, grid, budget,
+                      name=f"{name} on {device_name(device)}")
+    profile.save(args.output)
+    print(f"wrote {args.output}: {profile.name}, {threads} CPU attention threads")
+    return 0

@@ -1,0 +1,144 @@
+// pybind11 module apex_grpc._cpu_attention. No libtorch: Python passes raw data pointers of
+// contiguous CPU tensors (tensor.data_ptr()), their sizes and an element-type code, and keeps
+// the tensors alive until the job is waited on (apex_grpc/attention/cpu_kernel.py validates).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "decode.h"
+#include "thread_pool.h"
+
+namespace py = pybind11;
+
+namespace apex {
+namespace {
+
+DType dtype_from_code(int code) {
+  if (code < 0 || code > 2) throw std::invalid_argument("unknown dtype code " + std::to_string(code));
+  return static_cast<DType>(code);
+}
+
+template <class T>
+T* pointer(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+const KernelOps* ops_for(DType dtype, const std::string& isa) {
+  const KernelOps* ops = select_kernel_ops(dtype, isa.empty() ? nullptr : isa.c_str());
+  if (ops == nullptr) throw std::invalid_argument("ISA '" + isa + "' is not available on this CPU");
+  return ops;
+}
+
+// The pool plus the kernel set it uses for each dtype (fixed at construction).
+class PoolBinding {
+ public:
+  PoolBinding(int num_threads, std::vector<int> pin_cores, const std::string& isa)
+      : pool_(num_threads, std::move(pin_cores)) {
+    for (int code = 0; code < 3; ++code) {
+      const DType dtype = static_cast<DType>(code);
+      // bfloat16 dot products only exist for bfloat16; other dtypes fall back to plain avx512.
+      const bool bf16_only = isa == "avx512bf16" && dtype != DType::kBFloat16;
+      ops_[code] = ops_for(dtype, bf16_only ? std::string("avx512") : isa);
+    }
+  }
+
+  int num_threads() const { return pool_.num_threads(); }
+  std::string isa(int dtype_code) const { return ops_[int(dtype_from_code(dtype_code))]->name; }
+
+  std::shared_ptr<Job> submit_decode(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache,
+                                     uintptr_t block_tables, uintptr_t seq_lens, uintptr_t out,
+                                     uintptr_t lse, uintptr_t new_k, uintptr_t new_v,
+                                     uintptr_t slot_mapping, const std::vector<int>& sizes,
+                                     int dtype_code, float scale, uintptr_t ready_flag,
+                                     int64_t ready_value, uintptr_t done_flag,
+                                     int64_t done_value) {
+    if (sizes.size() != 7) throw std::invalid_argument("sizes must hold 7 integers");
+    DecodeProblem problem;
+    problem.q = pointer<const void>(q);
+    problem.k_cache = pointer<void>(k_cache);
+    problem.v_cache = pointer<void>(v_cache);
+    problem.block_tables = pointer<const int32_t>(block_tables);
+    problem.seq_lens = pointer<const int32_t>(seq_lens);
+    problem.out = pointer<void>(out);
+    problem.lse = pointer<float>(lse);
+    problem.new_k = pointer<const void>(new_k);
+    problem.new_v = pointer<const void>(new_v);
+    problem.slot_mapping = pointer<const int64_t>(slot_mapping);
+    problem.num_seqs = sizes[0];
+    problem.num_heads = sizes[1];
+    problem.num_kv_heads = sizes[2];
+    problem.head_dim = sizes[3];
+    problem.block_size = sizes[4];
+    problem.num_blocks = sizes[5];
+    problem.max_blocks_per_seq = sizes[6];
+    problem.dtype = dtype_from_code(dtype_code);
+    problem.scale = scale;
+    FlagGate gate{pointer<const int64_t>(ready_flag), ready_value, pointer<int64_t>(done_flag),
+                  done_value};
+    auto job = std::make_shared<DecodeJob>(problem, ops_[dtype_code], pool_.num_threads(), gate);
+    pool_.submit(job);
+    return job;
+  }
+
+  void close() { pool_.close(); }
+
+ private:
+  ThreadPool pool_;
+  const KernelOps* ops_[3];
+};
+
+}  // namespace
+}  // namespace apex
+
+PYBIND11_MODULE(_cpu_attention, module) {
+  using apex::PoolBinding;
+  module.doc() = "Native paged decode attention over a host KV cache, with its own thread pool";
+
+  py::class_<apex::Job, std::shared_ptr<apex::Job>>(module, "Job")
+      .def("wait", &apex::Job::wait, py::call_guard<py::gil_scoped_release>(),
+           "Block until the job finishes; raise RuntimeError with the first task error")
+      .def("done", &apex::Job::is_done);
+
+  py::class_<PoolBinding>(module, "Pool")
+      .def(py::init<int, std::vector<int>, const std::string&>(), py::arg("num_threads"),
+           py::arg("pin_cores"), py::arg("isa"))
+      .def_property_readonly("num_threads", &PoolBinding::num_threads)
+      .def("isa", &PoolBinding::isa, py::arg("dtype_code"))
+      .def("submit_decode", &PoolBinding::submit_decode)
+      .def("close", &PoolBinding::close, py::call_guard<py::gil_scoped_release>());
+
+  module.def(
+      "wait_flag",
+      [](uintptr_t flag, int64_t value, double timeout_s) {
+        return apex::wait_flag(apex::pointer<const int64_t>(flag), value, timeout_s);
+      },
+      py::arg("flag"), py::arg("value"), py::arg("timeout_s"),
+      py::call_guard<py::gil_scoped_release>());
+  module.def(
+      "set_flag",
+      [](uintptr_t flag, int64_t value) { apex::set_flag(apex::pointer<int64_t>(flag), value); },
+      py::arg("flag"), py::arg("value"));
+  module.def(
+      "append_kv",
+      [](uintptr_t k_cache, uintptr_t v_cache, uintptr_t slot_mapping, uintptr_t k, uintptr_t v,
+         int num_tokens, int num_kv_heads, int head_dim, int block_size, int num_blocks,
+         int dtype_code) {
+        apex::append_kv(apex::pointer<void>(k_cache), apex::pointer<void>(v_cache),
+                        apex::pointer<const int64_t>(slot_mapping), apex::pointer<const void>(k),
+                        apex::pointer<const void>(v), num_tokens, num_kv_heads, head_dim,
+                        block_size, num_blocks, apex::dtype_from_code(dtype_code));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  module.def(
+      "best_isa",
+      [](int dtype_code) {
+        return std::string(apex::select_kernel_ops(apex::dtype_from_code(dtype_code))->name);
+      },
+      py::arg("dtype_code"));
+}

@@ -1,0 +1,267 @@
+// Decode attention job. Work is planned in units of KV blocks per kv head: a (seq, kv_head)
+// context longer than part_blocks is split into parts that run in parallel and are merged by
+// log-sum-exp (flash-decoding), so one long request and many short ones both fill the pool.
+#include "decode.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <cstdlib>
+
+namespace apex {
+namespace {
+
+constexpr int kTasksPerThread = 4;      // enough tasks that uneven parts still balance
+constexpr int kMinPartTokens = 256;     // below this a split costs more in merging than it saves
+constexpr int kSeqsPerAppendTask = 32;  // appends are tiny copies; batch them
+
+int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
+
+// Copies one row per kv head of token `row` into cache slot `slot`.
+void write_slot(void* k_cache, void* v_cache, const void* k, const void* v, int64_t row,
+                int64_t slot, int num_kv_heads, int head_dim, int block_size, int num_blocks,
+                DType dtype) {
+  const int64_t num_slots = int64_t(num_blocks) * block_size;
+  if (slot < 0 || slot >= num_slots) {
+    throw std::invalid_argument("slot_mapping[" + std::to_string(row) + "] = " +
+                                std::to_string(slot) + " is outside the KV cache (" +
+                                std::to_string(num_slots) + " slots)");
+  }
+  const int64_t element = element_size(dtype);
+  const int64_t row_bytes = int64_t(head_dim) * element;
+  const int64_t block = slot / block_size;
+  const int64_t offset = slot % block_size;
+  for (int head = 0; head < num_kv_heads; ++head) {
+    const int64_t cache_row = (block * num_kv_heads + head) * block_size + offset;
+    const int64_t source_row = row * num_kv_heads + head;
+    std::memcpy(static_cast<char*>(k_cache) + cache_row * row_bytes,
+                static_cast<const char*>(k) + source_row * row_bytes, row_bytes);
+    std::memcpy(static_cast<char*>(v_cache) + cache_row * row_bytes,
+                static_cast<const char*>(v) + source_row * row_bytes, row_bytes);
+  }
+}
+
+// The hardware prefetcher does not follow a block table: fetch the next block's rows early.
+inline void prefetch_rows(const void* data, int64_t bytes) {
+  const char* bytes_ptr = static_cast<const char*>(data);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(bytes_ptr + offset);
+}
+
+}  // namespace
+
+void append_kv(void* k_cache, void* v_cache, const int64_t* slot_mapping, const void* k,
+               const void* v, int num_tokens, int num_kv_heads, int head_dim, int block_size,
+               int num_blocks, DType dtype) {
+  for (int row = 0; row < num_tokens; ++row) {
+    write_slot(k_cache, v_cache, k, v, row, slot_mapping[row], num_kv_heads, head_dim,
+               block_size, num_blocks, dtype);
+  }
+}
+
+DecodeJob::DecodeJob(const DecodeProblem& problem, const KernelOps* ops, int num_threads,
+                     const FlagGate& gate)
+    : Job(gate), problem_(problem), ops_(ops), group_size_(1) {
+  check_problem();
+  group_size_ = problem.num_heads / problem.num_kv_heads;
+  plan(num_threads);
+}
+
+void DecodeJob::check_problem() const {
+  const DecodeProblem& p = problem_;
+  if (p.num_seqs < 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 || p.head_dim <= 0 ||
+      p.block_size <= 0 || p.num_blocks <= 0 || p.max_blocks_per_seq < 0) {
+    throw std::invalid_argument("decode attention: every size must be positive");
+  }
+  if (p.num_heads % p.num_kv_heads != 0) {
+    throw std::invalid_argument("decode attention: num_heads must be a multiple of num_kv_heads");
+  }
+  const int64_t capacity = int64_t(p.max_blocks_per_seq) * p.block_size;
+  for (int seq = 0; seq < p.num_seqs; ++seq) {
+    const int32_t seq_len = p.seq_lens[seq];
+    if (seq_len <= 0 || seq_len > capacity) {
+      throw std::invalid_argument("seq_lens[" + std::to_string(seq) + "] = " +
+                                  std::to_string(seq_len) + " is outside 1.." +
+                                  std::to_string(capacity) + " (the block table's capacity)");
+    }
+  }
+}
+
+void DecodeJob::plan(int num_threads) {
+  const DecodeProblem& p = problem_;
+  int64_t total_blocks = 0;
+  for (int seq = 0; seq < p.num_seqs; ++seq) total_blocks += ceil_div(p.seq_lens[seq], p.block_size);
+  const int64_t total_units = total_blocks * p.num_kv_heads;
+  const int64_t target_tasks = int64_t(std::max(num_threads, 1)) * kTasksPerThread;
+  part_blocks_ = std::max(ceil_div(kMinPartTokens, p.block_size),
+                          ceil_div(total_units, target_tasks));
+  num_append_tasks_ = p.slot_mapping != nullptr ? ceil_div(p.num_seqs, kSeqsPerAppendTask) : 0;
+
+  num_parts_.resize(p.num_seqs);
+  partial_index_.assign(p.num_seqs, -1);
+  parts_left_.reset(new std::atomic<int>[size_t(p.num_seqs) * p.num_kv_heads]);
+  int num_partials = 0;
+  for (int seq = 0; seq < p.num_seqs; ++seq) {
+    const int parts = ceil_div(ceil_div(p.seq_lens[seq], p.block_size), part_blocks_);
+    num_parts_[seq] = parts;
+    if (parts > 1) {
+      partial_index_[seq] = num_partials;
+      num_partials += parts;
+    }
+    for (int head = 0; head < p.num_kv_heads; ++head) {
+      parts_left_[size_t(seq) * p.num_kv_heads + head].store(parts, std::memory_order_relaxed);
+    }
+    for (int part = 0; part < parts; ++part)
+      for (int head = 0; head < p.num_kv_heads; ++head) tasks_.push_back({seq, head, part});
+  }
+  partial_out_.resize(size_t(num_partials) * p.num_heads * p.head_dim);
+  partial_lse_.resize(size_t(num_partials) * p.num_heads);
+  // An empty batch still runs one (empty) task, so gating and the done flag behave the same.
+  set_num_tasks(std::max(1, num_append_tasks_ + int(tasks_.size())));
+}
+
+void DecodeJob::run_task(int index, WorkerScratch& scratch) {
+  const DecodeProblem& p = problem_;
+  if (index < num_append_tasks_) {
+    // Count the task even if it throws: attention tasks wait for every append task.
+    struct CountOnExit {
+      std::atomic<int>& counter;
+      ~CountOnExit() { counter.fetch_add(1, std::memory_order_release); }
+    } count_on_exit{appended_tasks_};
+    const int end_seq = std::min(p.num_seqs, (index + 1) * kSeqsPerAppendTask);
+    for (int seq = index * kSeqsPerAppendTask; seq < end_seq; ++seq) {
+      write_slot(p.k_cache, p.v_cache, p.new_k, p.new_v, seq, p.slot_mapping[seq],
+                 p.num_kv_heads, p.head_dim, p.block_size, p.num_blocks, p.dtype);
+    }
+    return;
+  }
+  const int attention_index = index - num_append_tasks_;
+  if (attention_index >= int(tasks_.size())) return;
+  // Append tasks have lower indices, so they are already claimed and running: a short wait.
+  while (appended_tasks_.load(std::memory_order_acquire) < num_append_tasks_) {
+    std::this_thread::yield();
+  }
+  run_attention(tasks_[attention_index], scratch);
+}
+
+void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
+  const DecodeProblem& p = problem_;
+  const int rows = group_size_;
+  const int dim = p.head_dim;
+  const int64_t element = element_size(p.dtype);
+  float* buffer = scratch.floats(size_t(rows) * (2 * dim + p.block_size + 3));
+  float* q_f32 = buffer;                      // [rows, head_dim]
+  float* acc = q_f32 + rows * dim;            // [rows, head_dim]
+  float* scores = acc + rows * dim;           // [rows, block_size]
+  float* running_max = scores + rows * p.block_size;  // [rows]
+  float* running_sum = running_max + rows;    // [rows]
+  float* alpha = running_sum + rows;          // [rows]
+
+  const int64_t q_row = int64_t(task.seq) * p.num_heads + int64_t(task.kv_head) * rows;
+  const void* q_raw = static_cast<const char*>(p.q) + q_row * dim * element;
+  for (int i = 0; i < rows * dim; ++i) q_f32[i] = load_as_float(q_raw, i, p.dtype);
+  std::fill(acc, acc + rows * dim, 0.0f);
+  std::fill(running_max, running_max + rows, -std::numeric_limits<float>::infinity());
+  std::fill(running_sum, running_sum + rows, 0.0f);
+
+  const int seq_len = p.seq_lens[task.seq];
+  const int first_block = task.part * part_blocks_;
+  const int end_block = std::min(ceil_div(seq_len, p.block_size), first_block + part_blocks_);
+  const int32_t* table = p.block_tables + int64_t(task.seq) * p.max_blocks_per_seq;
+  const int64_t block_bytes = int64_t(p.block_size) * dim * element;
+  auto block_offset = [&](int block) -> int64_t {
+    const int32_t block_id = table[block];
+    if (block_id < 0 || block_id >= p.num_blocks) {
+      throw std::runtime_error("block_tables[" + std::to_string(task.seq) + ", " +
+                               std::to_string(block) + "] = " + std::to_string(block_id) +
+                               " is outside the KV cache of " + std::to_string(p.num_blocks) +
+                               " blocks");
+    }
+    return (int64_t(block_id) * p.num_kv_heads + task.kv_head) * block_bytes;
+  };
+  const char* k_base = static_cast<const char*>(p.k_cache);
+  const char* v_base = static_cast<const char*>(p.v_cache);
+  int64_t offset = block_offset(first_block);
+  for (int block = first_block; block < end_block; ++block) {
+    const int64_t next_offset = block + 1 < end_block ? block_offset(block + 1) : -1;
+    static const int mode = getenv("APEX_PF") ? atoi(getenv("APEX_PF")) : 0;
+    if (next_offset >= 0 && mode == 0) {
+      prefetch_rows(k_base + next_offset, block_bytes);
+      prefetch_rows(v_base + next_offset, block_bytes);
+    }
+    if (next_offset >= 0 && mode == 2) prefetch_rows(k_base + next_offset, block_bytes);
+    const int num_tokens = std::min(p.block_size, seq_len - block * p.block_size);
+    ops_->scores(q_raw, q_f32, k_base + offset, rows, num_tokens, dim, p.scale, scores);
+    for (int g = 0; g < rows; ++g) {
+      alpha[g] = ops_->softmax_step(scores + g * num_tokens, num_tokens, running_max + g,
+                                    running_sum + g);
+    }
+    if (next_offset >= 0 && mode == 2) prefetch_rows(v_base + next_offset, block_bytes);
+    ops_->accumulate(scores, v_base + offset, rows, num_tokens, dim, alpha, acc);
+    offset = next_offset;
+  }
+  finish_rows(task, acc, running_max, running_sum, scratch);
+}
+
+void DecodeJob::finish_rows(const Task& task, const float* acc, const float* running_max,
+                            const float* running_sum, WorkerScratch& scratch) {
+  const DecodeProblem& p = problem_;
+  const int dim = p.head_dim;
+  const bool split = num_parts_[task.seq] > 1;
+  for (int g = 0; g < group_size_; ++g) {
+    const int head = task.kv_head * group_size_ + g;
+    const float inverse_sum = 1.0f / running_sum[g];
+    const float row_lse = running_max[g] + std::log(running_sum[g]);
+    const float* acc_row = acc + int64_t(g) * dim;
+    if (split) {
+      const int64_t partial_row =
+          int64_t(partial_index_[task.seq] + task.part) * p.num_heads + head;
+      float* target = partial_out_.data() + partial_row * dim;
+      for (int d = 0; d < dim; ++d) target[d] = acc_row[d] * inverse_sum;
+      partial_lse_[partial_row] = row_lse;
+    } else {
+      const int64_t out_row = int64_t(task.seq) * p.num_heads + head;
+      for (int d = 0; d < dim; ++d)
+        store_from_float(p.out, out_row * dim + d, p.dtype, acc_row[d] * inverse_sum);
+      p.lse[out_row] = row_lse;
+    }
+  }
+  if (!split) return;
+  std::atomic<int>& left = parts_left_[size_t(task.seq) * p.num_kv_heads + task.kv_head];
+  if (left.fetch_sub(1, std::memory_order_acq_rel) == 1) merge_parts(task.seq, task.kv_head, scratch);
+}
+
+// out = sum_p w_p out_p / sum_p w_p with w_p = exp(lse_p - max lse); lse = max + log(sum w).
+void DecodeJob::merge_parts(int seq, int kv_head, WorkerScratch& scratch) {
+  const DecodeProblem& p = problem_;
+  const int dim = p.head_dim;
+  const int parts = num_parts_[seq];
+  float* weights = scratch.floats(size_t(parts) + dim);
+  float* merged = weights + parts;
+  for (int g = 0; g < group_size_; ++g) {
+    const int head = kv_head * group_size_ + g;
+    auto partial_row = [&](int part) {
+      return int64_t(partial_index_[seq] + part) * p.num_heads + head;
+    };
+    float max_lse = -std::numeric_limits<float>::infinity();
+    for (int part = 0; part < parts; ++part) max_lse = std::max(max_lse, partial_lse_[partial_row(part)]);
+    float weight_sum = 0.0f;
+    for (int part = 0; part < parts; ++part) {
+      weights[part] = std::exp(partial_lse_[partial_row(part)] - max_lse);
+      weight_sum += weights[part];
+    }
+    std::fill(merged, merged + dim, 0.0f);
+    for (int part = 0; part < parts; ++part) {
+      const float weight = weights[part] / weight_sum;
+      const float* source = partial_out_.data() + partial_row(part) * dim;
+      for (int d = 0; d < dim; ++d) merged[d] += weight * source[d];
+    }
+    const int64_t out_row = int64_t(seq) * p.num_heads + head;
+    for (int d = 0; d < dim; ++d) store_from_float(p.out, out_row * dim + d, p.dtype, merged[d]);
+    p.lse[out_row] = max_lse + std::log(weight_sum);
+  }
+}
+
+}  // namespace apex

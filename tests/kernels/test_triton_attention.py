@@ -1,0 +1,215 @@
+"""The Triton paged-attention kernels and TritonPagedAttention against float64 / torch references.
+
+Without CUDA the kernels run under Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 must
+be set before triton is first imported, hence before the imports below); with CUDA they run
+natively. Skipped when triton is not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from apex_grpc.attention import triton_paged  # noqa: E402
+from apex_grpc.attention.base import AttentionMetadata  # noqa: E402
+from apex_grpc.attention.gpu_backend import (TritonPagedAttention,  # noqa: E402
+                                             make_gpu_attention_backend)
+from apex_grpc.attention.torch_ref import (TorchPagedAttention,  # noqa: E402
+                                           build_host_prefill_batch, write_kv)
+from apex_grpc.request import Tier  # noqa: E402
+from apex_grpc.runner.input_batch import make_paged_batch  # noqa: E402
+from apex_grpc.scheduler.plan import ScheduledSeq  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+if DEVICE.type == "cpu" and not triton_paged.INTERPRETED:
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run this module "
+                "on its own", allow_module_level=True)
+
+
+def _random_tables(seq_lens: list[int], block_size: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Shuffled (non-contiguous) blocks for each sequence: (block_tables int32, num_blocks)."""
+    counts = [-(-seq_len // block_size) for seq_len in seq_lens]
+    num_blocks = sum(counts) + 2  # spare blocks that no sequence may read
+    order = torch.randperm(num_blocks, generator=generator)
+    tables = torch.zeros(len(seq_lens), max(counts), dtype=torch.int32)
+    used = 0
+    for seq_idx, count in enumerate(counts):
+        tables[seq_idx, :count] = order[used:used + count]
+        used += count
+    return tables, num_blocks
+
+
+def _reference(q, k_cache, v_cache, tables, seq_lens, query_lens, scale) -> torch.Tensor:
+    """float64 causal attention, keys located slot by slot through the block tables."""
+    block_size = k_cache.shape[2]
+    group = q.shape[1] // k_cache.shape[1]
+    out, row = [], 0
+    for table, seq_len, query_len in zip(tables.cpu(), seq_lens, query_lens):
+        positions = torch.arange(seq_len)
+        pages = table.long()[positions // block_size]
+        keys = k_cache.cpu().double()[pages, :, positions % block_size]  # [seq_len, kv_heads, d]
+        values = v_cache.cpu().double()[pages, :, positions % block_size]
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+        queries = q[row:row + query_len].cpu().double()  # [query_len, heads, d]
+        scores = torch.einsum("qhd,khd->hqk", queries, keys) * scale
+        query_pos = torch.arange(seq_len - query_len, seq_len).unsqueeze(1)
+        scores = scores.masked_fill(positions.unsqueeze(0) > query_pos, float("-inf"))
+        out.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), values))
+        row += query_len
+    return torch.cat(out)
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.cpu().double() - ref).norm() / ref.norm()).item()
+
+
+def _random_case(dtype, num_heads, num_kv_heads, head_dim, block_size, seq_lens, query_lens):
+    generator = torch.Generator().manual_seed(sum(seq_lens) + head_dim)
+    tables, num_blocks = _random_tables(seq_lens, block_size, generator)
+    cache_shape = (num_blocks, num_kv_heads, block_size, head_dim)
+    k_cache = torch.randn(cache_shape, generator=generator).to(DEVICE, dtype)
+    v_cache = torch.randn(cache_shape, generator=generator).to(DEVICE, dtype)
+    q = torch.randn(sum(query_lens), num_heads, head_dim, generator=generator).to(DEVICE, dtype)
+    return q, k_cache, v_cache, tables.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype,num_heads,num_kv_heads,head_dim,block_size,seq_lens,num_splits", [
+    (torch.float32, 8, 2, 64, 16, [1, 17, 300], None),
+    (torch.float32, 8, 2, 64, 16, [1, 64, 4096], 4),  # split-K; seq 0 leaves 3 splits empty
+    (torch.bfloat16, 6, 2, 80, 32, [5, 130], 2),  # GQA 3, head_dim padded to 128
+    (torch.float16, 4, 4, 128, 8, [40, 70], None),  # MHA
+])
+def test_decode_matches_float64_reference(dtype, num_heads, num_kv_heads, head_dim, block_size,
+                                          seq_lens, num_splits):
+    q, k_cache, v_cache, tables = _random_case(dtype, num_heads, num_kv_heads, head_dim,
+                                               block_size, seq_lens, [1] * len(seq_lens))
+    seq_lens_tensor = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim ** -0.5
+    out = triton_paged.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens_tensor,
+                                              max(seq_lens), scale, num_splits=num_splits)
+    ref = _reference(q, k_cache, v_cache, tables, seq_lens, [1] * len(seq_lens), scale)
+    assert out.dtype == dtype
+    assert _relative_error(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype,num_heads,num_kv_heads,head_dim,block_size,seq_lens,query_lens", [
+    # fresh prompt, chunk after 63 cached tokens, short chunk, one-token chunk mid-batch
+    (torch.float32, 4, 2, 48, 16, [20, 100, 7, 10], [20, 37, 3, 1]),
+    (torch.bfloat16, 8, 1, 64, 16, [90, 33], [90, 5]),  # GQA 8: 8 queries per 64-row tile
+    (torch.float16, 12, 4, 80, 64, [130], [30]),
+])
+def test_prefill_with_context_matches_float64_reference(dtype, num_heads, num_kv_heads,
+                                                        head_dim, block_size, seq_lens,
+                                                        query_lens):
+    q, k_cache, v_cache, tables = _random_case(dtype, num_heads, num_kv_heads, head_dim,
+                                               block_size, seq_lens, query_lens)
+    starts = [0]
+    for query_len in query_lens:
+        starts.append(starts[-1] + query_len)
+    scale = head_dim ** -0.5
+    out = triton_paged.paged_prefill_attention(
+        q, k_cache, v_cache, tables, torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        torch.tensor(starts, dtype=torch.int32, device=DEVICE), max(query_lens), scale)
+    ref = _reference(q, k_cache, v_cache, tables, seq_lens, query_lens, scale)
+    assert _relative_error(out, ref) < TOLERANCE[dtype]
+
+
+def test_store_kv_writes_exactly_the_mapped_slots_and_skips_negative_ones():
+    generator = torch.Generator().manual_seed(3)
+    cache = torch.randn(2, 6, 2, 16, 80, generator=generator).to(DEVICE, torch.bfloat16)
+    k = torch.randn(5, 2, 80, generator=generator).to(DEVICE, torch.bfloat16)
+    v = torch.randn(5, 2, 80, generator=generator).to(DEVICE, torch.bfloat16)
+    slots = torch.tensor([3, 40, 17, -1, 95], dtype=torch.int64, device=DEVICE)
+    expected = cache.clone()
+    keep = slots >= 0
+    write_kv(expected, slots[keep], k[keep], v[keep])
+    triton_paged.store_kv(cache[0], cache[1], slots, k, v)
+    assert torch.equal(cache, expected)
+
+
+def _seq(request_id: str, num_computed: int, num_new: int, first_block: int,
+         block_size: int) -> ScheduledSeq:
+    num_blocks = -(-(num_computed + num_new) // block_size)
+    table = tuple(range(first_block, first_block + num_blocks))[::-1]  # reversed: non-monotone
+    return ScheduledSeq(request_id=request_id, token_ids=(1,) * num_new,
+                        num_computed_tokens=num_computed, block_table=table, tier=Tier.GPU,
+                        samples=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_batch_matches_torch_backend(dtype):
+    """Prefills (fresh and with context) and decodes in one gpu batch, plus host prefill and
+    host decode parts: outputs and both caches after the store equal the torch backend's."""
+    num_layers, num_heads, num_kv_heads, head_dim, block_size = 2, 8, 2, 64, 16
+    generator = torch.Generator().manual_seed(11)
+    gpu_kv = torch.randn(num_layers, 2, 24, num_kv_heads, block_size, head_dim,
+                         generator=generator).to(DEVICE, dtype)
+    host_kv = torch.randn(num_layers, 2, 12, num_kv_heads, block_size, head_dim,
+                          generator=generator).to(dtype)
+    gpu_seqs = (_seq("fresh", 0, 19, 0, block_size), _seq("chunk", 40, 9, 2, block_size),
+                _seq("decode_a", 70, 1, 6, block_size), _seq("decode_b", 5, 1, 11, block_size),
+                _seq("decode_c", 129, 1, 12, block_size))
+    gpu = make_paged_batch(gpu_seqs, 0, block_size, DEVICE)
+    host_prefill = build_host_prefill_batch(gpu.num_tokens, [[0, 1]], [21], block_size)
+    host_seqs = (_seq("host_decode", 33, 1, 4, block_size),)
+    host_decode = make_paged_batch(host_seqs, gpu.num_tokens + 21, block_size,
+                                   torch.device("cpu"))
+    meta = AttentionMetadata(num_tokens=gpu.num_tokens + 22, gpu=gpu, host_prefill=host_prefill,
+                             host_decode=host_decode)
+    q, k, v = (torch.randn(meta.num_tokens, heads, head_dim, generator=generator).to(DEVICE, dtype)
+               for heads in (num_heads, num_kv_heads, num_kv_heads))
+    scale = head_dim ** -0.5
+
+    triton_backend = TritonPagedAttention(gpu_kv.clone(), host_kv.clone(), scale)
+    torch_backend = TorchPagedAttention(gpu_kv.clone(), host_kv.clone(), scale)
+    out = triton_backend.forward(1, q, k, v, meta)
+    expected = torch_backend.forward(1, q, k, v, meta)
+    assert _relative_error(out, expected.double().cpu()) < TOLERANCE[dtype]
+    assert torch.equal(triton_backend.gpu_kv, torch_backend.gpu_kv)
+    assert torch.equal(triton_backend.host_kv, torch_backend.host_kv)
+
+
+def test_bad_inputs_are_rejected_with_the_problem_named():
+    k_cache = torch.zeros(4, 4, 16, 64, device=DEVICE)
+    tables = torch.zeros(1, 1, dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.ones(1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="not a multiple"):
+        triton_paged.paged_decode_attention(torch.zeros(1, 6, 64, device=DEVICE), k_cache,
+                                            k_cache, tables, seq_lens, 1, 1.0)
+    strided_q = torch.zeros(1, 8, 128, device=DEVICE)[:, :, ::2]
+    with pytest.raises(ValueError, match="contiguous head_dim"):
+        triton_paged.paged_decode_attention(strided_q, k_cache, k_cache, tables, seq_lens, 1, 1.0)
+    gpu_kv = torch.zeros(1, 2, 4, 4, 16, 64, device=DEVICE)
+    backend = TritonPagedAttention(gpu_kv, None, 1.0)
+    batch = make_paged_batch((_seq("a", 0, 2, 0, 16),), 0, 16, DEVICE)
+    bad = AttentionMetadata(num_tokens=2, gpu=dataclasses.replace(batch, seq_lens=(1,)),
+                            host_prefill=None, host_decode=None)
+    q = torch.zeros(2, 8, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="query_len must be in 1..seq_len"):
+        backend.forward(0, q, q[:, :4], q[:, :4], bad)
+
+
+def test_split_count_grows_only_when_the_batch_cannot_fill_the_gpu():
+    assert triton_paged.choose_num_splits(1, 8, 8192, num_sms=132) == 32
+    assert triton_paged.choose_num_splits(256, 8, 8192, num_sms=132) == 1
+    assert triton_paged.choose_num_splits(1, 8, 300, num_sms=132) == 2  # >= 256 keys per split
+
+
+def test_factory_picks_triton_only_for_a_cuda_cache():
+    gpu_kv = torch.zeros(1, 2, 4, 2, 16, 64, device=DEVICE)
+    backend = make_gpu_attention_backend(gpu_kv, None, 1.0)
+    expected = TritonPagedAttention if DEVICE.type == "cuda" else TorchPagedAttention
+    assert type(backend) is expected

@@ -1,0 +1,133 @@
+"""`apex-grpc` command line: flag mapping, lazy sub-command dispatch, and a SIGTERM drain of a
+real server process (FakeEngine behind it, under uvloop) ending with exit code 0."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import grpc
+import pytest
+
+from apex_grpc import cli
+from apex_grpc.config import KVPlacement, Policy
+from apex_grpc.proto import generation_pb2 as pb
+from apex_grpc.proto import generation_pb2_grpc
+
+UNIT_DIR = pathlib.Path(__file__).resolve().parent
+REPO_ROOT = UNIT_DIR.parents[1]
+
+
+def test_every_serve_flag_maps_onto_the_options():
+    args = cli.build_parser().parse_args([
+        "serve", "--model", "/m", "--load-format", "dummy", "--dummy-config", "tiny",
+        "--device", "cpu", "--dtype", "bfloat16", "--policy", "neo", "--kv-placement", "host",
+        "--gpu-kv-blocks", "10", "--gpu-kv-gb", "1.5", "--host-kv-gb", "2", "--block-size", "32",
+        "--max-num-seqs", "8", "--max-batched-tokens", "512", "--max-model-len", "1024",
+        "--cpu-attention-threads", "3", "--max-waiting", "5", "--max-step-stretch", "1.5",
+        "--profile", "p.json", "--seed", "7", "--host", "0.0.0.0", "--port", "6000",
+        "--metrics-port", "9100", "--tls-cert", "c.pem", "--tls-key", "k.pem",
+        "--auth-token", "t", "--max-concurrent-streams", "9", "--max-message-bytes", "4096",
+        "--max-queue-time-ms", "250", "--shutdown-grace", "3", "--log-level", "debug"])
+    options = cli.serve_options(args)
+    assert (options.model, options.load_format, options.dummy_config) == ("/m", "dummy", "tiny")
+    assert (options.device, options.dtype) == ("cpu", "bfloat16")
+    assert options.policy is Policy.NEO and options.kv_placement is KVPlacement.HOST
+    assert (options.gpu_kv_blocks, options.gpu_kv_gb, options.host_kv_gb) == (10, 1.5, 2.0)
+    assert (options.block_size, options.max_num_seqs, options.max_batched_tokens) == (32, 8, 512)
+    assert (options.max_model_len, options.cpu_attention_threads) == (1024, 3)
+    assert (options.max_waiting, options.max_step_stretch) == (5, 1.5)
+    assert (options.profile, options.seed) == ("p.json", 7)
+    settings = cli.server_settings(args, environ={})
+    assert (settings.host, settings.port, settings.metrics_port) == ("0.0.0.0", 6000, 9100)
+    assert (settings.tls_cert, settings.tls_key, settings.auth_token) == ("c.pem", "k.pem", "t")
+    assert (settings.max_concurrent_streams, settings.max_message_bytes) == (9, 4096)
+    assert (settings.max_queue_time_ms, settings.shutdown_grace_s) == (250, 3.0)
+
+
+def test_defaults_bind_loopback_and_token_comes_from_the_environment():
+    args = cli.build_parser().parse_args(["serve"])
+    settings = cli.server_settings(args, environ={cli.AUTH_TOKEN_ENV: "from-env"})
+    assert (settings.host, settings.port, settings.auth_token) == ("127.0.0.1", 50051, "from-env")
+    assert cli.server_settings(args, environ={}).auth_token is None
+    assert cli.serve_options(args).policy is Policy.APEX
+
+
+@pytest.mark.parametrize("command,module", [("profile", "apex_grpc.scheduler.profiler"),
+                                            ("simulate", "apex_grpc.scheduler.simulate")])
+def test_delegated_commands_get_their_argv(monkeypatch, command, module):
+    seen = []
+    fake = types.ModuleType(module)
+    fake.main = lambda argv: seen.append(argv) or 3
+    monkeypatch.setitem(sys.modules, module, fake)
+    assert cli.main([command, "--out", "x.json", "--help"]) == 3
+    assert seen == [["--out", "x.json", "--help"]]
+
+
+def test_bad_serve_flags_exit_2_with_one_line(capsys):
+    assert cli.main(["serve", "--tls-cert", "only-cert.pem", "--port", "0"]) == 2
+    assert "--tls-cert and --tls-key" in capsys.readouterr().err
+
+
+SERVER_SCRIPT = """
+import logging, sys
+sys.path.insert(0, {unit_dir!r})
+from fake_engine import FakeEngine
+from apex_grpc.cli import configure_logging
+from apex_grpc.server.app import ServerSettings, run_server
+configure_logging("info")
+settings = ServerSettings(port=0, shutdown_grace_s=10.0, health_poll_s=0.05)
+sys.exit(run_server(settings, lambda: FakeEngine(step_delay_s=0.05)))
+"""
+
+
+def _read_until(process: subprocess.Popen, marker: str, lines: list[str]) -> str:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if marker in line:
+            return line
+    raise AssertionError(f"{marker!r} never logged:\n{''.join(lines)}")
+
+
+def test_sigterm_drains_in_flight_streams_and_exits_zero():
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT.format(unit_dir=str(UNIT_DIR))],
+        stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    lines: list[str] = []
+    try:
+        listening = _read_until(process, "event=listening", lines)
+        ready = _read_until(process, "apex-grpc ready on 127.0.0.1:", lines)
+        assert "event_loop=uvloop" in listening
+        assert "model=fake-model device=cpu policy=apex" in ready
+        port = int(ready.split("127.0.0.1:")[1].split()[0])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = generation_pb2_grpc.GenerationServiceStub(channel)
+            stream = stub.GenerateStream(pb.GenerateRequest(text="q"), timeout=20)
+            first = next(stream)
+            process.send_signal(signal.SIGTERM)
+            _read_until(process, "event=draining", lines)
+            with pytest.raises(grpc.RpcError) as late:
+                stub.Generate(pb.GenerateRequest(text="late"), timeout=5)
+            rest = list(stream)
+        # Drain the pipe so the child never blocks on a full stderr while exiting.
+        reader = threading.Thread(target=lambda: lines.extend(process.stderr), daemon=True)
+        reader.start()
+        exit_code = process.wait(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert late.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert rest[-1].finish_reason == pb.FINISH_REASON_EOS
+    assert first.text + "".join(r.text for r in rest) == "Hello from the fake engine."
+    assert exit_code == 0

@@ -13,7 +13,6 @@ compiles or decorates kernels on a machine (or in a test session) that does not 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
@@ -56,11 +55,11 @@ class TritonPagedAttention:
                  scale: float) -> None:
         # Checks the [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim] layout.
         self.host_backend = TorchPagedAttention(gpu_kv, host_kv, scale)
-        if gpu_kv.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ValueError(f"the Triton backend needs a CUDA KV cache, got {gpu_kv.device} "
-                             "(TRITON_INTERPRET=1 runs it on the CPU for tests)")
         from apex_grpc.attention import triton_paged
 
+        if gpu_kv.device.type != "cuda" and not triton_paged.INTERPRETED:
+            raise ValueError(f"the Triton backend needs a CUDA KV cache, got {gpu_kv.device} "
+                             "(TRITON_INTERPRET=1 runs it on the CPU for tests)")
         self.kernels = triton_paged
         self.gpu_kv = gpu_kv
         self.host_kv = host_kv

@@ -57,6 +57,34 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     return out, lse.transpose(0, 1)
 
 
+def _attend_decodes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: Sequence[int],
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query row per sequence, all sequences at once: gather each context padded to the
+    longest, mask the padding. q [m, heads, d] -> (out [m, heads, d], lse [m, heads]) float32."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    max_len = max(seq_lens)
+    num_blocks = -(-max_len // block_size)
+    block_ids = block_tables[:, :num_blocks].to(k_cache.device, torch.int64)  # [m, num_blocks]
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [m, kv_heads, max_len, d] float32
+        blocks = cache[block_ids].to(q.device)  # [m, num_blocks, kv_heads, block_size, d]
+        context = blocks.permute(0, 2, 1, 3, 4).reshape(num_seqs, num_kv_heads, -1, head_dim)
+        return context[:, :, :max_len].float()
+
+    group = num_heads // num_kv_heads
+    q_grouped = q.float().reshape(num_seqs, num_kv_heads, group, head_dim)
+    scores = torch.einsum("mkgd,mktd->mkgt", q_grouped, gather(k_cache)) * scale
+    lens = torch.tensor(list(seq_lens), device=q.device)
+    padding = torch.arange(max_len, device=q.device).unsqueeze(0) >= lens.unsqueeze(1)
+    scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [m, kv_heads, group]
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    out = torch.einsum("mkgt,mktd->mkgd", probs, gather(v_cache))
+    return out.reshape(num_seqs, num_heads, head_dim), lse.reshape(num_seqs, num_heads)
+
+
 def paged_attention_reference(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
@@ -68,20 +96,32 @@ def paged_attention_reference(
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of each sequence's query rows over its paged context (whose k/v must
-    already be in the cache). Output in q's dtype; lse [num_tokens, num_heads] float32."""
+    already be in the cache). Single-row (decode) sequences are batched in one gather; longer
+    chunks run one sequence at a time. Output in q's dtype; lse [num_tokens, num_heads]."""
     if len(seq_lens) != len(query_lens) or sum(query_lens) != q.shape[0]:
         raise ValueError(f"query_lens {tuple(query_lens)} do not cover q's {q.shape[0]} rows")
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    row = 0
+    row_starts = [0]
+    decode_seqs: list[int] = []
     for seq_idx, (seq_len, query_len) in enumerate(zip(seq_lens, query_lens)):
         if query_len > seq_len:
             raise ValueError(f"sequence {seq_idx}: query_len {query_len} > seq_len {seq_len}")
+        row = row_starts[-1]
+        row_starts.append(row + query_len)
+        if query_len == 1:
+            decode_seqs.append(seq_idx)
+            continue
         k = _gather_context(k_cache, block_tables[seq_idx], seq_len).to(q.device)
         v = _gather_context(v_cache, block_tables[seq_idx], seq_len).to(q.device)
         rows = slice(row, row + query_len)
         out[rows], lse[rows] = _attend(q[rows], k, v, scale, seq_len - query_len)
-        row += query_len
+    if decode_seqs:
+        rows = torch.tensor([row_starts[i] for i in decode_seqs], device=q.device)
+        selected = torch.tensor(decode_seqs, device=block_tables.device)
+        out[rows], lse[rows] = _attend_decodes(q[rows], k_cache, v_cache,
+                                               block_tables[selected],
+                                               [seq_lens[i] for i in decode_seqs], scale)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 

@@ -1,6 +1,6 @@
 """Triton kernels over the paged KV cache, read in place, and their launch wrappers.
 
-Owns three kernels and the code that sizes and launches them:
+Owns the kernels and the code that sizes and launches them:
 - store_kv: writes this pass's k/v rows into their cache slots (one program per (row, kv head)).
 - paged_decode_attention: one query per sequence. One program per (sequence, kv head, split)
   handles the whole GQA group of q heads, so every K/V tile is loaded once per group; long
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 # Decided when the kernels below are decorated, exactly as triton.jit decides it.
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 _LOG2_E = 1.4426950408889634
 _DECODE_BLOCK_N = 64  # keys per decode tile
@@ -62,7 +62,7 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, table_row_ptr, key_idx, key_mask, he
     pages = tl.load(table_row_ptr + key_idx // BLOCK_SIZE, mask=key_mask, other=0)
     # int64: a large cache overflows int32 offsets.
     row_offsets = (pages.to(tl.int64) * stride_cache_block + head_offset
-                   + (key_idx % 8) * stride_cache_token)
+                   + (key_idx % BLOCK_SIZE) * stride_cache_token)
     offsets = row_offsets[:, None] + dims[None, :]
     mask = key_mask[:, None] & dim_mask[None, :]
     k = tl.load(k_cache_ptr + offsets, mask=mask, other=0.0)
@@ -196,7 +196,7 @@ def _paged_prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
-    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD  # queries per tile
+    BLOCK_Q = BLOCK_M // GROUP_PAD  # queries per tile (a compile-time constant)
     query_start = tl.load(query_start_ptr + seq)
     query_len = tl.load(query_start_ptr + seq + 1) - query_start
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -264,6 +264,9 @@ def _check_rows(name: str, rows: torch.Tensor, num_heads: int, head_dim: int,
 
 
 def _group_size(q: torch.Tensor, k_cache: torch.Tensor) -> int:
+    """Query heads per kv head; q must share the cache's dtype (tl.dot takes one dtype)."""
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q is {q.dtype} but the KV cache is {k_cache.dtype}")
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} kv heads")
@@ -296,7 +299,7 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.T
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -308,6 +311,19 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     most = max(1, min(_MAX_SPLITS, math.ceil(max_seq_len / _MIN_SPLIT_LEN)))
     wanted = math.ceil(2 * num_sms / max(1, num_seqs * num_kv_heads))
     return max(1, min(wanted, most))
+
+
+def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
+                       device: torch.device, num_splits: int | None = None) -> tuple[int, int]:
+    """(split_len, num_splits) of a decode launch: num_splits (chosen by choose_num_splits when
+    None) rounded to whole key tiles per split, recounted so that no split starts past
+    max_seq_len."""
+    if max_seq_len < 1 or (num_splits is not None and num_splits < 1):
+        raise ValueError(f"max_seq_len ({max_seq_len}) and num_splits ({num_splits}) must be >= 1")
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, sm_count(device))
+    split_len = math.ceil(math.ceil(max_seq_len / num_splits) / _DECODE_BLOCK_N) * _DECODE_BLOCK_N
+    return split_len, math.ceil(max_seq_len / split_len)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -330,11 +346,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          f"{tuple(seq_lens.shape)} must have one row per query ({num_seqs})")
     if num_seqs == 0:
         return out
-    if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, _num_sms(q.device))
-    # Whole tiles per split; recount so that no split starts past max_seq_len.
-    split_len = math.ceil(math.ceil(max_seq_len / num_splits) / _DECODE_BLOCK_N) * _DECODE_BLOCK_N
-    num_splits = max(1, math.ceil(max_seq_len / split_len))
+    split_len, num_splits = plan_decode_splits(num_seqs, num_kv_heads, max_seq_len, q.device,
+                                               num_splits)
     head_dim_pad = _pow2_at_least(head_dim, _MIN_DOT_SIZE)
     write_partial = num_splits > 1
     partial_shape = (num_seqs, q.shape[1], num_splits) if write_partial else (1,)
@@ -377,6 +390,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                          f"{tuple(query_start_loc.shape)} do not match {num_seqs} block tables")
     if num_seqs == 0 or q.shape[0] == 0:
         return out
+    if max_query_len < 1:
+        raise ValueError(f"max_query_len must be >= 1 for {q.shape[0]} query rows")
     group_pad = _pow2_at_least(group, 1)
     block_m = max(_PREFILL_BLOCK_M, group_pad)
     num_tiles = math.ceil(max_query_len / (block_m // group_pad))

@@ -8,9 +8,11 @@ import os
 
 import torch
 
+from apex_grpc.attention.base import AttentionBackend
+from apex_grpc.attention.cpu_device import NativeCpuPagedAttention
 from apex_grpc.attention.cpu_kernel import CpuAttentionPool
+from apex_grpc.attention.gpu_backend import make_gpu_attention_backend
 from apex_grpc.attention.hybrid import HybridAttention
-from apex_grpc.attention.torch_ref import TorchPagedAttention
 from apex_grpc.config import EngineConfig, ModelConfig, Policy, ServeOptions
 from apex_grpc.engine.async_engine import AsyncEngine
 from apex_grpc.engine.core import EngineCore
@@ -95,12 +97,21 @@ def build_core(config: EngineConfig, model: torch.nn.Module, model_config: Model
     storage = KVStorage(model_config, config.block_size, config.num_gpu_blocks,
                         config.num_host_blocks, dtype, device)
     scale = model_config.head_dim ** -0.5
+    pool = CpuAttentionPool(config.cpu_attention_threads)
     attention = HybridAttention(
-        TorchPagedAttention(storage.gpu, storage.host, scale), storage.host,
-        CpuAttentionPool(config.cpu_attention_threads), scale, config.max_num_seqs,
+        make_device_attention(storage, scale, pool), storage.host, pool, scale,
+        config.max_num_seqs,
         model_config.num_attention_heads, model_config.num_key_value_heads,
         model_config.head_dim, device)
     runner = ModelRunner(model, storage, attention, config.block_size, device)
     kv = KVCacheManager(config.block_size, config.num_gpu_blocks, config.num_host_blocks)
     eos = tokenizer.eos_token_ids if tokenizer is not None else model_config.eos_token_ids
     return EngineCore(config, Scheduler(config, kv), runner, tokenizer, tuple(eos), device)
+
+
+def make_device_attention(storage: KVStorage, scale: float,
+                          pool: CpuAttentionPool) -> AttentionBackend:
+    """Attention for the GPU tier: Triton on CUDA, the native kernel when the device is the CPU."""
+    if storage.device.type == "cpu":
+        return NativeCpuPagedAttention(storage.gpu, storage.host, scale, pool)
+    return make_gpu_attention_backend(storage.gpu, storage.host, scale)

@@ -106,7 +106,8 @@ class ApexChooser:
 
         Step time grows with the prefix; tokens/s first rises while CPU attention hides in
         the GPU window, then moves monotonically (each extra row costs about the same). So the
-        best prefix is the window's edge or the longest one within the limit."""
+        best prefix is at the window's edge (either side) or the longest one within the
+        limit."""
         model = self.perf_model
 
         def option(num_host: int) -> _Option:
@@ -119,8 +120,13 @@ class ApexChooser:
         longest = self._last_within(option, low.num_host, num_rows, limit_ms)
         window_ms = min(limit_ms, low.step_ms * _WINDOW_TOLERANCE)
         window_edge = self._last_within(option, low.num_host, longest.num_host, window_ms)
+        candidates = [window_edge, longest]
+        if window_edge.num_host < longest.num_host:
+            # Past the kink the step grows with every row, yet the first row past it can
+            # still fill the rest of the window.
+            candidates.append(option(window_edge.num_host + 1))
         best = low
-        for candidate in (window_edge, longest):
+        for candidate in candidates:
             if candidate.tokens_per_ms > best.tokens_per_ms:
                 best = candidate
         return best

@@ -4,8 +4,8 @@ Times the real pieces: a decoder layer's pre_attention/post_attention vs token c
 TorchPagedAttention for GPU prefill and decode attention, the native CpuAttentionPool for CPU
 decode attention over (requests, context tokens), torch copies for the PCIe link, a tiny pool
 round trip for the per-layer sync, and the LM head. Every point gets a share of a time budget,
-so profiling at server start-up is bounded. profile_derive.py builds the shipped profiles for
-hardware we cannot measure here.
+so profiling at server start-up is bounded. apex_grpc/profiles/derive.py builds the shipped
+profiles for hardware we cannot measure here.
 """
 
 from __future__ import annotations
@@ -129,12 +129,13 @@ def _cpu_attention_table(config: ModelConfig, dtype: torch.dtype, threads: int, 
                          timer: _Timer) -> tuple[Table2D, float, str]:
     """CPU decode attention of one layer; also the pool's round trip for a tiny job."""
     from apex_grpc.attention.cpu_kernel import CpuAttentionPool
-    pool = CpuAttentionPool(threads)
     table = []
-    for num_reqs in grid.cpu_reqs:
-        table.append(_monotone([_pool_ms(pool, config, dtype, num_reqs, max(1, ctx // num_reqs),
-                                         timer) for ctx in grid.cpu_ctx_tokens]))
-    sync_ms = _pool_ms(pool, config, dtype, 1, 1, timer)
+    with CpuAttentionPool(threads) as pool:
+        for num_reqs in grid.cpu_reqs:
+            table.append(_monotone([_pool_ms(pool, config, dtype, num_reqs,
+                                             max(1, ctx // num_reqs), timer)
+                                    for ctx in grid.cpu_ctx_tokens]))
+        sync_ms = _pool_ms(pool, config, dtype, 1, 1, timer)
     return (Table2D(tuple(map(float, grid.cpu_reqs)), tuple(map(float, grid.cpu_ctx_tokens)),
                     tuple(table)), sync_ms, "CPU attention: native CpuAttentionPool")
 
@@ -155,7 +156,8 @@ def _pool_ms(pool, config: ModelConfig, dtype: torch.dtype, num_reqs: int, ctx_l
 
 
 def _link(device: torch.device, to_host: bool, grid: Grid, timer: _Timer) -> Link:
-    """Latency from the smallest copy, bandwidth from the largest (pinned host memory)."""
+    """Bandwidth from the largest copy, latency from what the smallest adds beyond it
+    (robust to a noisy small sample, unlike a two-point slope)."""
     times = []
     for num_bytes in grid.copy_bytes:
         dev = torch.empty(num_bytes, dtype=torch.uint8, device=device)
@@ -164,9 +166,8 @@ def _link(device: torch.device, to_host: bool, grid: Grid, timer: _Timer) -> Lin
         src, dst = (dev, host) if to_host else (host, dev)
         times.append(timer.ms(lambda: dst.copy_(src, non_blocking=True)))
     small, large = grid.copy_bytes[0], grid.copy_bytes[-1]
-    per_byte_ms = max(1e-12, (times[-1] - times[0]) / (large - small))
-    return Link(latency_ms=max(0.0, times[0] - small * per_byte_ms),
-                gb_per_s=1.0 / (per_byte_ms * 1e6))
+    gb_per_s = large / (max(times[-1], 1e-6) * 1e6)
+    return Link(latency_ms=max(0.0, times[0] - small / (gb_per_s * 1e6)), gb_per_s=gb_per_s)
 
 
 def _head_table(model, config: ModelConfig, grid: Grid, timer: _Timer) -> Table1D:

@@ -220,7 +220,9 @@ class Scheduler:
         )
 
     def _make_plan(self, scheduled: list[ScheduledSeq], moves: list[KVMove]) -> StepPlan:
-        gpu = tuple(s for s in scheduled if s.tier == Tier.GPU)
+        # Prefill chunks first, then decodes: attention kernels split the GPU rows in two.
+        gpu = tuple(sorted((s for s in scheduled if s.tier == Tier.GPU),
+                           key=lambda s: s.is_decode))
         host = [s for s in scheduled if s.tier == Tier.HOST]
         host_prefill = tuple(s for s in host if not s.is_decode)
         host_decode = tuple(s for s in host if s.is_decode)

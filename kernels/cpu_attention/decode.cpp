@@ -9,7 +9,6 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
-#include <cstdlib>
 
 namespace apex {
 namespace {
@@ -186,19 +185,15 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
   int64_t offset = block_offset(first_block);
   for (int block = first_block; block < end_block; ++block) {
     const int64_t next_offset = block + 1 < end_block ? block_offset(block + 1) : -1;
-    static const int mode = getenv("APEX_PF") ? atoi(getenv("APEX_PF")) : 0;
-    if (next_offset >= 0 && mode == 0) {
-      prefetch_rows(k_base + next_offset, block_bytes);
-      prefetch_rows(v_base + next_offset, block_bytes);
-    }
-    if (next_offset >= 0 && mode == 2) prefetch_rows(k_base + next_offset, block_bytes);
+    // Prefetches are spread over the block's two phases so they do not stall on fill buffers.
+    if (next_offset >= 0) prefetch_rows(k_base + next_offset, block_bytes);
     const int num_tokens = std::min(p.block_size, seq_len - block * p.block_size);
     ops_->scores(q_raw, q_f32, k_base + offset, rows, num_tokens, dim, p.scale, scores);
     for (int g = 0; g < rows; ++g) {
       alpha[g] = ops_->softmax_step(scores + g * num_tokens, num_tokens, running_max + g,
                                     running_sum + g);
     }
-    if (next_offset >= 0 && mode == 2) prefetch_rows(v_base + next_offset, block_bytes);
+    if (next_offset >= 0) prefetch_rows(v_base + next_offset, block_bytes);
     ops_->accumulate(scores, v_base + offset, rows, num_tokens, dim, alpha, acc);
     offset = next_offset;
   }

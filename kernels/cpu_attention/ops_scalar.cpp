@@ -26,7 +26,8 @@ float scalar_softmax_step(float* x, int num_tokens, float* running_max, float* r
   float block_max = -std::numeric_limits<float>::infinity();
   for (int t = 0; t < num_tokens; ++t) block_max = std::fmax(block_max, x[t]);
   const float new_max = std::fmax(*running_max, block_max);
-  const float alpha = std::exp(*running_max - new_max);  // exp(-inf) = 0 on the first block
+  // The maximum rarely moves once a few blocks are in: skip the scalar exp then.
+  const float alpha = new_max == *running_max ? 1.0f : std::exp(*running_max - new_max);
   float block_sum = 0.0f;
   for (int t = 0; t < num_tokens; ++t) {
     x[t] = std::exp(x[t] - new_max);

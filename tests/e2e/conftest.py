@@ -97,12 +97,14 @@ class InProcessServer:
 
 @pytest.fixture(scope="module")
 def start_server(tiny_config_path):
-    """Factory: start_server(serve_overrides={...}, **server_settings) -> InProcessServer."""
+    """Factory: start_server(serve_overrides={...}, **server_settings) -> InProcessServer on
+    the tiny model, or start_server(serve_options=ServeOptions(...)) for another model."""
     pytest.importorskip("apex_grpc.engine.builder", reason="the engine is not built yet")
     started = []
 
-    def start(serve_overrides: dict | None = None, **settings) -> InProcessServer:
-        options = tiny_serve_options(tiny_config_path, **(serve_overrides or {}))
+    def start(serve_overrides: dict | None = None, serve_options=None,
+              **settings) -> InProcessServer:
+        options = serve_options or tiny_serve_options(tiny_config_path, **(serve_overrides or {}))
         server = InProcessServer(options, **settings).start()
         started.append(server)
         return server

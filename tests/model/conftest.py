@@ -33,3 +33,13 @@ def hf_gguf_tokenizer(embedded_gguf_path):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(
         os.path.dirname(embedded_gguf_path), gguf_file=os.path.basename(embedded_gguf_path))
+
+
+@pytest.fixture(autouse=True)
+def _single_torch_thread():
+    """One intra-op thread for these small-tensor tests: on a shared 2-core machine OpenMP's
+    spin-waiting threads get descheduled and slow tiny ops down by 10-100x."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -66,7 +66,7 @@ def _write_gguf(path, arch: str, tensor_type: GGMLQuantizationType) -> None:
         writer.add_tensor("token_embd.weight", np.zeros((8, 256), dtype=np.float32))
     else:  # Q6_K: 210 bytes per 256 values
         writer.add_tensor("token_embd.weight", np.zeros((8, 210), dtype=np.uint8),
-                          raw_shape=(8, 256), raw_dtype=tensor_type)
+                          raw_dtype=tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,0 +1,1 @@
+"""Benchmark commands (python -m apex_grpc.bench.<name>)."""

@@ -1,0 +1,140 @@
+"""ApexChooser and NeoChooser decisions on synthetic profiles."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from apex_grpc.config import EngineConfig, Policy
+from apex_grpc.request import Tier
+from apex_grpc.scheduler.apex_chooser import DEFAULT_MAX_SKIPPED_STEPS, ApexChooser, NeoChooser
+from apex_grpc.scheduler.perf_model import PerfModel, Profile
+from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
+from tests.unit.perf_fixtures import make_profile
+
+CONFIG = EngineConfig(num_host_blocks=64, policy=Policy.APEX, max_step_stretch=1.25)
+
+
+def _decodes(prefix: str, num_rows: int, ctx_len: int, tier: Tier) -> tuple[ScheduledSeq, ...]:
+    return tuple(ScheduledSeq(f"{prefix}{i}", (1,), ctx_len - 1, (0,), tier, True)
+                 for i in range(num_rows))
+
+
+def _choose(chooser, num_gpu: int, num_host: int, ctx_len: int = 1000, skipped=None):
+    gpu = _decodes("g", num_gpu, ctx_len, Tier.GPU)
+    host = _decodes("h", num_host, ctx_len, Tier.HOST)
+    return chooser.choose(gpu, (), host, skipped or {})
+
+
+def test_slow_cpu_keeps_gpu_only():
+    chooser = ApexChooser(PerfModel(make_profile(cpu_ms_per_ktok=20.0)), CONFIG)
+    choice = _choose(chooser, 8, 4)
+    assert choice.strategy == Strategy.GPU_ONLY and choice.host_decode_seqs == ()
+
+
+def test_ample_gpu_kv_stays_gpu_only_on_h200():
+    # MEASUREMENTS.md: 18 GPU-resident requests; 3 host rows would lower throughput.
+    chooser = ApexChooser(PerfModel(Profile.load("h200-llama-3.1-8b")), CONFIG)
+    assert _choose(chooser, 18, 3, ctx_len=900).strategy == Strategy.GPU_ONLY
+    assert _choose(chooser, 18, 0, ctx_len=900).strategy == Strategy.GPU_ONLY
+
+
+def test_cpu_attention_inside_the_window_overlaps_every_host_row():
+    # GPU attention of 8 rows (8 x 1000 tokens) takes 0.4 ms; CPU attention of 4 rows 0.2 ms.
+    profile = make_profile(gpu_ms_per_ktok=0.05, cpu_ms_per_ktok=0.05)
+    choice = _choose(ApexChooser(PerfModel(profile), CONFIG), 8, 4)
+    assert choice.strategy == Strategy.ASYNC_OVERLAP
+    assert len(choice.host_decode_seqs) == 4
+
+
+def test_greedy_fill_stops_at_the_stretch_limit():
+    # Each host row adds 0.5 ms per layer to a 1 ms layer: 1.25x allows about half a row per
+    # layer... so exactly the rows whose step stays within the limit run.
+    model = PerfModel(make_profile(gpu_ms_per_ktok=0.0, cpu_ms_per_ktok=0.2))
+    chooser = ApexChooser(model, CONFIG)
+    choice = _choose(chooser, 2, 10)
+    limit = chooser.step_limit_ms(model.predict_step_ms(Strategy.GPU_ONLY, [], [1000] * 2))
+    assert 0 < len(choice.host_decode_seqs) < 10
+    assert choice.predicted_step_ms <= limit
+    one_more = len(choice.host_decode_seqs) + 1
+    assert model.predict_step_ms(choice.strategy, [], [1000] * 2, [1000] * one_more) > limit
+
+
+def test_pipeline_only_where_its_inequality_holds():
+    # Strong CPU, heavy linear work: two passes over the weights hide a lot of CPU attention.
+    strong = PerfModel(make_profile(linear_ms=5.0, gpu_ms_per_ktok=0.05, cpu_ms_per_ktok=0.5))
+    chooser = ApexChooser(strong, CONFIG, target_step_ms=1000.0)
+    shape = strong.shape_of([], [1000] * 2, [1000] * 12)
+    assert strong.pipeline_can_win(shape)
+    assert _choose(chooser, 2, 12).strategy == Strategy.ASYMMETRIC_PIPELINE
+    # A CPU 400x slower than the GPU's attention: N_G/N_C exceeds the bound.
+    weak = PerfModel(make_profile(linear_ms=1.0, gpu_ms_per_ktok=0.05, cpu_ms_per_ktok=20.0))
+    assert not weak.pipeline_can_win(weak.shape_of([], [1000] * 2, [1000] * 12))
+    for num_host in range(1, 13):
+        choice = _choose(ApexChooser(weak, CONFIG, target_step_ms=1e4), 2, num_host)
+        assert choice.strategy != Strategy.ASYMMETRIC_PIPELINE
+
+
+def test_starving_rows_always_run():
+    chooser = ApexChooser(PerfModel(make_profile(cpu_ms_per_ktok=20.0)), CONFIG)
+    skipped = {"h1": DEFAULT_MAX_SKIPPED_STEPS, "h3": DEFAULT_MAX_SKIPPED_STEPS + 2}
+    choice = _choose(chooser, 8, 4, skipped=skipped)
+    assert {s.request_id for s in choice.host_decode_seqs} >= {"h1", "h3"}
+    assert choice.strategy != Strategy.GPU_ONLY
+    # Chosen rows keep the scheduler's order.
+    ids = [s.request_id for s in choice.host_decode_seqs]
+    assert ids == sorted(ids)
+
+
+def test_decisions_are_deterministic():
+    chooser = ApexChooser(PerfModel(Profile.load("t4-llama-2-7b")), CONFIG, target_step_ms=150)
+    skipped = {f"h{i}": i % 9 for i in range(40)}
+    first = _choose(chooser, 3, 40, skipped=skipped)
+    assert all(_choose(chooser, 3, 40, skipped=skipped) == first for _ in range(5))
+
+
+def test_prefix_search_matches_exhaustive_scan():
+    model = PerfModel(Profile.load("t4-llama-2-7b"))
+    chooser = ApexChooser(model, CONFIG, target_step_ms=200)
+    choice = _choose(chooser, 2, 30)
+    gpu_only = model.predict_step_ms(Strategy.GPU_ONLY, [], [1000] * 2)
+    limit = chooser.step_limit_ms(gpu_only)
+    best = 2 / gpu_only
+    for strategy in (Strategy.ASYNC_OVERLAP, Strategy.ASYMMETRIC_PIPELINE):
+        for num_host in range(1, 31):
+            step = model.predict_step_ms(strategy, [], [1000] * 2, [1000] * num_host)
+            if step <= limit:
+                best = max(best, (2 + num_host) / step)
+    got = (2 + len(choice.host_decode_seqs)) / choice.predicted_step_ms
+    assert got == pytest.approx(best, rel=0.01)
+
+
+def test_neo_pipelines_all_rows_or_waits():
+    strong = PerfModel(make_profile(linear_ms=5.0, gpu_ms_per_ktok=0.05, cpu_ms_per_ktok=0.5))
+    choice = _choose(NeoChooser(strong, CONFIG), 2, 6)
+    assert choice.strategy == Strategy.ASYMMETRIC_PIPELINE and len(choice.host_decode_seqs) == 6
+    weak = NeoChooser(PerfModel(make_profile(cpu_ms_per_ktok=20.0)), CONFIG)
+    assert _choose(weak, 8, 4).strategy == Strategy.GPU_ONLY
+    starving = _choose(weak, 8, 4, skipped={"h2": DEFAULT_MAX_SKIPPED_STEPS})
+    assert starving.strategy == Strategy.ASYMMETRIC_PIPELINE
+    assert len(starving.host_decode_seqs) == 4
+
+
+def test_bandwidth_aware_admission_stops_at_the_limit():
+    chooser = ApexChooser(PerfModel(make_profile(gpu_ms_per_ktok=0.0, cpu_ms_per_ktok=0.2)),
+                          CONFIG)
+    assert chooser.admits_to_host([1000] * 2, [], 1000)
+    assert not chooser.admits_to_host([1000] * 2, [1000] * 20, 1000)
+
+
+def test_choose_cost_at_256_rows():
+    chooser = ApexChooser(PerfModel(Profile.load("h200-llama-3.1-8b")), CONFIG)
+    gpu = _decodes("g", 32, 900, Tier.GPU)
+    host = _decodes("h", 224, 900, Tier.HOST)
+    start = time.perf_counter()
+    for _ in range(20):
+        choice = chooser.choose(gpu, (), host, {})
+    per_call_us = (time.perf_counter() - start) / 20 * 1e6
+    print(f"choose() at 256 rows: {per_call_us:.0f} us, "
+          f"{per_call_us / 10 / choice.predicted_step_ms:.2f}% of the predicted step")

@@ -1,0 +1,78 @@
+"""The simulator drives the real Scheduler: capacity, bounded waits, JSON output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from apex_grpc.config import Policy
+from apex_grpc.request import Request, SamplingParams, StoppingParams, Tier
+from apex_grpc.scheduler.apex_chooser import DEFAULT_MAX_SKIPPED_STEPS
+from apex_grpc.scheduler.perf_model import PerfModel
+from apex_grpc.scheduler.simulate import (Setup, Workload, build_scheduler, main, simulate,
+                                          summarize)
+from tests.unit.perf_fixtures import make_profile
+
+SMALL = Workload(num_requests=12, input_len=64, output_len=48, range_ratio=0.2, seed=3)
+
+
+def test_workload_is_reproducible_and_within_range():
+    specs = SMALL.requests()
+    assert specs == SMALL.requests()
+    assert all(51 <= p <= 77 and 38 <= o <= 58 for _, p, o in specs)
+    timed = Workload(num_requests=50, request_rate=10.0, seed=1).requests()
+    arrivals = [a for a, _, _ in timed]
+    assert arrivals == sorted(arrivals) and 2000 < arrivals[-1] < 10000
+
+
+@pytest.mark.parametrize("policy", list(Policy))
+def test_every_policy_finishes_within_capacity(policy):
+    setup = Setup(gpu_kv_tokens=256, host_kv_tokens=1024, max_num_seqs=16)
+    result = simulate(policy, setup, make_profile(cpu_ms_per_ktok=0.1), SMALL,
+                      check_integrity=True)
+    metrics = summarize(result, tpot_slo_ms=100.0)
+    assert metrics["num_requests"] == SMALL.num_requests
+    assert metrics["output_throughput"] >= metrics["goodput"] > 0
+    if policy == Policy.GPU_ONLY:
+        assert sum(result.steps.values()) == metrics["steps"]["gpu_only"]
+
+
+def test_host_rows_wait_a_bounded_number_of_steps():
+    # A slow CPU: the chooser prefers GPU_ONLY and host rows run only when starving.
+    setup = Setup(gpu_kv_tokens=128, host_kv_tokens=2048, max_num_seqs=16)
+    model = PerfModel(make_profile(cpu_ms_per_ktok=30.0))
+    scheduler = build_scheduler(Policy.APEX, setup, model, max_model_len=256)
+    for i in range(10):
+        scheduler.add_request(Request(f"r{i}", [1] * 60, SamplingParams(),
+                                      StoppingParams(max_new_tokens=40)))
+    saw_host = False
+    for _ in range(300):
+        if not scheduler.has_work:
+            break
+        plan = scheduler.schedule()
+        scheduler.kv.check_integrity()
+        for req in list(scheduler.running):
+            assert req.num_skipped_steps <= DEFAULT_MAX_SKIPPED_STEPS
+            saw_host |= scheduler.kv.tier_of(req.request_id) == Tier.HOST
+        for req in scheduler.record_step(plan, {s.request_id: 0 for s in plan.all_seqs
+                                                if s.samples}):
+            if req.num_output_tokens >= 40:
+                scheduler.remove(req)
+    assert saw_host and not scheduler.has_work
+
+
+def test_json_output_shape(tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    make_profile().save(path)
+    assert main(["--profile", str(path), "--json", "--num-requests", "6", "--input-len", "32",
+                 "--output-len", "16", "--gpu-kv-tokens", "256", "--host-kv-tokens", "512",
+                 "--tpot-slo-ms", "50"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"policies"}
+    assert set(report["policies"]) == {"gpu-only", "neo", "apex"}
+    for metrics in report["policies"].values():
+        for key in ("output_throughput", "goodput", "p50_tpot_ms", "p99_tpot_ms",
+                    "p50_ttft_ms"):
+            assert metrics[key] >= 0
+    assert report["policies"]["apex"]["choose_us_256_rows"] > 0

@@ -54,7 +54,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-waiting", type=int, default=defaults.max_waiting,
                        help="waiting-queue bound; past it requests get RESOURCE_EXHAUSTED")
     group.add_argument("--max-step-stretch", type=float, default=defaults.max_step_stretch)
-    group.add_argument("--profile", default=None, help="performance-model profile JSON")
+    group.add_argument("--profile", default=None,
+                       help="performance-model profile: a JSON path or shipped name, 'auto' "
+                            "(measure at start-up, the default on CUDA) or 'none' (fixed "
+                            "per-policy rules, the default on the CPU)")
+    group.add_argument("--tpot-slo-ms", type=float, default=None,
+                       help="TPOT target the apex chooser keeps decode steps under")
     group.add_argument("--seed", type=int, default=defaults.seed)
 
 
@@ -102,7 +107,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
         max_model_len=args.max_model_len, cpu_attention_threads=args.cpu_attention_threads,
         max_waiting=args.max_waiting, max_step_stretch=args.max_step_stretch,
-        profile=args.profile, seed=args.seed)
+        profile=args.profile, tpot_slo_ms=args.tpot_slo_ms, seed=args.seed)
 
 
 def server_settings(args: argparse.Namespace, environ: dict[str, str] | None = None):

@@ -193,5 +193,8 @@ class ServeOptions:
     cpu_attention_threads: int | None = None
     max_waiting: int = 1024
     max_step_stretch: float = 1.25
+    # Performance model: a profile path or name, "auto" (measure at start-up), "none" (fixed
+    # per-policy rules), or None for the device's default (auto on CUDA, none on the CPU).
     profile: str | None = None
+    tpot_slo_ms: float | None = None
     seed: int = 0

@@ -73,6 +73,8 @@ def tiny_hf_checkpoint(tmp_path_factory: pytest.TempPathFactory,
     import transformers
 
     def build(variant: str = "llama_gqa", seed: int = 0, **overrides: Any) -> TinyCheckpoint:
+        if variant not in TINY_VARIANTS:
+            raise KeyError(f"unknown tiny variant {variant!r}; known: {sorted(TINY_VARIANTS)}")
         settings = dict(TINY_VARIANTS[variant])
         arch = settings.pop("arch")
         fields = dict(vocab_size=256, hidden_size=96, intermediate_size=160,

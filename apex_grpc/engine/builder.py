@@ -21,6 +21,9 @@ from apex_grpc.kv_cache.storage import KVStorage, bytes_per_block
 from apex_grpc.model.loader import load_model
 from apex_grpc.platform import device_name, resolve_device, resolve_dtype
 from apex_grpc.runner.model_runner import ModelRunner
+from apex_grpc.scheduler.apex_chooser import make_chooser
+from apex_grpc.scheduler.chooser import SimpleChooser
+from apex_grpc.scheduler.perf_model import PerfModel, Profile
 from apex_grpc.scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,8 @@ _CPU_DEFAULT_HOST_KV_GIB = 0.5
 _CUDA_DEFAULT_HOST_KV_GIB = 8.0
 # Share of free device memory (after weights) given to the GPU KV tier when not told.
 _CUDA_KV_MEMORY_FRACTION = 0.85
+# Bound on the start-up profile's measuring time.
+_STARTUP_PROFILE_BUDGET_S = 20.0
 
 
 def default_cpu_attention_threads() -> int:
@@ -86,14 +91,38 @@ def build_engine(opts: ServeOptions) -> AsyncEngine:
         max_batched_tokens=opts.max_batched_tokens, max_model_len=max_model_len,
         policy=opts.policy, kv_placement=opts.kv_placement, cpu_attention_threads=threads,
         max_waiting=opts.max_waiting, max_step_stretch=opts.max_step_stretch)
-    core = build_core(config, model, model_config, tokenizer, dtype, device)
+    perf_model = load_perf_model(opts, model, model_config, dtype, device, threads)
+    core = build_core(config, model, model_config, tokenizer, dtype, device, perf_model,
+                      opts.tpot_slo_ms)
     return AsyncEngine(core, model_config, config, name, str(dtype).removeprefix("torch."),
                        device_name(device), tokenizer)
 
 
+def load_perf_model(opts: ServeOptions, model: torch.nn.Module, model_config: ModelConfig,
+                    dtype: torch.dtype, device: torch.device, threads: int) -> PerfModel | None:
+    """The performance model the apex/neo choosers need, or None for fixed per-policy rules."""
+    choice = opts.profile or ("auto" if device.type == "cuda" else "none")
+    if opts.policy == Policy.GPU_ONLY or choice == "none":
+        return None
+    if choice == "auto":
+        from apex_grpc.scheduler.profiler import profile_quick
+
+        log.info("profiling the performance model (at most %.0f s)", _STARTUP_PROFILE_BUDGET_S)
+        profile = profile_quick(model, model_config, dtype, device, threads,
+                                budget_s=_STARTUP_PROFILE_BUDGET_S)
+    else:
+        profile = Profile.load(choice)
+        profile.check_matches(model_config, str(dtype).removeprefix("torch."),
+                              device_name(device), threads)
+    return PerfModel(profile)
+
+
 def build_core(config: EngineConfig, model: torch.nn.Module, model_config: ModelConfig,
-               tokenizer, dtype: torch.dtype, device: torch.device) -> EngineCore:
-    """The synchronous engine over an already loaded model (tests build it directly)."""
+               tokenizer, dtype: torch.dtype, device: torch.device,
+               perf_model: PerfModel | None = None,
+               tpot_slo_ms: float | None = None) -> EngineCore:
+    """The synchronous engine over an already loaded model (tests build it directly). Without
+    a performance model each policy follows its fixed rule (chooser.SimpleChooser)."""
     storage = KVStorage(model_config, config.block_size, config.num_gpu_blocks,
                         config.num_host_blocks, dtype, device)
     scale = model_config.head_dim ** -0.5
@@ -106,7 +135,10 @@ def build_core(config: EngineConfig, model: torch.nn.Module, model_config: Model
     runner = ModelRunner(model, storage, attention, config.block_size, device)
     kv = KVCacheManager(config.block_size, config.num_gpu_blocks, config.num_host_blocks)
     eos = tokenizer.eos_token_ids if tokenizer is not None else model_config.eos_token_ids
-    return EngineCore(config, Scheduler(config, kv), runner, tokenizer, tuple(eos), device)
+    chooser = SimpleChooser(config.policy) if perf_model is None else \
+        make_chooser(config.policy, perf_model, config, tpot_slo_ms)
+    return EngineCore(config, Scheduler(config, kv, chooser), runner, tokenizer, tuple(eos),
+                      device, perf_model)
 
 
 def make_device_attention(storage: KVStorage, scale: float,

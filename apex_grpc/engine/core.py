@@ -17,6 +17,7 @@ from apex_grpc.config import EngineConfig
 from apex_grpc.engine.protocol import EngineStats
 from apex_grpc.request import FinishReason, Request, RequestOutput, TokenLogprob, Tier
 from apex_grpc.runner.model_runner import ModelRunner, SamplingInput
+from apex_grpc.scheduler.perf_model import PerfModel
 from apex_grpc.scheduler.plan import Strategy
 from apex_grpc.scheduler.scheduler import Scheduler
 from apex_grpc.stopping import StopStringMatcher
@@ -47,13 +48,15 @@ class _Counters:
 
 class EngineCore:
     def __init__(self, config: EngineConfig, scheduler: Scheduler, runner: ModelRunner,
-                 tokenizer, eos_token_ids: tuple[int, ...], device: torch.device) -> None:
+                 tokenizer, eos_token_ids: tuple[int, ...], device: torch.device,
+                 perf_model: PerfModel | None = None) -> None:
         self.config = config
         self.scheduler = scheduler
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.device = device
+        self.perf_model = perf_model  # fed measured step times (online correction)
         self.tracked: dict[str, _Tracked] = {}
         self.counters = _Counters()
 
@@ -101,10 +104,13 @@ class EngineCore:
             log.exception("step failed; failing %d requests", len(plan.all_seqs))
             return [o for s in plan.all_seqs
                     if (o := self.abort(s.request_id, FinishReason.ERROR, repr(exc))) is not None]
-        self.counters.last_measured_ms = (time.perf_counter() - start) * 1e3
+        measured_ms = (time.perf_counter() - start) * 1e3
+        self.counters.last_measured_ms = measured_ms
         self.counters.last_predicted_ms = plan.predicted_step_ms
         if not plan.is_empty:
             self.counters.steps[plan.strategy] += 1
+            if self.perf_model is not None:
+                self.perf_model.observe(plan.strategy, plan.predicted_step_ms, measured_ms)
         now = time.monotonic()
         outputs = []
         for req in self.scheduler.record_step(plan, result.sampled):

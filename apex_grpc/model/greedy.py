@@ -69,6 +69,8 @@ class GreedyGenerator:
                  stop_token_ids: Sequence[int] = ()) -> list[list[int]]:
         """Greedy tokens per prompt: prefill each, then decode all together; a sequence that
         emits a stop token is finished (the stop token is kept in its output)."""
+        if len(prompts) > len(self.num_cached):
+            raise ValueError(f"{len(prompts)} prompts but room for {len(self.num_cached)}")
         self.num_cached = [0] * len(self.num_cached)
         outputs = [[int(self.prefill(i, p, chunk_size)[-1].argmax())]
                    for i, p in enumerate(prompts)]

@@ -49,7 +49,9 @@ def normalize_hf_config(raw: dict[str, Any]) -> dict[str, Any]:
 
 def read_hf_model_config(model_dir: str, name: str | None = None) -> ModelConfig:
     """ModelConfig from config.json, with EOS ids from generation_config.json when present."""
-    cfg = normalize_hf_config(read_json(os.path.join(model_dir, "config.json")))
+    config_path = os.path.join(model_dir, "config.json")
+    cfg = normalize_hf_config(read_json(config_path))
+    check_supported_features(cfg, config_path)
     generation_path = os.path.join(model_dir, "generation_config.json")
     if os.path.isfile(generation_path):
         eos = read_json(generation_path).get("eos_token_id")
@@ -57,6 +59,15 @@ def read_hf_model_config(model_dir: str, name: str | None = None) -> ModelConfig
             cfg["eos_token_id"] = eos
     return config_from_dict(cfg, name or os.path.basename(os.path.normpath(model_dir)),
                             source=model_dir)
+
+
+def check_supported_features(cfg: dict[str, Any], source: str) -> None:
+    """Reject settings the decoder would otherwise silently compute wrong."""
+    activation = cfg.get("hidden_act", "silu")
+    if activation != "silu":
+        raise CheckpointError(f"{source}: hidden_act {activation!r} is not supported (silu only)")
+    if cfg.get("mlp_bias"):
+        raise CheckpointError(f"{source}: mlp_bias=true is not supported")
 
 
 def config_from_dict(cfg: dict[str, Any], name: str, source: str) -> ModelConfig:

@@ -35,8 +35,8 @@ class LlamaDecoderLayer(nn.Module):
         self.o_proj = Linear(self.q_size, hidden, config.o_bias, dtype, device)
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps, dtype, device)
         self.mlp = GatedMLP(hidden, config.intermediate_size, dtype, device)
-        # Shared with every layer; not registered as a submodule so it is not duplicated.
-        self._rotary = (rotary,)
+        # One cos/sin cache shared by every layer (torch deduplicates shared submodules).
+        self.rotary = rotary
 
     def pre_attention(
         self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
@@ -50,7 +50,7 @@ class LlamaDecoderLayer(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self._rotary[0](positions, q, k)
+        q, k = self.rotary(positions, q, k)
         return q, k, v, residual
 
     def post_attention(self, attn_out: torch.Tensor,

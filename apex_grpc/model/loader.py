@@ -21,7 +21,8 @@ import torch
 from apex_grpc.config import ModelConfig
 from apex_grpc.model.gguf_loader import (check_tensor_types, config_from_gguf, gguf_metadata,
                                          load_gguf_weights, open_gguf)
-from apex_grpc.model.hf_loader import (config_from_dict, load_hf_weights, normalize_hf_config,
+from apex_grpc.model.hf_loader import (check_supported_features, config_from_dict,
+                                       load_hf_weights, normalize_hf_config,
                                        read_hf_model_config, read_json)
 from apex_grpc.model.llama import LlamaForCausalLM
 from apex_grpc.model.weights import CheckpointError, CheckpointFileNotFoundError, WeightSink
@@ -52,12 +53,15 @@ def embedded_gguf_path() -> str:
 def load_model(path: str | None, load_format: str, device: torch.device | str,
                dtype: torch.dtype, dummy_config: str | None = None,
                ) -> tuple[LlamaForCausalLM, ModelConfig, Tokenizer | None, str]:
-    """Returns (model, config, tokenizer, name). The tokenizer is the byte fallback for dummy
-    weights and None for a checkpoint without tokenizer files or metadata. Raises CheckpointError (a ValueError; CheckpointFileNotFoundError is also a
-    FileNotFoundError) naming the problem."""
+    """Returns (model, config, tokenizer, name).
+
+    The tokenizer is the byte fallback for dummy weights and None for a checkpoint without
+    tokenizer files or metadata. Raises CheckpointError (a ValueError;
+    CheckpointFileNotFoundError is also a FileNotFoundError) naming the problem."""
     device = torch.device(device)
     if load_format not in LOAD_FORMATS:
-        raise CheckpointError(f"unknown load format {load_format!r}; use {' or '.join(LOAD_FORMATS)}")
+        raise CheckpointError(f"unknown load format {load_format!r}; "
+                              f"use {' or '.join(LOAD_FORMATS)}")
     if load_format == "dummy":
         return load_dummy(dummy_config or path, device, dtype)
     if path is None:
@@ -128,7 +132,9 @@ def resolve_dummy_config(name_or_path: str | None) -> ModelConfig:
     name = os.path.basename(path).removesuffix(".json")
     if name == "config":
         name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return config_from_dict(normalize_hf_config(read_json(path)), name, source=path)
+    cfg = normalize_hf_config(read_json(path))
+    check_supported_features(cfg, path)
+    return config_from_dict(cfg, name, source=path)
 
 
 def shipped_config_names() -> list[str]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
-from apex_grpc.config import EngineConfig
-from apex_grpc.scheduler.chooser import Choice
+from apex_grpc.config import EngineConfig, Policy
+from apex_grpc.scheduler.chooser import Choice, SimpleChooser, StrategyChooser
 from apex_grpc.scheduler.perf_model import PerfModel, StepShape
 from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
 
@@ -169,6 +169,10 @@ class NeoChooser:
         self.config = config
         self.max_skipped_steps = max_skipped_steps
 
+    def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_decode_ctx: Sequence[int],
+                       new_ctx_len: int) -> bool:
+        return True  # NEO offloads whatever the host tier can hold
+
     def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],
                host_prefill_seqs: tuple[ScheduledSeq, ...],
                host_decode_seqs: tuple[ScheduledSeq, ...],
@@ -187,3 +191,19 @@ class NeoChooser:
         if starving or pipeline_wins or base.num_gpu_tokens == 0:
             return Choice(Strategy.ASYMMETRIC_PIPELINE, host_decode_seqs, pipeline_ms)
         return Choice(Strategy.GPU_ONLY, (), gpu_only_ms)
+
+
+# Share of the TPOT target apex lets a decode step take: prefill steps run longer, and a
+# request's TPOT averages over both.
+TARGET_STEP_FRACTION = 0.85
+
+
+def make_chooser(policy: Policy, model: PerfModel, config: EngineConfig,
+                 tpot_slo_ms: float | None) -> StrategyChooser:
+    """The chooser of each policy over a performance model (gpu-only needs none)."""
+    if policy == Policy.GPU_ONLY:
+        return SimpleChooser(Policy.GPU_ONLY)
+    if policy == Policy.NEO:
+        return NeoChooser(model, config)
+    target = tpot_slo_ms * TARGET_STEP_FRACTION if tpot_slo_ms else None
+    return ApexChooser(model, config, target_step_ms=target)

@@ -8,7 +8,7 @@ chooser, which weighs predicted step times from the performance model, lives in 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Mapping, Protocol, Sequence
 
 from apex_grpc.config import Policy
 from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
@@ -31,6 +31,12 @@ class StrategyChooser(Protocol):
         request has sat out, so a chooser can bound how long any request waits."""
         ...
 
+    def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_decode_ctx: Sequence[int],
+                       new_ctx_len: int) -> bool:
+        """Bandwidth-aware admission: may one more host-resident request of new_ctx_len
+        context join (by admission or eviction) given the current decode contexts?"""
+        ...
+
 
 class SimpleChooser:
     """gpu-only never has host rows; neo pipelines whenever there are host rows; apex overlaps."""
@@ -47,3 +53,7 @@ class SimpleChooser:
         if self.policy == Policy.NEO:
             return Choice(Strategy.ASYMMETRIC_PIPELINE, host_decode_seqs)
         return Choice(Strategy.ASYNC_OVERLAP, host_decode_seqs)
+
+    def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_decode_ctx: Sequence[int],
+                       new_ctx_len: int) -> bool:
+        return True  # no performance model: the host tier's capacity is the only limit

@@ -104,8 +104,9 @@ class Scheduler:
         growth = sum(self.kv.num_new_blocks(r.request_id, r.num_tokens) for r in gpu_decodes)
         while growth > gpu_pool.num_free and gpu_decodes:
             victim = gpu_decodes.pop()  # newest first
-            if not self.kv.can_move(victim.request_id, Tier.HOST):
-                break  # host full too: _schedule_running preempts by recompute
+            if not self.kv.can_move(victim.request_id, Tier.HOST) or \
+                    not self._host_can_carry(self._final_len(victim)):
+                break  # _schedule_running preempts by recompute instead
             growth -= self.kv.num_new_blocks(victim.request_id, victim.num_tokens)
             moves.append(self._move(victim, Tier.HOST))
         if moves or placement != KVPlacement.AUTO:
@@ -190,6 +191,8 @@ class Scheduler:
         host_ok = self.hybrid_enabled and num_new == req.num_uncomputed_tokens and \
             self._fits(req, Tier.HOST, num_new, watermark=False)
         placement = self.config.kv_placement if self.hybrid_enabled else KVPlacement.GPU
+        if placement == KVPlacement.AUTO:
+            host_ok = host_ok and self._host_can_carry(self._final_len(req))
         if placement == KVPlacement.ALTERNATE and num_new == req.num_uncomputed_tokens:
             self._num_alternate_admissions += 1
             placement = KVPlacement.HOST if self._num_alternate_admissions % 2 == 0 \
@@ -201,6 +204,20 @@ class Scheduler:
         if fits_gpu and not sent_to_host:
             return Tier.GPU
         return Tier.HOST if host_ok else None
+
+    def _final_len(self, req: Request) -> int:
+        """The context a request will reach if it runs to max_new_tokens."""
+        return min(req.num_prompt_tokens + req.stopping.max_new_tokens, self.config.max_model_len)
+
+    def _host_can_carry(self, new_ctx_len: int) -> bool:
+        """Ask the chooser whether the CPU can take one more host-resident request."""
+        gpu_ctx, host_ctx = [], []
+        for r in self.running:
+            if self.kv.tier_of(r.request_id) == Tier.HOST:
+                host_ctx.append(self._final_len(r))
+            elif not r.is_prefilling:
+                gpu_ctx.append(r.num_tokens)
+        return self.chooser.admits_to_host(gpu_ctx, host_ctx, new_ctx_len)
 
     def _fits(self, req: Request, tier: Tier, num_new: int, watermark: bool) -> bool:
         pool = self.kv.pools[tier]

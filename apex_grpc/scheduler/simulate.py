@@ -19,15 +19,11 @@ from typing import Any, Sequence
 from apex_grpc.config import EngineConfig, Policy
 from apex_grpc.kv_cache.manager import KVCacheManager
 from apex_grpc.request import Request, SamplingParams, StoppingParams, Tier
-from apex_grpc.scheduler.apex_chooser import ApexChooser, NeoChooser
-from apex_grpc.scheduler.chooser import SimpleChooser, StrategyChooser
+from apex_grpc.scheduler.apex_chooser import make_chooser
 from apex_grpc.scheduler.perf_model import PerfModel, Profile
 from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
 from apex_grpc.scheduler.scheduler import Scheduler
 
-# Share of the TPOT target apex lets a decode step take: prefill steps run longer, and a
-# request's TPOT averages over both.
-TARGET_STEP_FRACTION = 0.85
 _CHOOSE_ROWS = 256
 
 
@@ -81,16 +77,6 @@ def build_scheduler(policy: Policy, setup: Setup, model: PerfModel,
         policy=policy, max_step_stretch=setup.max_step_stretch)
     kv = KVCacheManager(setup.block_size, config.num_gpu_blocks, num_host_blocks)
     return Scheduler(config, kv, make_chooser(policy, model, config, setup.tpot_slo_ms))
-
-
-def make_chooser(policy: Policy, model: PerfModel, config: EngineConfig,
-                 tpot_slo_ms: float | None) -> StrategyChooser:
-    if policy == Policy.GPU_ONLY:
-        return SimpleChooser(Policy.GPU_ONLY)
-    if policy == Policy.NEO:
-        return NeoChooser(model, config)
-    target = tpot_slo_ms * TARGET_STEP_FRACTION if tpot_slo_ms else None
-    return ApexChooser(model, config, target_step_ms=target)
 
 
 @dataclass

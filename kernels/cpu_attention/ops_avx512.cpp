@@ -4,6 +4,7 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -80,55 +81,134 @@ struct Avx512Vec {
 
 #include "ops_simd.inc"
 
-// bfloat16 q . k with VDPBF16PS: 32 products per instruction, pairs summed in float32.
-template <int kRows>
-APEX_TARGET_BF16 inline void bf16_dot_rows(const uint16_t* q, const uint16_t* k, int num_tokens,
-                                           int head_dim, float scale, float* scores) {
-  for (int t = 0; t < num_tokens; ++t) {
-    __m512 sums[kRows];
-    for (int g = 0; g < kRows; ++g) sums[g] = _mm512_setzero_ps();
-    for (int d = 0; d < head_dim; d += 32) {
-      const int left = head_dim - d;
-      const __mmask32 mask = left >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << left) - 1u);
-      const __m512i key = _mm512_maskz_loadu_epi16(mask, k + int64_t(t) * head_dim + d);
-      for (int g = 0; g < kRows; ++g) {
-        const __m512i query = _mm512_maskz_loadu_epi16(mask, q + int64_t(g) * head_dim + d);
-        sums[g] = _mm512_dpbf16_ps(sums[g], (__m512bh)query, (__m512bh)key);
-      }
+// ---- q . k for up to 16 tokens at once --------------------------------------------------------
+// One query row against a tile of up to 16 keys: 16 independent accumulators (vertical FMAs
+// over head_dim), then one transpose-and-add tree turns them into one register holding the 16
+// scores in token order. That is ~3 shuffles/adds per token instead of a full horizontal
+// reduction (and its latency chain) per token per row.
+
+constexpr int kTileTokens = 16;
+
+// sums[t] = acc[t][0] + ... + acc[t][15], returned as lane t.
+APEX_TARGET inline __m512 reduce_tile(__m512 (&acc)[kTileTokens]) {
+  __m512 pairs[8];  // per 128-bit lane: halves of tokens 2i and 2i+1, interleaved
+  for (int i = 0; i < 8; ++i)
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]),
+                             _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
+  __m512 quads[4];  // per 128-bit lane: that lane's partial sums of tokens 4i..4i+3
+  for (int i = 0; i < 4; ++i) {
+    const __m512d low = _mm512_castps_pd(pairs[2 * i]);
+    const __m512d high = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(low, high)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(low, high)));
+  }
+  __m512 halves[2];  // 128-bit lane pairs summed: lanes of quads 2i and 2i+1
+  for (int i = 0; i < 2; ++i)
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0x88),
+                              _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
+                       _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd));
+}
+
+APEX_TARGET inline __mmask16 lanes(int count) {
+  return count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1u);
+}
+
+// kHeadDim > 0 fixes head_dim at compile time (the common 64 and 128): q stays in registers
+// and every key row is a constant offset from one pointer. kFull: all 16 tokens are present;
+// otherwise tokens >= num_tokens keep a zero accumulator and are never read (the rows past a
+// context may hold any bits).
+template <DType kType, int kHeadDim, bool kFull>
+APEX_TARGET inline __m512 f32_row_tile(const float* q_row, const void* k, int num_tokens,
+                                       int runtime_head_dim) {
+  const int head_dim = kHeadDim > 0 ? kHeadDim : runtime_head_dim;
+  __m512 acc[kTileTokens];
+  for (int t = 0; t < kTileTokens; ++t) acc[t] = _mm512_setzero_ps();
+  for (int d = 0; d < head_dim; d += 16) {
+    const int count = head_dim - d;
+    const __m512 query = Avx512Vec::load_f32(q_row + d, count, 0.0f);
+#pragma GCC unroll 16
+    for (int t = 0; t < kTileTokens; ++t) {
+      if (!kFull && t >= num_tokens) break;
+      const __m512 key = Avx512Vec::load<kType>(k, int64_t(t) * head_dim + d, count);
+      acc[t] = _mm512_fmadd_ps(query, key, acc[t]);
     }
-    for (int g = 0; g < kRows; ++g)
-      scores[g * num_tokens + t] = _mm512_reduce_add_ps(sums[g]) * scale;
+  }
+  return reduce_tile(acc);
+}
+
+// Same with VDPBF16PS: 32 bfloat16 products per instruction, q used as stored (exact).
+template <int kHeadDim, bool kFull>
+APEX_TARGET_BF16 inline __m512 bf16_row_tile(const uint16_t* q_row, const uint16_t* k,
+                                             int num_tokens, int runtime_head_dim) {
+  const int head_dim = kHeadDim > 0 ? kHeadDim : runtime_head_dim;
+  __m512 acc[kTileTokens];
+  for (int t = 0; t < kTileTokens; ++t) acc[t] = _mm512_setzero_ps();
+  for (int d = 0; d < head_dim; d += 32) {
+    const int left = head_dim - d;
+    const __mmask32 mask = left >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << left) - 1u);
+    const __m512bh query = (__m512bh)_mm512_maskz_loadu_epi16(mask, q_row + d);
+#pragma GCC unroll 16
+    for (int t = 0; t < kTileTokens; ++t) {
+      if (!kFull && t >= num_tokens) break;
+      const __m512i key = _mm512_maskz_loadu_epi16(mask, k + int64_t(t) * head_dim + d);
+      acc[t] = _mm512_dpbf16_ps(acc[t], query, (__m512bh)key);
+    }
+  }
+  return reduce_tile(acc);
+}
+
+// One tile of 16 tokens (or fewer, at a context's end) against every query row of the group;
+// scores[g * row_stride + t] = scale * dot(q[g], k[t]).
+template <DType kType, bool kDot, int kHeadDim>
+APEX_TARGET_BF16 void tile_rows(const void* q_raw, const float* q_f32, const void* k, int num_rows,
+                                int num_tokens, int head_dim, float scale, float* scores,
+                                int row_stride) {
+  const __m512 scale_reg = _mm512_set1_ps(scale);
+  for (int g = 0; g < num_rows; ++g) {
+    __m512 sums;
+    if constexpr (kDot) {
+      const auto* q_row = static_cast<const uint16_t*>(q_raw) + int64_t(g) * head_dim;
+      const auto* keys = static_cast<const uint16_t*>(k);
+      sums = num_tokens == kTileTokens
+                 ? bf16_row_tile<kHeadDim, true>(q_row, keys, num_tokens, head_dim)
+                 : bf16_row_tile<kHeadDim, false>(q_row, keys, num_tokens, head_dim);
+    } else {
+      const float* q_row = q_f32 + int64_t(g) * head_dim;
+      sums = num_tokens == kTileTokens
+                 ? f32_row_tile<kType, kHeadDim, true>(q_row, k, num_tokens, head_dim)
+                 : f32_row_tile<kType, kHeadDim, false>(q_row, k, num_tokens, head_dim);
+    }
+    _mm512_mask_storeu_ps(scores + g * row_stride, lanes(num_tokens),
+                          _mm512_mul_ps(sums, scale_reg));
   }
 }
 
-APEX_TARGET_BF16 void bf16_dot_scores(const void* q_raw, const float* /*q_f32*/, const void* k,
-                                      int num_rows, int num_tokens, int head_dim, float scale,
-                                      float* scores) {
-  const auto* q = static_cast<const uint16_t*>(q_raw);
-  const auto* keys = static_cast<const uint16_t*>(k);
-  for (int g = 0; g < num_rows;) {
-    const int left = num_rows - g;
-    const uint16_t* q_rows = q + int64_t(g) * head_dim;
-    float* score_rows = scores + g * num_tokens;
-    if (left >= 8) {
-      bf16_dot_rows<8>(q_rows, keys, num_tokens, head_dim, scale, score_rows);
-      g += 8;
-    } else if (left >= 4) {
-      bf16_dot_rows<4>(q_rows, keys, num_tokens, head_dim, scale, score_rows);
-      g += 4;
-    } else if (left >= 2) {
-      bf16_dot_rows<2>(q_rows, keys, num_tokens, head_dim, scale, score_rows);
-      g += 2;
+template <DType kType, bool kDot>
+APEX_TARGET_BF16 void tile_scores(const void* q_raw, const float* q_f32, const void* k,
+                                  int num_rows, int num_tokens, int head_dim, float scale,
+                                  float* scores) {
+  const int64_t element = element_size(kType);
+  for (int token = 0; token < num_tokens; token += kTileTokens) {
+    const int count = std::min(kTileTokens, num_tokens - token);
+    const void* keys = static_cast<const char*>(k) + int64_t(token) * head_dim * element;
+    float* tile = scores + token;
+    if (head_dim == 128) {
+      tile_rows<kType, kDot, 128>(q_raw, q_f32, keys, num_rows, count, head_dim, scale, tile,
+                                  num_tokens);
+    } else if (head_dim == 64) {
+      tile_rows<kType, kDot, 64>(q_raw, q_f32, keys, num_rows, count, head_dim, scale, tile,
+                                 num_tokens);
     } else {
-      bf16_dot_rows<1>(q_rows, keys, num_tokens, head_dim, scale, score_rows);
-      g += 1;
+      tile_rows<kType, kDot, 0>(q_raw, q_f32, keys, num_rows, count, head_dim, scale, tile,
+                                num_tokens);
     }
   }
 }
 
 template <DType kType>
 const KernelOps* avx512_table() {
-  static const KernelOps ops{simd_scores<Avx512Vec, kType>, simd_softmax_step<Avx512Vec>,
+  static const KernelOps ops{tile_scores<kType, false>, simd_softmax_step<Avx512Vec>,
                              simd_accumulate<Avx512Vec, kType>, "avx512"};
   return &ops;
 }
@@ -137,7 +217,7 @@ const KernelOps* avx512_table() {
 
 const KernelOps* avx512_kernel_ops(DType dtype, bool use_bf16_dot) {
   if (dtype == DType::kBFloat16 && use_bf16_dot) {
-    static const KernelOps ops{bf16_dot_scores, simd_softmax_step<Avx512Vec>,
+    static const KernelOps ops{tile_scores<DType::kBFloat16, true>, simd_softmax_step<Avx512Vec>,
                                simd_accumulate<Avx512Vec, DType::kBFloat16>, "avx512bf16"};
     return &ops;
   }

@@ -92,6 +92,17 @@ def test_unknown_architecture_is_named(tiny_hf_checkpoint):
         _load(path)
 
 
+def test_unsupported_features_are_named(tiny_hf_checkpoint):
+    path = tiny_hf_checkpoint("llama_gqa").path
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    with pytest.raises(CheckpointError, match="hidden_act 'gelu'"):
+        _load(path)
+    (path / "config.json").write_text(json.dumps({**config, "mlp_bias": True}))
+    with pytest.raises(CheckpointError, match="mlp_bias"):
+        _load(path)
+
+
 def test_unknown_load_format_is_named():
     with pytest.raises(CheckpointError, match="unknown load format 'pt'"):
         load_model(None, "pt", "cpu", torch.float32)

@@ -71,6 +71,27 @@ def test_mixed_batch_on_cuda():
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
 
+def test_batched_decodes_of_different_lengths():
+    """Decode rows of several sequences are attended in one padded gather; each must see only
+    its own context length."""
+    lens = [33, 1, 16, 17]
+    blocks = [[0, 1, 2], [3], [4], [5, 6]]
+    data = [_qkv(n, torch.float32, seed) for seed, n in enumerate(lens)]
+    attn = TorchPagedAttention(_cache(7, torch.float32), None, SCALE)
+    prefix = [n - 1 for n in lens]
+    warm = [seq for seq, n in zip(range(4), prefix) if n > 0]
+    attn.forward(0, *(torch.cat([data[i][j][:prefix[i]] for i in warm]) for j in range(3)),
+                 build_metadata(gpu=build_paged_batch(0, [blocks[i] for i in warm],
+                                                      [0] * len(warm),
+                                                      [prefix[i] for i in warm],
+                                                      BLOCK_SIZE, "cpu")))
+    q, k, v = (torch.cat([d[j][-1:] for d in data]) for j in range(3))
+    out = attn.forward(0, q, k, v, build_metadata(
+        gpu=build_paged_batch(0, blocks, prefix, [1] * 4, BLOCK_SIZE, "cpu")))
+    expected = torch.cat([_dense(*d)[-1:] for d in data])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_host_tier_parts_match_gpu_tier():
     """Rows in order: a GPU prefill (seq 0), a host-bound prefill (seq 1), then host decode of
     seq 2 whose first 30 tokens are already in the host cache."""

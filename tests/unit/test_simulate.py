@@ -6,11 +6,15 @@ import json
 
 import pytest
 
-from apex_grpc.config import Policy
+from apex_grpc.config import EngineConfig, KVPlacement, Policy
+from apex_grpc.kv_cache.manager import KVCacheManager
 from apex_grpc.request import Request, SamplingParams, StoppingParams, Tier
 from apex_grpc.scheduler.apex_chooser import DEFAULT_MAX_SKIPPED_STEPS
 from apex_grpc.scheduler.perf_model import PerfModel
-from apex_grpc.scheduler.simulate import (Setup, Workload, build_scheduler, main, simulate,
+from apex_grpc.scheduler.scheduler import Scheduler
+from apex_grpc.scheduler.apex_chooser import make_chooser
+from apex_grpc.scheduler.simulate import (Setup, Workload, build_scheduler, main,
+                                          simulate,
                                           summarize)
 from tests.unit.perf_fixtures import make_profile
 
@@ -42,12 +46,21 @@ def test_host_rows_wait_a_bounded_number_of_steps():
     # A slow CPU: the chooser prefers GPU_ONLY and host rows run only when starving.
     setup = Setup(gpu_kv_tokens=128, host_kv_tokens=2048, max_num_seqs=16)
     model = PerfModel(make_profile(cpu_ms_per_ktok=30.0))
-    scheduler = build_scheduler(Policy.APEX, setup, model, max_model_len=256)
+    # Forced host placement: bandwidth-aware admission would (rightly) keep these requests
+    # off a CPU this slow; here they must sit on the host so the starvation bound is exercised.
+    config = EngineConfig(block_size=setup.block_size,
+                          num_gpu_blocks=setup.gpu_kv_tokens // setup.block_size,
+                          num_host_blocks=setup.host_kv_tokens // setup.block_size,
+                          max_num_seqs=setup.max_num_seqs, max_model_len=256,
+                          kv_placement=KVPlacement.ALTERNATE)
+    scheduler = Scheduler(config, KVCacheManager(config.block_size, config.num_gpu_blocks,
+                                                 config.num_host_blocks),
+                          make_chooser(Policy.APEX, model, config, None))
     for i in range(10):
         scheduler.add_request(Request(f"r{i}", [1] * 60, SamplingParams(),
                                       StoppingParams(max_new_tokens=40)))
     saw_host = False
-    for _ in range(300):
+    for _ in range(2000):
         if not scheduler.has_work:
             break
         plan = scheduler.schedule()

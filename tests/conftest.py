@@ -8,12 +8,18 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+# Without CUDA the Triton kernels' tests run in Triton's interpreter; triton reads this when it
+# is first imported (transformers imports it early), so it must be set before any test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Named tiny shapes (all vocab 256, 2 layers): each covers one feature of the Llama family.
 TINY_VARIANTS: dict[str, dict[str, Any]] = {

@@ -1,28 +1,28 @@
-"""Hybrid attention: GPU-tier rows on the GPU backend, host-resident decode rows on the native
-CPU pool, overlapped.
+"""Hybrid attention: GPU-tier rows on the device backend, host-resident decode rows on the
+native CPU pool, overlapped, with no per-layer Python hand-off to the pool.
 
-Per layer (ASYNC_OVERLAP): the host rows' q/k/v go to preallocated staging buffers, a CPU job
-appends the new k/v to the host cache and attends over it while the GPU backend handles the
-other rows; the result comes back just before the O projection. The NEO pipeline drives the same
-submit_host / wait_host pair with a skewed layer schedule (runner/model_runner.py).
+A step begins with begin_step(meta): one flag-gated CPU job per layer is queued at once (each
+appends its layer's new k/v to the host cache and attends over it). Per layer, stage_host()
+copies the host rows' q/k/v into preallocated pinned staging buffers and raises that layer's
+ready flag behind the copy (on CUDA the flag itself is copied on the copy stream after the
+data, so the native workers see the data land with no Python in between); wait_host() waits
+natively (GIL released) on the layer's done flag just before the O projection. end_step()
+collects the jobs and surfaces any worker error. ASYNC_OVERLAP calls these from forward();
+the NEO pipeline (runner/model_runner.py) drives stage/wait with a skewed layer schedule.
+
+Buffers alternate by layer parity: a job for layer l+2 cannot start before stage_host(l+2),
+which comes after layer l's output was consumed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 
 from apex_grpc.attention.base import AttentionBackend, AttentionMetadata, PagedSeqBatch
-from apex_grpc.attention.cpu_kernel import CpuAttentionPool
-from apex_grpc.platform import Event, Stream, pinned_empty
-
-
-@dataclass
-class HostJob:
-    handle: object  # the pool's job handle
-    out: torch.Tensor  # [num_host_rows, num_heads, head_dim] host staging slice
+from apex_grpc.attention.cpu_kernel import CpuAttentionPool, JobHandle, set_flag, wait_flag
+from apex_grpc.platform import Stream, pinned_empty
 
 
 class HybridAttention:
@@ -34,64 +34,107 @@ class HybridAttention:
         self.pool = pool
         self.scale = scale
         self.device = device
+        self.num_layers = host_kv.shape[0]
         dtype = host_kv.dtype
-        # Staging sized once (max_num_seqs rows); nothing is allocated per layer.
-        self._q = pinned_empty((max_host_rows, num_heads, head_dim), dtype, device)
-        self._k = pinned_empty((max_host_rows, num_kv_heads, head_dim), dtype, device)
-        self._v = pinned_empty((max_host_rows, num_kv_heads, head_dim), dtype, device)
-        # Two output buffers, alternated per job: the device may still be reading the previous
-        # job's output (asynchronous upload) while the next job writes its own.
-        self._outs = [pinned_empty((max_host_rows, num_heads, head_dim), dtype, device)
-                      for _ in range(2)]
-        self._num_jobs = 0
-        self._lse = torch.empty((max_host_rows, num_heads), dtype=torch.float32)
+        # Sized once from max_num_seqs; nothing is allocated per layer or per step.
+        self._q = pinned_empty((2, max_host_rows, num_heads, head_dim), dtype, device)
+        self._k = pinned_empty((2, max_host_rows, num_kv_heads, head_dim), dtype, device)
+        self._v = pinned_empty((2, max_host_rows, num_kv_heads, head_dim), dtype, device)
+        self._out = pinned_empty((2, max_host_rows, num_heads, head_dim), dtype, device)
+        self._lse = torch.empty((2, max_host_rows, num_heads), dtype=torch.float32)
+        # Per layer: [0] ready (staged) and [1] done; values are step sequence numbers.
+        self._flags = pinned_empty((2, self.num_layers, 1), torch.int64, device)
+        self._flags.zero_()
         self._copy_stream = Stream(device)
-        self._copied = Event(device)
+        if device.type == "cuda":
+            self._out_device = torch.empty((max_host_rows, num_heads, head_dim), dtype=dtype,
+                                           device=device)
+            self._seq_device = torch.zeros(1, dtype=torch.int64, device=device)
+        self._step_seq = 0
+        self._jobs: list[JobHandle] = []
+        self._num_rows = 0
+
+    @property
+    def max_host_rows(self) -> int:
+        return self._q.shape[1]
+
+    # -- per step -----------------------------------------------------------------------------
+    def begin_step(self, host: PagedSeqBatch | None) -> None:
+        """Queue every layer's CPU job for this step's host decode rows (if any)."""
+        self._jobs = []
+        self._num_rows = 0 if host is None else host.num_tokens
+        if host is None:
+            return
+        if host.num_tokens > self.max_host_rows:
+            raise ValueError(f"{host.num_tokens} host rows exceed the staging capacity "
+                             f"{self.max_host_rows} (max_num_seqs)")
+        self._step_seq += 1
+        seq, n = self._step_seq, host.num_tokens
+        if self.device.type == "cuda":
+            self._seq_device.fill_(seq)  # copied into ready flags behind each layer's data
+        for layer in range(self.num_layers):
+            p = layer % 2
+            self._jobs.append(self.pool.submit_decode(
+                self._q[p, :n], self.host_kv[layer, 0], self.host_kv[layer, 1],
+                host.block_tables, host.seq_lens_tensor, self._out[p, :n], self._lse[p, :n],
+                scale=self.scale, new_k=self._k[p, :n], new_v=self._v[p, :n],
+                slot_mapping=host.slot_mapping, ready_flag=self._flags[0, layer],
+                ready_value=seq, done_flag=self._flags[1, layer], done_value=seq,
+                check_values=layer == 0))  # the metadata is the same for every layer
+
+    def end_step(self) -> None:
+        """Collect this step's jobs. After a failure mid-forward, release the jobs that never
+        got their data so no worker waits forever, then surface any worker error."""
+        jobs, self._jobs = self._jobs, []
+        for layer in range(len(jobs)):
+            if int(self._flags[0, layer]) < self._step_seq:
+                set_flag(self._flags[0, layer], self._step_seq)
+        for job in jobs:
+            self.pool.wait(job)
+
+    # -- per layer ----------------------------------------------------------------------------
+    def stage_host(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> None:
+        """Hand host rows' q/k/v ([n, heads, head_dim] on the device) to the layer's job."""
+        p, n = layer_idx % 2, self._num_rows
+        ready = self._flags[0, layer_idx]
+        if self.device.type == "cuda":
+            self._copy_stream.wait_current()
+            with self._copy_stream.use():
+                self._q[p, :n].copy_(q, non_blocking=True)
+                self._k[p, :n].copy_(k, non_blocking=True)
+                self._v[p, :n].copy_(v, non_blocking=True)
+                ready.copy_(self._seq_device, non_blocking=True)  # lands after the data
+        else:
+            self._q[p, :n].copy_(q)
+            self._k[p, :n].copy_(k)
+            self._v[p, :n].copy_(v)
+            set_flag(ready, self._step_seq)
+
+    def wait_host(self, layer_idx: int) -> torch.Tensor:
+        """The layer's CPU attention output ([n, heads, head_dim]) on the compute device; on the
+        CPU it aliases a staging buffer valid until stage_host(layer_idx + 2)."""
+        wait_flag(self._flags[1, layer_idx], self._step_seq)
+        out = self._out[layer_idx % 2, :self._num_rows]
+        if self.device.type != "cuda":
+            return out
+        dst = self._out_device[:self._num_rows]
+        dst.copy_(out, non_blocking=True)
+        return dst
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
+        """ASYNC_OVERLAP: host rows start on the CPU, GPU rows attend meanwhile, and the two
+        meet before the O projection. begin_step(meta.host_decode) must have run."""
         host = meta.host_decode
         if host is None:
             return self.gpu_backend.forward(layer_idx, q, k, v, meta)
         rows = slice(host.row_start, host.row_end)
-        job = self.submit_host(layer_idx, q[rows], k[rows], v[rows], host)
+        self.stage_host(layer_idx, q[rows], k[rows], v[rows])
         out = torch.empty_like(q)
         if host.row_start > 0:
             gpu_meta = dataclasses.replace(meta, num_tokens=host.row_start, host_decode=None)
             head = slice(0, host.row_start)
             out[head] = self.gpu_backend.forward(layer_idx, q[head], k[head], v[head], gpu_meta)
-        out[rows] = self.wait_host(job)
+        out[rows] = self.wait_host(layer_idx)
         return out
-
-    def submit_host(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    host: PagedSeqBatch) -> HostJob:
-        """Start CPU attention for host rows q/k/v ([n, heads, head_dim], on the device)."""
-        n = q.shape[0]
-        if n > self._q.shape[0]:
-            raise ValueError(f"{n} host rows exceed the staging capacity {self._q.shape[0]}")
-        q_h, k_h, v_h = self._q[:n], self._k[:n], self._v[:n]
-        if self.device.type == "cuda":
-            self._copy_stream.wait_current()
-            with self._copy_stream.use():
-                q_h.copy_(q, non_blocking=True)
-                k_h.copy_(k, non_blocking=True)
-                v_h.copy_(v, non_blocking=True)
-            self._copied.record(self._copy_stream)
-            self._copied.synchronize()
-        else:
-            q_h.copy_(q)
-            k_h.copy_(k)
-            v_h.copy_(v)
-        out = self._outs[self._num_jobs % 2][:n]
-        self._num_jobs += 1
-        handle = self.pool.submit_decode(
-            q_h, self.host_kv[layer_idx, 0], self.host_kv[layer_idx, 1], host.block_tables,
-            host.seq_lens_tensor, out, self._lse[:n], scale=self.scale, new_k=k_h, new_v=v_h,
-            slot_mapping=host.slot_mapping)
-        return HostJob(handle, out)
-
-    def wait_host(self, job: HostJob) -> torch.Tensor:
-        """The job's output on the compute device; on the CPU it aliases a staging buffer that
-        stays valid until the job after next."""
-        self.pool.wait(job.handle)
-        return job.out.to(self.device, non_blocking=True)

@@ -53,10 +53,14 @@ class ModelRunner:
         if plan.is_empty:
             return StepResult({}, {})
         batch = build_input_batch(plan, self.block_size, self.device)
-        if plan.strategy == Strategy.ASYMMETRIC_PIPELINE and batch.meta.host_decode is not None:
-            hidden = self._forward_pipelined(batch.input_ids, batch.positions, batch.meta)
-        else:
-            hidden = self.model(batch.input_ids, batch.positions, self.attention, batch.meta)
+        self.attention.begin_step(batch.meta.host_decode)
+        try:
+            if plan.strategy == Strategy.ASYMMETRIC_PIPELINE and batch.meta.host_decode is not None:
+                hidden = self._forward_pipelined(batch.input_ids, batch.positions, batch.meta)
+            else:
+                hidden = self.model(batch.input_ids, batch.positions, self.attention, batch.meta)
+        finally:
+            self.attention.end_step()
         if not batch.sample_request_ids:
             synchronize(self.device)
             return StepResult({}, {})
@@ -72,26 +76,24 @@ class ModelRunner:
     def _forward_pipelined(self, input_ids: torch.Tensor, positions: torch.Tensor,
                            meta: AttentionMetadata) -> torch.Tensor:
         """Sub-batch A = GPU-attended rows, B = host decode rows (the tail)."""
-        host = meta.host_decode
-        split = host.row_start
+        split = meta.host_decode.row_start
         meta_a = dataclasses.replace(meta, num_tokens=split, host_decode=None)
-        host_b = dataclasses.replace(host, row_start=0)
         layers = self.model.layers
         pos_a, pos_b = positions[:split], positions[split:]
         hidden_a, residual_a = self.model.embed(input_ids[:split]), None
         hidden_b, residual_b = self.model.embed(input_ids[split:]), None
 
         q, k, v, residual_b = layers[0].pre_attention(hidden_b, residual_b, pos_b)
-        job = self.attention.submit_host(0, q, k, v, host_b)
+        self.attention.stage_host(0, q, k, v)
         for i, layer in enumerate(layers):
             if split > 0:  # GPU work for A at layer i overlaps B's CPU attention at layer i
                 q, k, v, residual_a = layer.pre_attention(hidden_a, residual_a, pos_a)
                 attn_a = self.attention.gpu_backend.forward(i, q, k, v, meta_a)
                 hidden_a, residual_a = layer.post_attention(attn_a, residual_a)
-            hidden_b, residual_b = layer.post_attention(self.attention.wait_host(job), residual_b)
+            hidden_b, residual_b = layer.post_attention(self.attention.wait_host(i), residual_b)
             if i + 1 < len(layers):
                 q, k, v, residual_b = layers[i + 1].pre_attention(hidden_b, residual_b, pos_b)
-                job = self.attention.submit_host(i + 1, q, k, v, host_b)
+                self.attention.stage_host(i + 1, q, k, v)
         out_b = self.model.final_norm(hidden_b, residual_b)
         if split == 0:
             return out_b

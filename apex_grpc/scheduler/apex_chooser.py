@@ -2,11 +2,17 @@
 (policy neo), both implementing chooser.StrategyChooser.
 
 Each iteration ApexChooser predicts tokens/s for GPU_ONLY (host rows sit out), ASYNC_OVERLAP
-with the best prefix of the host rows (in the scheduler's order) and, only where NEO's
-inequality can hold, ASYMMETRIC_PIPELINE with its best prefix; it picks the highest whose
-predicted step stays within the step limit (max_step_stretch x GPU_ONLY's step, or a TPOT
-target when one is given). A host row that sat out max_skipped_steps iterations always runs.
-The cost is one pass over the rows plus O(log n) predictions.
+with a prefix of the host rows (longest-waiting first) and, only where NEO's inequality can
+hold, ASYMMETRIC_PIPELINE with its prefix, under a step limit (max_step_stretch x GPU_ONLY's
+step, or a TPOT target when one is given). Without a target it picks the highest tokens/s;
+with one it serves as many host rows as fit (a skipped step adds a whole step to that row's
+TPOT). A host row that sat out max_skipped_steps iterations always runs.
+
+admits_to_host gates the host tier (admission and eviction): a row joins only if the step
+stays within the limit at the host rows' final lengths and the row does not lower predicted
+tokens/s. Where hybrid execution does not pay, nothing reaches the host tier and apex
+schedules exactly as gpu-only does. The cost is one pass over the rows plus O(log n)
+predictions.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
 from apex_grpc.config import EngineConfig, Policy
-from apex_grpc.scheduler.chooser import Choice, SimpleChooser, StrategyChooser
+from apex_grpc.scheduler.chooser import Choice, HostRow, SimpleChooser, StrategyChooser
 from apex_grpc.scheduler.perf_model import PerfModel, StepShape
 from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
 
@@ -42,12 +48,13 @@ def _tokens_per_ms(shape: StepShape, num_host: int, step_ms: float) -> float:
     return (shape.num_gpu_sampled + num_host) / step_ms if step_ms > 0 else 0.0
 
 
-def _split_forced(host_decode_seqs: Sequence[ScheduledSeq], skipped: Mapping[str, int],
-                  max_skipped: int) -> list[ScheduledSeq]:
-    """Host rows ordered forced-first (sat out max_skipped steps), then the scheduler's order."""
-    forced = [s for s in host_decode_seqs if skipped.get(s.request_id, 0) >= max_skipped]
-    optional = [s for s in host_decode_seqs if skipped.get(s.request_id, 0) < max_skipped]
-    return forced + optional
+def _order_for_service(host_decode_seqs: Sequence[ScheduledSeq], skipped: Mapping[str, int],
+                       max_skipped: int) -> list[ScheduledSeq]:
+    """Host rows in the order they get a CPU slot: those that sat out max_skipped steps
+    (forced) first, then the longest-waiting, then the scheduler's order (oldest first)."""
+    def waited(seq: ScheduledSeq) -> int:
+        return min(skipped.get(seq.request_id, 0), max_skipped)
+    return sorted(host_decode_seqs, key=lambda s: -waited(s))
 
 
 class ApexChooser:
@@ -76,29 +83,40 @@ class ApexChooser:
         gpu_only_ms = model.predict_ms(Strategy.GPU_ONLY, base)
         if not host_decode_seqs:
             return Choice(Strategy.GPU_ONLY, (), gpu_only_ms)
-        ordered = _split_forced(host_decode_seqs, num_skipped_steps, self.max_skipped_steps)
+        ordered = _order_for_service(host_decode_seqs, num_skipped_steps, self.max_skipped_steps)
         num_forced = sum(1 for s in host_decode_seqs
                          if num_skipped_steps.get(s.request_id, 0) >= self.max_skipped_steps)
         ctx_prefix = [0]
         for seq in ordered:
             ctx_prefix.append(ctx_prefix[-1] + seq.seq_len)
         limit = self.step_limit_ms(gpu_only_ms)
-        options = []
-        if num_forced == 0 and base.num_gpu_tokens > 0:
-            options.append(_Option(Strategy.GPU_ONLY, 0, gpu_only_ms,
-                                   _tokens_per_ms(base, 0, gpu_only_ms)))
         strategies = [Strategy.ASYNC_OVERLAP]
         if model.pipeline_can_win(_with_host(base, len(ordered), ctx_prefix[-1])):
             strategies.append(Strategy.ASYMMETRIC_PIPELINE)
-        for strategy in strategies:
-            options.append(self._best_prefix(strategy, base, ctx_prefix, num_forced, limit))
-        best = options[0]
-        for option in options[1:]:
-            if option.tokens_per_ms > best.tokens_per_ms:  # ties keep the simpler strategy
-                best = option
+        hybrid = [self._best_prefix(s, base, ctx_prefix, num_forced, limit) for s in strategies]
+        gpu_only = _Option(Strategy.GPU_ONLY, 0, gpu_only_ms, _tokens_per_ms(base, 0, gpu_only_ms))
+        best = self._pick(gpu_only, hybrid, num_forced, base.num_gpu_tokens > 0, limit)
         chosen = {s.request_id for s in ordered[:best.num_host]}
         rows = tuple(s for s in host_decode_seqs if s.request_id in chosen)
         return Choice(best.strategy, rows, best.step_ms)
+
+    def _pick(self, gpu_only: _Option, hybrid: list[_Option], num_forced: int,
+              has_gpu_rows: bool, limit_ms: float) -> _Option:
+        """Without a TPOT target: the highest tokens/s (ties keep the simpler strategy).
+        With one, every skipped step adds a whole step to a host row's TPOT, and admission
+        already decided that these rows pay: serve the most host rows within the limit, and
+        sit them all out only when not even one fits."""
+        if self.target_step_ms is not None:
+            fitting = [o for o in hybrid if o.step_ms <= limit_ms or o.num_host == num_forced]
+            if fitting or num_forced > 0 or not has_gpu_rows:
+                candidates = fitting or hybrid
+                return max(candidates, key=lambda o: (o.num_host, o.tokens_per_ms))
+            return gpu_only
+        best = gpu_only if num_forced == 0 and has_gpu_rows else hybrid[0]
+        for option in hybrid:
+            if option.tokens_per_ms > best.tokens_per_ms:
+                best = option
+        return best
 
     def _best_prefix(self, strategy: Strategy, base: StepShape, ctx_prefix: list[int],
                      num_forced: int, limit_ms: float) -> _Option:
@@ -120,6 +138,8 @@ class ApexChooser:
         longest = self._last_within(option, low.num_host, num_rows, limit_ms)
         window_ms = min(limit_ms, low.step_ms * _WINDOW_TOLERANCE)
         window_edge = self._last_within(option, low.num_host, longest.num_host, window_ms)
+        if self.target_step_ms is not None:
+            return longest  # see _pick: under a TPOT target, serve as many rows as fit
         candidates = [window_edge, longest]
         if window_edge.num_host < longest.num_host:
             # Past the kink the step grows with every row, yet the first row past it can
@@ -147,16 +167,45 @@ class ApexChooser:
                 high = mid - 1
         return best
 
-    def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_decode_ctx: Sequence[int],
-                       new_ctx_len: int) -> bool:
-        """Bandwidth-aware admission: True while one more host-resident request of
-        new_ctx_len context still lets every host row run within the step limit."""
+    def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_rows: Sequence[HostRow],
+                       new_row: HostRow) -> bool:
+        """Bandwidth-aware admission, every host row running: (a) with all host rows at
+        their final length the step stays within the admission limit (TPOT for the rest of
+        their lives), and (b) at their mean remaining length the extra row does not lower
+        predicted tokens/s. (b) keeps apex at least as good as GPU_ONLY: a row that does not
+        pay waits (new request) or is preempted by recompute (evicted decode), as under
+        GPU_ONLY."""
         model = self.perf_model
         base = model.shape_of([], gpu_decode_ctx)
-        limit = self.step_limit_ms(model.predict_ms(Strategy.GPU_ONLY, base))
-        shape = _with_host(base, len(host_decode_ctx) + 1, sum(host_decode_ctx) + new_ctx_len)
-        return min(model.predict_ms(Strategy.ASYNC_OVERLAP, shape),
-                   model.predict_ms(Strategy.ASYMMETRIC_PIPELINE, shape)) <= limit
+        gpu_only_ms = model.predict_ms(Strategy.GPU_ONLY, base)
+        rows = list(host_rows) + [new_row]
+        worst_ms = self._hybrid_ms(base, len(rows), sum(r.final_ctx_len for r in rows))
+        if worst_ms > self.admission_limit_ms(gpu_only_ms):
+            return False
+        before_ms = gpu_only_ms
+        if host_rows:
+            before_ms = self._hybrid_ms(base, len(host_rows),
+                                        sum(r.mean_ctx_len for r in host_rows))
+        after_ms = self._hybrid_ms(base, len(rows), sum(r.mean_ctx_len for r in rows))
+        num_rows = len(gpu_decode_ctx) + len(host_rows)
+        return (num_rows + 1) * before_ms >= num_rows * after_ms
+
+    def admission_limit_ms(self, gpu_only_ms: float) -> float:
+        """The step a decode-only batch may take once host rows join: the TPOT target's step
+        when one is given (never stretched past it), else max_step_stretch x GPU_ONLY."""
+        if self.target_step_ms is not None:
+            return self.target_step_ms
+        return self.config.max_step_stretch * gpu_only_ms
+
+    def _hybrid_ms(self, base: StepShape, num_host: int, host_ctx_tokens: int) -> float:
+        """The faster hybrid step with every host row running (the pipeline only where its
+        inequality can hold)."""
+        shape = _with_host(base, num_host, host_ctx_tokens)
+        step_ms = self.perf_model.predict_ms(Strategy.ASYNC_OVERLAP, shape)
+        if self.perf_model.pipeline_can_win(shape):
+            step_ms = min(step_ms, self.perf_model.predict_ms(Strategy.ASYMMETRIC_PIPELINE,
+                                                              shape))
+        return step_ms
 
 
 class NeoChooser:
@@ -169,8 +218,8 @@ class NeoChooser:
         self.config = config
         self.max_skipped_steps = max_skipped_steps
 
-    def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_decode_ctx: Sequence[int],
-                       new_ctx_len: int) -> bool:
+    def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_rows: Sequence[HostRow],
+                       new_row: HostRow) -> bool:
         return True  # NEO offloads whatever the host tier can hold
 
     def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],

@@ -21,6 +21,16 @@ class Choice:
     predicted_step_ms: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class HostRow:
+    """A host-resident (or candidate) request's context for admission: its mean length over
+    the rest of its life (what its CPU attention costs on average, for throughput) and its
+    final length (the worst step it will cause, for the step limit)."""
+
+    mean_ctx_len: int
+    final_ctx_len: int
+
+
 class StrategyChooser(Protocol):
     def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],
                host_prefill_seqs: tuple[ScheduledSeq, ...],
@@ -31,10 +41,10 @@ class StrategyChooser(Protocol):
         request has sat out, so a chooser can bound how long any request waits."""
         ...
 
-    def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_decode_ctx: Sequence[int],
-                       new_ctx_len: int) -> bool:
-        """Bandwidth-aware admission: may one more host-resident request of new_ctx_len
-        context join (by admission or eviction) given the current decode contexts?"""
+    def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_rows: Sequence[HostRow],
+                       new_row: HostRow) -> bool:
+        """Bandwidth-aware admission: may one more host-resident request join (by admission
+        or eviction) given the GPU rows' contexts and the host rows already resident?"""
         ...
 
 
@@ -54,6 +64,6 @@ class SimpleChooser:
             return Choice(Strategy.ASYMMETRIC_PIPELINE, host_decode_seqs)
         return Choice(Strategy.ASYNC_OVERLAP, host_decode_seqs)
 
-    def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_decode_ctx: Sequence[int],
-                       new_ctx_len: int) -> bool:
+    def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_rows: Sequence[HostRow],
+                       new_row: HostRow) -> bool:
         return True  # no performance model: the host tier's capacity is the only limit

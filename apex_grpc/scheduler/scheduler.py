@@ -12,7 +12,7 @@ from collections import deque
 from apex_grpc.config import EngineConfig, KVPlacement, Policy
 from apex_grpc.kv_cache.manager import KVCacheManager, KVMove
 from apex_grpc.request import Request, RequestStatus, Tier
-from apex_grpc.scheduler.chooser import SimpleChooser, StrategyChooser
+from apex_grpc.scheduler.chooser import HostRow, SimpleChooser, StrategyChooser
 from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan
 
 # Fraction of GPU blocks kept free at admission so running decodes can grow without preempting.
@@ -87,38 +87,49 @@ class Scheduler:
         return self._make_plan(scheduled, moves)
 
     def _rebalance_tiers(self, moves: list[KVMove]) -> None:
-        """Evict newest GPU decodes while the GPU tier cannot hold this step's growth; otherwise
-        bring the oldest host-resident request back (never both in one iteration)."""
+        """Memory bookkeeping: evict to the host while the GPU tier cannot hold this step's
+        growth; otherwise bring one host-resident request back (never both in one iteration)."""
         if not self.hybrid_enabled:
             return
-        placement = self.config.kv_placement
         gpu_decodes = [r for r in self.running
                        if self.kv.tier_of(r.request_id) == Tier.GPU and not r.is_prefilling]
-        if placement == KVPlacement.HOST:
+        if self.config.kv_placement == KVPlacement.HOST:
             # Forced host placement: long prompts prefilled on the GPU move out once decoding.
             for req in gpu_decodes:
                 if self.kv.can_move(req.request_id, Tier.HOST):
                     moves.append(self._move(req, Tier.HOST))
             return
-        gpu_pool = self.kv.pools[Tier.GPU]
+        growth = self._evict_for_growth(gpu_decodes, moves)
+        if not moves and self.config.kv_placement == KVPlacement.AUTO:
+            self._restore_oldest(growth, moves)
+
+    def _evict_for_growth(self, gpu_decodes: list[Request], moves: list[KVMove]) -> int:
+        """Evict the newest GPU decodes to the host while this step's growth does not fit, as
+        long as the CPU can carry them; the rest is preempted by _schedule_running, exactly as
+        GPU_ONLY would. Returns the GPU blocks the remaining decodes still need this step."""
         growth = sum(self.kv.num_new_blocks(r.request_id, r.num_tokens) for r in gpu_decodes)
-        while growth > gpu_pool.num_free and gpu_decodes:
+        while growth > self.kv.pools[Tier.GPU].num_free and gpu_decodes:
             victim = gpu_decodes.pop()  # newest first
             if not self.kv.can_move(victim.request_id, Tier.HOST) or \
-                    not self._host_can_carry(self._final_len(victim)):
-                break  # _schedule_running preempts by recompute instead
+                    not self._host_can_carry(victim):
+                break
             growth -= self.kv.num_new_blocks(victim.request_id, victim.num_tokens)
             moves.append(self._move(victim, Tier.HOST))
-        if moves or placement != KVPlacement.AUTO:
+        return growth
+
+    def _restore_oldest(self, growth: int, moves: list[KVMove]) -> None:
+        """Bring the oldest host-resident request back while the GPU stays under the
+        hysteresis fraction (so a restore is not undone by the next step's eviction)."""
+        host_resident = [r for r in self.running if self.kv.tier_of(r.request_id) == Tier.HOST]
+        if not host_resident:
             return
-        host_decodes = [r for r in self.running if self.kv.tier_of(r.request_id) == Tier.HOST]
-        if host_decodes:
-            oldest = host_decodes[0]
-            num_blocks = len(self.kv.block_table(oldest.request_id)) + 1
-            limit = self.config.restore_below_fraction * gpu_pool.num_total
-            if gpu_pool.num_used + growth + num_blocks <= limit and \
-                    self.kv.can_move(oldest.request_id, Tier.GPU):
-                moves.append(self._move(oldest, Tier.GPU))
+        oldest = host_resident[0]
+        gpu_pool = self.kv.pools[Tier.GPU]
+        num_blocks = len(self.kv.block_table(oldest.request_id)) + 1
+        limit = self.config.restore_below_fraction * gpu_pool.num_total
+        if gpu_pool.num_used + growth + num_blocks <= limit and \
+                self.kv.can_move(oldest.request_id, Tier.GPU):
+            moves.append(self._move(oldest, Tier.GPU))
 
     def _move(self, req: Request, dst: Tier) -> KVMove:
         if dst == Tier.HOST:
@@ -192,7 +203,7 @@ class Scheduler:
             self._fits(req, Tier.HOST, num_new, watermark=False)
         placement = self.config.kv_placement if self.hybrid_enabled else KVPlacement.GPU
         if placement == KVPlacement.AUTO:
-            host_ok = host_ok and self._host_can_carry(self._final_len(req))
+            host_ok = host_ok and self._host_can_carry(req)
         if placement == KVPlacement.ALTERNATE and num_new == req.num_uncomputed_tokens:
             self._num_alternate_admissions += 1
             placement = KVPlacement.HOST if self._num_alternate_admissions % 2 == 0 \
@@ -209,15 +220,23 @@ class Scheduler:
         """The context a request will reach if it runs to max_new_tokens."""
         return min(req.num_prompt_tokens + req.stopping.max_new_tokens, self.config.max_model_len)
 
-    def _host_can_carry(self, new_ctx_len: int) -> bool:
-        """Ask the chooser whether the CPU can take one more host-resident request."""
-        gpu_ctx, host_ctx = [], []
-        for r in self.running:
-            if self.kv.tier_of(r.request_id) == Tier.HOST:
-                host_ctx.append(self._final_len(r))
-            elif not r.is_prefilling:
-                gpu_ctx.append(r.num_tokens)
-        return self.chooser.admits_to_host(gpu_ctx, host_ctx, new_ctx_len)
+    def _host_row(self, req: Request) -> HostRow:
+        final_len = self._final_len(req)
+        return HostRow((req.num_tokens + final_len) // 2, final_len)
+
+    def _host_can_carry(self, req: Request) -> bool:
+        """Ask the chooser whether req (new, or a GPU decode about to be evicted) pays as one
+        more host-resident row. GPU-tier prompts still prefilling count as the decode rows
+        they are about to become."""
+        gpu_ctx, host_rows = [], []
+        for other in self.running:
+            if other is req:
+                continue
+            if self.kv.tier_of(other.request_id) == Tier.HOST:
+                host_rows.append(self._host_row(other))
+            else:
+                gpu_ctx.append(other.num_tokens)
+        return self.chooser.admits_to_host(gpu_ctx, host_rows, self._host_row(req))
 
     def _fits(self, req: Request, tier: Tier, num_new: int, watermark: bool) -> bool:
         pool = self.kv.pools[tier]

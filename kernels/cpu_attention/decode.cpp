@@ -92,10 +92,18 @@ void DecodeJob::plan(int num_threads) {
   const DecodeProblem& p = problem_;
   int64_t total_blocks = 0;
   for (int seq = 0; seq < p.num_seqs; ++seq) total_blocks += ceil_div(p.seq_lens[seq], p.block_size);
-  const int64_t total_units = total_blocks * p.num_kv_heads;
   const int64_t target_tasks = int64_t(std::max(num_threads, 1)) * kTasksPerThread;
   part_blocks_ = std::max(ceil_div(kMinPartTokens, p.block_size),
-                          ceil_div(total_units, target_tasks));
+                          ceil_div(total_blocks, target_tasks));
+  int64_t num_parts_total = 0;
+  for (int seq = 0; seq < p.num_seqs; ++seq)
+    num_parts_total += ceil_div(ceil_div(p.seq_lens[seq], p.block_size), part_blocks_);
+  // A task reads every kv head of its blocks (one block's K, then its V, are contiguous: far
+  // fewer page walks than 4 KiB pieces at random places). Too few tasks for the threads (a
+  // few short sequences): split the kv heads across tasks instead.
+  const int64_t head_groups =
+      std::min<int64_t>(p.num_kv_heads, ceil_div(target_tasks, std::max<int64_t>(num_parts_total, 1)));
+  heads_per_task_ = ceil_div(p.num_kv_heads, std::max<int64_t>(head_groups, 1));
   num_append_tasks_ = p.slot_mapping != nullptr ? ceil_div(p.num_seqs, kSeqsPerAppendTask) : 0;
 
   num_parts_.resize(p.num_seqs);
@@ -113,7 +121,8 @@ void DecodeJob::plan(int num_threads) {
       parts_left_[size_t(seq) * p.num_kv_heads + head].store(parts, std::memory_order_relaxed);
     }
     for (int part = 0; part < parts; ++part)
-      for (int head = 0; head < p.num_kv_heads; ++head) tasks_.push_back({seq, head, part});
+      for (int head = 0; head < p.num_kv_heads; head += heads_per_task_)
+        tasks_.push_back({seq, head, part});
   }
   partial_out_.resize(size_t(num_partials) * p.num_heads * p.head_dim);
   partial_lse_.resize(size_t(num_partials) * p.num_heads);
@@ -147,21 +156,27 @@ void DecodeJob::run_task(int index, WorkerScratch& scratch) {
 
 void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
   const DecodeProblem& p = problem_;
-  const int rows = group_size_;
+  const int group = group_size_;
+  const int num_kv_heads = std::min(heads_per_task_, p.num_kv_heads - task.first_kv_head);
+  const int rows = num_kv_heads * group;  // query rows of this task
   const int dim = p.head_dim;
   const int64_t element = element_size(p.dtype);
-  float* buffer = scratch.floats(size_t(rows) * (2 * dim + p.block_size + 3));
-  float* q_f32 = buffer;                      // [rows, head_dim]
-  float* acc = q_f32 + rows * dim;            // [rows, head_dim]
-  float* scores = acc + rows * dim;           // [rows, block_size]
-  float* running_max = scores + rows * p.block_size;  // [rows]
-  float* running_sum = running_max + rows;    // [rows]
-  float* alpha = running_sum + rows;          // [rows]
+  // One buffer per task, sized up front: the merge area must not move the others.
+  const size_t merge_floats = size_t(num_parts_[task.seq]) + dim;
+  float* buffer = scratch.floats(size_t(rows) * (2 * dim + 3) +
+                                 size_t(group) * p.block_size + merge_floats);
+  float* q_f32 = buffer;                         // [rows, head_dim]
+  float* acc = q_f32 + size_t(rows) * dim;       // [rows, head_dim]
+  float* running_max = acc + size_t(rows) * dim;  // [rows]
+  float* running_sum = running_max + rows;       // [rows]
+  float* alpha = running_sum + rows;             // [rows]
+  float* scores = alpha + rows;                  // [group, block_size], one kv head at a time
+  float* merge_scratch = scores + size_t(group) * p.block_size;
 
-  const int64_t q_row = int64_t(task.seq) * p.num_heads + int64_t(task.kv_head) * rows;
-  const void* q_raw = static_cast<const char*>(p.q) + q_row * dim * element;
+  const int64_t q_row = int64_t(task.seq) * p.num_heads + int64_t(task.first_kv_head) * group;
+  const char* q_raw = static_cast<const char*>(p.q) + q_row * dim * element;
   for (int i = 0; i < rows * dim; ++i) q_f32[i] = load_as_float(q_raw, i, p.dtype);
-  std::fill(acc, acc + rows * dim, 0.0f);
+  std::fill(acc, acc + size_t(rows) * dim, 0.0f);
   std::fill(running_max, running_max + rows, -std::numeric_limits<float>::infinity());
   std::fill(running_sum, running_sum + rows, 0.0f);
 
@@ -169,7 +184,7 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
   const int first_block = task.part * part_blocks_;
   const int end_block = std::min(ceil_div(seq_len, p.block_size), first_block + part_blocks_);
   const int32_t* table = p.block_tables + int64_t(task.seq) * p.max_blocks_per_seq;
-  const int64_t block_bytes = int64_t(p.block_size) * dim * element;
+  const int64_t head_bytes = int64_t(p.block_size) * dim * element;  // one kv head of a block
   auto block_offset = [&](int block) -> int64_t {
     const int32_t block_id = table[block];
     if (block_id < 0 || block_id >= p.num_blocks) {
@@ -178,35 +193,49 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
                                " is outside the KV cache of " + std::to_string(p.num_blocks) +
                                " blocks");
     }
-    return (int64_t(block_id) * p.num_kv_heads + task.kv_head) * block_bytes;
+    return (int64_t(block_id) * p.num_kv_heads + task.first_kv_head) * head_bytes;
   };
   const char* k_base = static_cast<const char*>(p.k_cache);
   const char* v_base = static_cast<const char*>(p.v_cache);
   int64_t offset = block_offset(first_block);
   for (int block = first_block; block < end_block; ++block) {
     const int64_t next_offset = block + 1 < end_block ? block_offset(block + 1) : -1;
-    // Prefetches are spread over the block's two phases so they do not stall on fill buffers.
-    if (next_offset >= 0) prefetch_rows(k_base + next_offset, block_bytes);
     const int num_tokens = std::min(p.block_size, seq_len - block * p.block_size);
-    ops_->scores(q_raw, q_f32, k_base + offset, rows, num_tokens, dim, p.scale, scores);
-    for (int g = 0; g < rows; ++g) {
-      alpha[g] = ops_->softmax_step(scores + g * num_tokens, num_tokens, running_max + g,
-                                    running_sum + g);
+    for (int head = 0; head < num_kv_heads; ++head) {
+      const int64_t head_offset = offset + head * head_bytes;
+      // The hardware prefetcher runs along this block's heads but cannot follow the block
+      // table: fetch the next block's rows for this head while this head computes.
+      if (next_offset >= 0) {
+        prefetch_rows(k_base + next_offset + head * head_bytes, head_bytes);
+        prefetch_rows(v_base + next_offset + head * head_bytes, head_bytes);
+      }
+      const int row = head * group;
+      ops_->scores(q_raw + int64_t(row) * dim * element, q_f32 + int64_t(row) * dim,
+                   k_base + head_offset, group, num_tokens, dim, p.scale, scores);
+      for (int g = 0; g < group; ++g) {
+        alpha[row + g] = ops_->softmax_step(scores + g * num_tokens, num_tokens,
+                                            running_max + row + g, running_sum + row + g);
+      }
+      ops_->accumulate(scores, v_base + head_offset, group, num_tokens, dim, alpha + row,
+                       acc + int64_t(row) * dim);
     }
-    if (next_offset >= 0) prefetch_rows(v_base + next_offset, block_bytes);
-    ops_->accumulate(scores, v_base + offset, rows, num_tokens, dim, alpha, acc);
     offset = next_offset;
   }
-  finish_rows(task, acc, running_max, running_sum, scratch);
+  for (int head = 0; head < num_kv_heads; ++head) {
+    const int row = head * group;
+    finish_rows(task, task.first_kv_head + head, acc + int64_t(row) * dim, running_max + row,
+                running_sum + row, merge_scratch);
+  }
 }
 
-void DecodeJob::finish_rows(const Task& task, const float* acc, const float* running_max,
-                            const float* running_sum, WorkerScratch& scratch) {
+void DecodeJob::finish_rows(const Task& task, int kv_head, const float* acc,
+                            const float* running_max, const float* running_sum,
+                            float* merge_scratch) {
   const DecodeProblem& p = problem_;
   const int dim = p.head_dim;
   const bool split = num_parts_[task.seq] > 1;
   for (int g = 0; g < group_size_; ++g) {
-    const int head = task.kv_head * group_size_ + g;
+    const int head = kv_head * group_size_ + g;
     const float inverse_sum = 1.0f / running_sum[g];
     const float row_lse = running_max[g] + std::log(running_sum[g]);
     const float* acc_row = acc + int64_t(g) * dim;
@@ -224,16 +253,16 @@ void DecodeJob::finish_rows(const Task& task, const float* acc, const float* run
     }
   }
   if (!split) return;
-  std::atomic<int>& left = parts_left_[size_t(task.seq) * p.num_kv_heads + task.kv_head];
-  if (left.fetch_sub(1, std::memory_order_acq_rel) == 1) merge_parts(task.seq, task.kv_head, scratch);
+  std::atomic<int>& left = parts_left_[size_t(task.seq) * p.num_kv_heads + kv_head];
+  if (left.fetch_sub(1, std::memory_order_acq_rel) == 1) merge_parts(task.seq, kv_head, merge_scratch);
 }
 
 // out = sum_p w_p out_p / sum_p w_p with w_p = exp(lse_p - max lse); lse = max + log(sum w).
-void DecodeJob::merge_parts(int seq, int kv_head, WorkerScratch& scratch) {
+void DecodeJob::merge_parts(int seq, int kv_head, float* merge_scratch) {
   const DecodeProblem& p = problem_;
   const int dim = p.head_dim;
   const int parts = num_parts_[seq];
-  float* weights = scratch.floats(size_t(parts) + dim);
+  float* weights = merge_scratch;  // [parts], then merged [head_dim]
   float* merged = weights + parts;
   for (int g = 0; g < group_size_; ++g) {
     const int head = kv_head * group_size_ + g;

@@ -45,22 +45,26 @@ class DecodeJob final : public Job {
   void run_task(int index, WorkerScratch& scratch) override;
 
  private:
+  // Blocks [part * part_blocks_, +part_blocks_) of one sequence, for kv heads
+  // [first_kv_head, first_kv_head + heads_per_task_).
   struct Task {
     int32_t seq;
-    int32_t kv_head;
+    int32_t first_kv_head;
     int32_t part;
   };
   void check_problem() const;
   void plan(int num_threads);
   void run_attention(const Task& task, WorkerScratch& scratch);
-  void finish_rows(const Task& task, const float* acc, const float* running_max,
-                   const float* running_sum, WorkerScratch& scratch);
-  void merge_parts(int seq, int kv_head, WorkerScratch& scratch);
+  void finish_rows(const Task& task, int kv_head, const float* acc, const float* running_max,
+                   const float* running_sum, float* merge_scratch);
+  // merge_scratch holds num_parts + head_dim floats.
+  void merge_parts(int seq, int kv_head, float* merge_scratch);
 
   DecodeProblem problem_;
   const KernelOps* ops_;
   int group_size_;
   int part_blocks_ = 1;
+  int heads_per_task_ = 1;
   int num_append_tasks_ = 0;
   std::atomic<int> appended_tasks_{0};
   std::vector<Task> tasks_;

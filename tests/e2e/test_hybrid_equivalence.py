@@ -16,6 +16,8 @@ from apex_grpc.request import FinishReason, SamplingParams, StoppingParams, Tier
 from apex_grpc.scheduler.plan import Strategy
 
 NUM_STREAMS = 32
+# On CUDA the GPU tier runs the Triton kernels and host rows cross PCIe: the same tokens.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # name -> (EngineConfig overrides, the strategy that must have run)
 MODES = {
@@ -40,14 +42,15 @@ def make_prompts(vocab_size: int, seed: int) -> dict[str, list[int]]:
             for i in range(NUM_STREAMS)}
 
 
-def run_mode(model, model_config, tokenizer, mode: str, prompts, max_new: int):
+def run_mode(model, model_config, tokenizer, mode: str, prompts, max_new: int,
+             device: str = "cpu"):
     overrides, expected_strategy = MODES[mode]
     fields = dict(block_size=4, num_gpu_blocks=1024, num_host_blocks=1024,
                   max_num_seqs=NUM_STREAMS, max_batched_tokens=256, max_model_len=256,
                   cpu_attention_threads=1)
     fields.update(overrides)
     config = EngineConfig(**fields)
-    core = build_core(config, model, model_config, tokenizer, torch.float32, torch.device("cpu"))
+    core = build_core(config, model, model_config, tokenizer, torch.float32, torch.device(device))
     results = run_to_completion(
         core, prompts, SamplingParams(top_logprobs=0),
         StoppingParams(max_new_tokens=max_new, ignore_eos=True))
@@ -76,8 +79,8 @@ def assert_same_generation(reference, other, mode: str, logprob_tol: float) -> N
         assert max(diffs) < logprob_tol, f"{mode}: {rid} logprobs differ by {max(diffs)}"
 
 
-@pytest.fixture(scope="module")
-def tiny_gqa_model(tmp_path_factory):
+@pytest.fixture(scope="module", params=DEVICES)
+def tiny_gqa_model(request, tmp_path_factory):
     import transformers
 
     config = transformers.LlamaConfig(
@@ -90,15 +93,15 @@ def tiny_gqa_model(tmp_path_factory):
             param.normal_(0.0, 0.2)
     path = tmp_path_factory.mktemp("tiny_gqa")
     hf_model.save_pretrained(path, safe_serialization=True)
-    return load_model(str(path), "auto", "cpu", torch.float32)
+    return request.param, load_model(str(path), "auto", request.param, torch.float32)
 
 
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "gpu_only"])
 def test_tiny_gqa_model_same_greedy_tokens_in_every_mode(tiny_gqa_model, mode):
-    model, model_config, tokenizer, _ = tiny_gqa_model
+    device, (model, model_config, tokenizer, _) = tiny_gqa_model
     prompts = make_prompts(model_config.vocab_size, seed=1)
-    reference = run_mode(model, model_config, tokenizer, "gpu_only", prompts, max_new=24)
-    other = run_mode(model, model_config, tokenizer, mode, prompts, max_new=24)
+    reference = run_mode(model, model_config, tokenizer, "gpu_only", prompts, 24, device)
+    other = run_mode(model, model_config, tokenizer, mode, prompts, 24, device)
     assert_same_generation(reference, other, mode, logprob_tol=1e-4)
 
 

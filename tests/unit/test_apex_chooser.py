@@ -9,6 +9,7 @@ import pytest
 from apex_grpc.config import EngineConfig, Policy
 from apex_grpc.request import Tier
 from apex_grpc.scheduler.apex_chooser import DEFAULT_MAX_SKIPPED_STEPS, ApexChooser, NeoChooser
+from apex_grpc.scheduler.chooser import HostRow
 from apex_grpc.scheduler.perf_model import PerfModel, Profile
 from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
 from tests.unit.perf_fixtures import make_profile
@@ -96,7 +97,7 @@ def test_decisions_are_deterministic():
 
 def test_prefix_search_matches_exhaustive_scan():
     model = PerfModel(Profile.load("t4-llama-2-7b"))
-    chooser = ApexChooser(model, CONFIG, target_step_ms=200)
+    chooser = ApexChooser(model, CONFIG.replace(max_step_stretch=3.0))
     choice = _choose(chooser, 2, 30)
     gpu_only = model.predict_step_ms(Strategy.GPU_ONLY, [], [1000] * 2)
     limit = chooser.step_limit_ms(gpu_only)
@@ -108,6 +109,28 @@ def test_prefix_search_matches_exhaustive_scan():
                 best = max(best, (2 + num_host) / step)
     got = (2 + len(choice.host_decode_seqs)) / choice.predicted_step_ms
     assert got == pytest.approx(best, rel=0.01)
+
+
+def test_tpot_target_serves_every_host_row_that_fits_instead_of_skipping_them():
+    # 16 GPU rows, CPU 0.2 ms per row per layer: GPU_ONLY has the best instantaneous tokens/s,
+    # but under a TPOT target a skipped host row loses a whole step of TPOT.
+    model = PerfModel(make_profile(gpu_ms_per_ktok=0.0, cpu_ms_per_ktok=0.2))
+    without_target = _choose(ApexChooser(model, CONFIG), 16, 3)
+    assert without_target.strategy == Strategy.GPU_ONLY
+    chooser = ApexChooser(model, CONFIG, target_step_ms=10.0)
+    choice = _choose(chooser, 16, 30)
+    num_run = len(choice.host_decode_seqs)
+    assert 0 < num_run < 30 and choice.predicted_step_ms <= 10.0
+    assert model.predict_step_ms(choice.strategy, [], [1000] * 16,
+                                 [1000] * (num_run + 1)) > 10.0
+    # Rows that sat out go first next time (then the scheduler's order).
+    skipped = {f"h{i}": 0 if i < num_run else 1 for i in range(30)}
+    rotated = _choose(chooser, 16, 30, skipped=skipped)
+    assert {s.request_id for s in rotated.host_decode_seqs} >= \
+        {f"h{i}" for i in range(num_run, min(30, 2 * num_run))}
+    # Not even one row fits (4.5 ms GPU_ONLY, 5.3 ms with one row): they all sit out.
+    strict = ApexChooser(model, CONFIG.replace(max_step_stretch=1.0), target_step_ms=5.0)
+    assert _choose(strict, 16, 4).host_decode_seqs == ()
 
 
 def test_neo_pipelines_all_rows_or_waits():
@@ -124,8 +147,35 @@ def test_neo_pipelines_all_rows_or_waits():
 def test_bandwidth_aware_admission_stops_at_the_limit():
     chooser = ApexChooser(PerfModel(make_profile(gpu_ms_per_ktok=0.0, cpu_ms_per_ktok=0.2)),
                           CONFIG)
-    assert chooser.admits_to_host([1000] * 2, [], 1000)
-    assert not chooser.admits_to_host([1000] * 2, [1000] * 20, 1000)
+    row = HostRow(1000, 1000)
+    assert chooser.admits_to_host([1000] * 2, [], row)
+    assert not chooser.admits_to_host([1000] * 2, [row] * 20, row)
+
+
+def test_admission_checks_the_target_at_final_lengths():
+    # Per layer: 1 ms linear, 0.2 ms CPU per 1000 tokens. 2 GPU rows + 10 host rows of 1000
+    # tokens: 4 x (1 + 2) + 0.5 = 12.5 ms; at 3000 tokens each, 4 x 7 + 0.5 = 28.5 ms.
+    model = PerfModel(make_profile(gpu_ms_per_ktok=0.0, cpu_ms_per_ktok=0.2))
+    chooser = ApexChooser(model, CONFIG, target_step_ms=20.0)
+    assert chooser.admits_to_host([1000] * 2, [HostRow(1000, 1000)] * 9, HostRow(1000, 1000))
+    assert not chooser.admits_to_host([1000] * 2, [HostRow(1000, 3000)] * 9,
+                                      HostRow(1000, 3000))
+    # A target below what GPU_ONLY already takes admits nothing (never stretched past it).
+    assert not ApexChooser(model, CONFIG, target_step_ms=4.0).admits_to_host(
+        [1000] * 2, [], HostRow(100, 100))
+
+
+def test_admission_refuses_a_row_that_lowers_tokens_per_second():
+    # 32 GPU rows share a 4.5 ms step (0.14 ms a token); a 1000-token host row costs 0.8 ms.
+    model = PerfModel(make_profile(gpu_ms_per_ktok=0.0, cpu_ms_per_ktok=0.2))
+    loose = ApexChooser(model, CONFIG, target_step_ms=1000.0)
+    assert not loose.admits_to_host([1000] * 32, [], HostRow(1000, 1000))
+    # With 2 GPU rows (memory crisis) the same row raises tokens/s.
+    assert loose.admits_to_host([1000] * 2, [], HostRow(1000, 1000))
+    # A row whose CPU attention hides in the GPU's attention window is free: admitted.
+    hidden = ApexChooser(PerfModel(make_profile(gpu_ms_per_ktok=0.2, cpu_ms_per_ktok=0.2)),
+                         CONFIG, target_step_ms=1000.0)
+    assert hidden.admits_to_host([1000] * 32, [], HostRow(1000, 1000))
 
 
 def test_choose_cost_at_256_rows():

@@ -1,0 +1,233 @@
+"""Hybrid execution benchmark: the runtime's hand-off cost and decode throughput of GPU-only
+versus hybrid execution, measured side by side in one process.
+
+Figures (one JSON line at the end):
+- handoff_us_p50: stage a layer's host rows -> native job runs -> done flag seen, through the
+  real HybridAttention path (tiny job), median over many layers.
+- overhead_us_per_layer: (decode step with G GPU rows + 1 host row of tiny context) minus
+  (G GPU rows alone), per layer: the hybrid runtime's fixed cost.
+- tok_s_*: decode tokens/s of G GPU-resident rows alone (GPU_ONLY), and of G GPU-resident + C
+  host-resident rows (context ctx each) under ASYNC_OVERLAP and ASYMMETRIC_PIPELINE; the runner
+  executes fixed decode plans, so the three are measured on identical batches.
+- split_ms_per_layer: linear+GPU attention (from the GPU-only step), the host rows' copies and
+  CPU attention measured alone, and what the overlap left over.
+- workload: a decode-heavy load under a small GPU KV budget, output tokens/s for
+  --policy gpu-only and for apex with forced host placement and with auto placement.
+
+    python -m apex_grpc.bench.hybrid                 # CUDA: Llama-3.1-8B shapes, dummy weights
+    python -m apex_grpc.bench.hybrid --dummy-config PATH --ctx 128   # smaller, e.g. on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from apex_grpc.config import EngineConfig, KVPlacement, Policy
+from apex_grpc.engine.builder import build_core, default_cpu_attention_threads
+from apex_grpc.engine.core import EngineCore
+from apex_grpc.engine.offline import run_to_completion
+from apex_grpc.model.loader import load_model
+from apex_grpc.platform import synchronize
+from apex_grpc.request import SamplingParams, StoppingParams, Tier
+from apex_grpc.runner.input_batch import make_paged_batch
+from apex_grpc.runner.model_runner import SamplingInput
+from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan, Strategy
+
+BLOCK_SIZE = 16
+
+
+def _core(model, cfg, tok, dtype, device, threads: int, **overrides) -> EngineCore:
+    fields = dict(block_size=BLOCK_SIZE, num_gpu_blocks=4096, num_host_blocks=4096,
+                  max_num_seqs=64, max_batched_tokens=4096, max_model_len=8192,
+                  cpu_attention_threads=threads)
+    fields.update(overrides)
+    return build_core(EngineConfig(**fields), model, cfg, tok, dtype, device)
+
+
+def decode_plan(num_gpu: int, num_host: int, ctx: int, strategy: Strategy) -> StepPlan:
+    """One decode step: num_gpu GPU-resident and num_host host-resident rows of ctx context."""
+    blocks = -(-(ctx + 1) // BLOCK_SIZE)
+
+    def seqs(prefix: str, count: int, tier: Tier) -> tuple[ScheduledSeq, ...]:
+        return tuple(ScheduledSeq(f"{prefix}{i}", (7,), ctx,
+                                  tuple(range(i * blocks, (i + 1) * blocks)), tier, True)
+                     for i in range(count))
+
+    return StepPlan(strategy, seqs("g", num_gpu, Tier.GPU), (), seqs("h", num_host, Tier.HOST),
+                    ())
+
+
+def time_plan(core: EngineCore, plan: StepPlan, num_steps: int) -> float:
+    """Median time of executing the plan (forward + sampling); re-running a plan rewrites the
+    same KV slots, so the cache stays the same size."""
+    sampling = {s.request_id: SamplingInput(SamplingParams(), None, None) for s in plan.all_seqs}
+    times = []
+    for _ in range(num_steps + 2):
+        start = time.perf_counter()
+        core.runner.execute(plan, sampling)
+        synchronize(core.device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[2:])
+
+
+def gpu_vs_hybrid(core: EngineCore, num_gpu: int, num_host: int, ctx: int,
+                  num_steps: int) -> dict[str, float]:
+    layers = core.runner.attention.num_layers
+    gpu_ms = time_plan(core, decode_plan(num_gpu, 0, ctx, Strategy.GPU_ONLY), num_steps)
+    overlap_ms = time_plan(core, decode_plan(num_gpu, num_host, ctx, Strategy.ASYNC_OVERLAP),
+                           num_steps)
+    pipeline_ms = time_plan(
+        core, decode_plan(num_gpu, num_host, ctx, Strategy.ASYMMETRIC_PIPELINE), num_steps)
+    tiny_ms = time_plan(core, decode_plan(num_gpu, 1, 1, Strategy.ASYNC_OVERLAP), num_steps)
+    rows = num_gpu + num_host
+    return {
+        "gpu_only_step_ms": gpu_ms, "async_overlap_step_ms": overlap_ms,
+        "asymmetric_pipeline_step_ms": pipeline_ms,
+        f"tok_s_gpu_only_G{num_gpu}": num_gpu / gpu_ms * 1e3,
+        f"tok_s_async_overlap_G{num_gpu}_plus_C{num_host}": rows / overlap_ms * 1e3,
+        f"tok_s_asymmetric_pipeline_G{num_gpu}_plus_C{num_host}": rows / pipeline_ms * 1e3,
+        "async_overlap_over_gpu_only": rows / overlap_ms / (num_gpu / gpu_ms),
+        # The runtime's fixed cost: one host row of tiny context, over the GPU-only step.
+        "overhead_us_per_layer": (tiny_ms - gpu_ms) * 1e3 / layers,
+    }
+
+
+def handoff_us(core: EngineCore, iterations: int) -> float:
+    """Median stage -> done-flag time of a one-row, one-token host job, per layer."""
+    attention = core.runner.attention
+    host = make_paged_batch(decode_plan(0, 1, 0, Strategy.ASYNC_OVERLAP).host_decode_seqs, 0,
+                            BLOCK_SIZE, torch.device("cpu"))
+    q, k = _host_rows(core, 1)
+    samples = []
+    for _ in range(max(1, iterations // attention.num_layers)):
+        attention.begin_step(host)
+        for layer in range(attention.num_layers):
+            start = time.perf_counter()
+            attention.stage_host(layer, q, k, k)
+            attention.wait_host(layer)
+            samples.append((time.perf_counter() - start) * 1e6)
+        attention.end_step()
+    return statistics.median(samples)
+
+
+def _host_rows(core: EngineCore, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    attention = core.runner.attention
+    _, _, num_heads, head_dim = attention._q.shape
+    num_kv_heads = attention._k.shape[2]
+    dtype = attention.host_kv.dtype
+    return (torch.zeros((num_rows, num_heads, head_dim), dtype=dtype, device=core.device),
+            torch.zeros((num_rows, num_kv_heads, head_dim), dtype=dtype, device=core.device))
+
+
+def split_per_layer(core: EngineCore, num_host: int, ctx: int,
+                    figures: dict[str, float]) -> dict[str, float]:
+    """Per-layer split of the ASYNC_OVERLAP step: the host rows' copies down and their CPU
+    attention (with the upload) measured alone, the rest from the step times."""
+    attention = core.runner.attention
+    layers = attention.num_layers
+    host = make_paged_batch(decode_plan(0, num_host, ctx, Strategy.ASYNC_OVERLAP)
+                            .host_decode_seqs, 0, BLOCK_SIZE, torch.device("cpu"))
+    q, k = _host_rows(core, num_host)
+    copies, cpu = [], []
+    for _ in range(3):
+        attention.begin_step(host)
+        for layer in range(layers):
+            start = time.perf_counter()
+            attention.stage_host(layer, q, k, k)
+            synchronize(core.device)
+            staged = time.perf_counter()
+            attention.wait_host(layer)
+            synchronize(core.device)
+            copies.append((staged - start) * 1e3)
+            cpu.append((time.perf_counter() - staged) * 1e3)
+        attention.end_step()
+    gpu_layer = figures["gpu_only_step_ms"] / layers
+    hybrid_layer = figures["async_overlap_step_ms"] / layers
+    copy_ms, cpu_ms = statistics.median(copies), statistics.median(cpu)
+    return {"linear_and_gpu_attention": gpu_layer, "copies_down": copy_ms,
+            "cpu_attention_and_upload": cpu_ms, "hybrid_layer": hybrid_layer,
+            # What the overlap did not hide, beyond the CPU path itself.
+            "wait_beyond_cpu_path": hybrid_layer - gpu_layer - copy_ms - cpu_ms}
+
+
+def workload(model, cfg, tok, dtype, device, threads, gpu_kv_tokens: int, num_requests: int,
+             input_len: int, output_len: int) -> dict[str, float]:
+    """Decode-heavy load under a small GPU KV budget: output tokens/s per configuration."""
+    prompts = {f"w{i}": [7 + (i * 31 + j) % 200 for j in range(input_len)]
+               for i in range(num_requests)}
+    stopping = StoppingParams(max_new_tokens=output_len, ignore_eos=True)
+    figures = {}
+    for label, overrides in (
+            ("gpu_only", dict(policy=Policy.GPU_ONLY, num_host_blocks=0)),
+            ("apex_host", dict(policy=Policy.APEX, kv_placement=KVPlacement.HOST)),
+            ("apex_auto", dict(policy=Policy.APEX))):
+        core = _core(model, cfg, tok, dtype, device, threads,
+                     num_gpu_blocks=max(2, gpu_kv_tokens // BLOCK_SIZE), **overrides)
+        start = time.perf_counter()
+        results = run_to_completion(core, prompts, SamplingParams(), stopping)
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(r.token_ids) for r in results.values())
+        figures[f"workload_tok_s_{label}"] = tokens / elapsed
+    figures["workload_apex_host_over_gpu_only"] = \
+        figures["workload_tok_s_apex_host"] / figures["workload_tok_s_gpu_only"]
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dummy-config", default=None,
+                        help="config name or path (default: llama-3.1-8b on CUDA, "
+                             "smollm2-135m on the CPU)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--gpu-rows", type=int, default=2)
+    parser.add_argument("--host-rows", type=int, default=6)
+    parser.add_argument("--ctx", type=int, default=900)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=default_cpu_attention_threads())
+    parser.add_argument("--workload-requests", type=int, default=16)
+    parser.add_argument("--workload-input", type=int, default=512)
+    parser.add_argument("--workload-output", type=int, default=128)
+    parser.add_argument("--workload-gpu-kv-tokens", type=int, default=2048)
+    parser.add_argument("--skip-workload", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = args.dummy_config or ("llama-3.1-8b" if device.type == "cuda" else "smollm2-135m")
+    model, cfg, tok, _ = load_model(None, "dummy", device, dtype, dummy_config=config)
+    figures: dict[str, object] = {"device": str(device), "config": config,
+                                  "threads": args.threads}
+    blocks = -(-(args.ctx + 1) // BLOCK_SIZE)
+    core = _core(model, cfg, tok, dtype, device, args.threads, policy=Policy.APEX,
+                 num_gpu_blocks=max(args.gpu_rows, 1) * blocks,
+                 num_host_blocks=max(args.host_rows, 1) * blocks)
+    figures["handoff_us_p50"] = handoff_us(core, 2000)
+    print(f"hand-off (stage -> done flag) p50: {figures['handoff_us_p50']:.1f} us")
+    figures.update(gpu_vs_hybrid(core, args.gpu_rows, args.host_rows, args.ctx, args.steps))
+    print(f"G={args.gpu_rows}: {figures['gpu_only_step_ms']:.2f} ms/step; "
+          f"G+C={args.gpu_rows}+{args.host_rows} (ctx {args.ctx}): overlap "
+          f"{figures['async_overlap_step_ms']:.2f} ms/step (tokens/s x"
+          f"{figures['async_overlap_over_gpu_only']:.2f}), pipeline "
+          f"{figures['asymmetric_pipeline_step_ms']:.2f} ms/step; runtime overhead "
+          f"{figures['overhead_us_per_layer']:.1f} us/layer")
+    figures["split_ms_per_layer"] = split_per_layer(core, args.host_rows, args.ctx, figures)
+    print("per-layer split (ms):", json.dumps(figures["split_ms_per_layer"]))
+    if not args.skip_workload:
+        figures.update(workload(model, cfg, tok, dtype, device, args.threads,
+                                args.workload_gpu_kv_tokens, args.workload_requests,
+                                args.workload_input, args.workload_output))
+        print(f"workload (GPU KV {args.workload_gpu_kv_tokens} tokens): apex-host / gpu-only "
+              f"x{figures['workload_apex_host_over_gpu_only']:.2f}")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,6 +17,7 @@ predictions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
@@ -188,7 +189,16 @@ class ApexChooser:
                                         sum(r.mean_ctx_len for r in host_rows))
         after_ms = self._hybrid_ms(base, len(rows), sum(r.mean_ctx_len for r in rows))
         num_rows = len(gpu_decode_ctx) + len(host_rows)
-        return (num_rows + 1) * before_ms >= num_rows * after_ms
+        # The row pays when its extra step time is at most what one token costs now, plus,
+        # for an evicted decode, the recompute that preemption would cost, spread over the
+        # tokens it has left.
+        allowance_ms = before_ms / num_rows if num_rows else math.inf
+        if new_row.num_recompute_tokens:
+            num_left = max(1, 2 * (new_row.final_ctx_len - new_row.mean_ctx_len))
+            recompute_ms = model.predict_step_ms(
+                Strategy.GPU_ONLY, [new_row.num_recompute_tokens], gpu_decode_ctx) - gpu_only_ms
+            allowance_ms += recompute_ms / num_left
+        return after_ms - before_ms <= allowance_ms
 
     def admission_limit_ms(self, gpu_only_ms: float) -> float:
         """The step a decode-only batch may take once host rows join: the TPOT target's step

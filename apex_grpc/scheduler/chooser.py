@@ -25,10 +25,14 @@ class Choice:
 class HostRow:
     """A host-resident (or candidate) request's context for admission: its mean length over
     the rest of its life (what its CPU attention costs on average, for throughput) and its
-    final length (the worst step it will cause, for the step limit)."""
+    final length (the worst step it will cause, for the step limit). The rest of its life is
+    2 x (final - mean) steps."""
 
     mean_ctx_len: int
     final_ctx_len: int
+    # Tokens that preemption by recompute would prefill again (a GPU decode about to be
+    # evicted); 0 for a new request.
+    num_recompute_tokens: int = 0
 
 
 class StrategyChooser(Protocol):

@@ -203,26 +203,26 @@ class Scheduler:
             self._fits(req, Tier.HOST, num_new, watermark=False)
         placement = self.config.kv_placement if self.hybrid_enabled else KVPlacement.GPU
         if placement == KVPlacement.AUTO:
-            host_ok = host_ok and self._host_can_carry(req)
+            if fits_gpu and not sent_to_host:
+                return Tier.GPU
+            # Bandwidth-aware: the host tier only while the CPU can carry one more row.
+            return Tier.HOST if host_ok and self._host_can_carry(req) else None
         if placement == KVPlacement.ALTERNATE and num_new == req.num_uncomputed_tokens:
             self._num_alternate_admissions += 1
             placement = KVPlacement.HOST if self._num_alternate_admissions % 2 == 0 \
                 else KVPlacement.GPU
         if placement == KVPlacement.HOST and host_ok:
             return Tier.HOST
-        if placement in (KVPlacement.GPU, KVPlacement.HOST, KVPlacement.ALTERNATE):
-            return Tier.GPU if fits_gpu else None
-        if fits_gpu and not sent_to_host:
-            return Tier.GPU
-        return Tier.HOST if host_ok else None
+        return Tier.GPU if fits_gpu else None
 
     def _final_len(self, req: Request) -> int:
         """The context a request will reach if it runs to max_new_tokens."""
         return min(req.num_prompt_tokens + req.stopping.max_new_tokens, self.config.max_model_len)
 
-    def _host_row(self, req: Request) -> HostRow:
+    def _host_row(self, req: Request, evicted: bool = False) -> HostRow:
         final_len = self._final_len(req)
-        return HostRow((req.num_tokens + final_len) // 2, final_len)
+        return HostRow((req.num_tokens + final_len) // 2, final_len,
+                       req.num_computed_tokens if evicted else 0)
 
     def _host_can_carry(self, req: Request) -> bool:
         """Ask the chooser whether req (new, or a GPU decode about to be evicted) pays as one
@@ -236,7 +236,8 @@ class Scheduler:
                 host_rows.append(self._host_row(other))
             else:
                 gpu_ctx.append(other.num_tokens)
-        return self.chooser.admits_to_host(gpu_ctx, host_rows, self._host_row(req))
+        evicted = self.kv.tier_of(req.request_id) == Tier.GPU
+        return self.chooser.admits_to_host(gpu_ctx, host_rows, self._host_row(req, evicted))
 
     def _fits(self, req: Request, tier: Tier, num_new: int, watermark: bool) -> bool:
         pool = self.kv.pools[tier]

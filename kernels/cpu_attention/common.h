@@ -92,14 +92,30 @@ inline void store_from_float(void* base, int64_t index, DType dtype, float value
 
 // The three inner loops of one KV block, specialised per ISA and element type. Rows of q, p
 // and acc belong to the query heads of one GQA group; k and v point at one block of one kv head.
+// q rows [num_rows, head_dim] in the KV element type -> float32 (most kernels' q layout).
+template <DType kType>
+void rows_to_float(const void* q, int num_rows, int head_dim, float* prepared) {
+  for (int64_t i = 0; i < int64_t(num_rows) * head_dim; ++i) prepared[i] = load_as_float(q, i, kType);
+}
+
+// Floats a prepared q of num_rows rows may take (room for padded, interleaved layouts).
+inline int64_t prepared_q_floats(int num_rows, int head_dim) {
+  return int64_t(num_rows) * (head_dim + 32);
+}
+
 struct KernelOps {
-  // scores[g * num_tokens + t] = scale * dot(q[g], k[t]).  q_raw is in the KV element type,
-  // q_f32 is the same rows converted to float32; each implementation reads the one it wants.
-  void (*scores)(const void* q_raw, const float* q_f32, const void* k, int num_rows,
-                 int num_tokens, int head_dim, float scale, float* scores);
-  // One online-softmax step on a row of scores: x[t] <- exp(x[t] - new_max), *running_max and
-  // *running_sum updated; returns the factor exp(old_max - new_max) that rescales the old sum.
-  float (*softmax_step)(float* x, int num_tokens, float* running_max, float* running_sum);
+  // Writes one GQA group's q rows [num_rows, head_dim] (KV element type) in the layout that
+  // `scores` reads, once per task: at most prepared_q_floats(num_rows, head_dim) floats.
+  void (*prepare_q)(const void* q, int num_rows, int head_dim, float* prepared);
+  // scores[g * num_tokens + t] = scale * dot(q[g], k[t]) for a prepared q.
+  void (*scores)(const float* prepared_q, const void* k, int num_rows, int num_tokens,
+                 int head_dim, float scale, float* scores);
+  // One online-softmax step on each row g of scores [num_rows, num_tokens]: x <- exp(x - new_max),
+  // running_max[g] and running_sum[g] updated, alpha[g] = exp(old_max - new_max), the factor
+  // that rescales what was accumulated before. One call for the whole GQA group, so the rows'
+  // reduction latencies overlap.
+  void (*softmax)(float* scores, int num_rows, int num_tokens, float* running_max,
+                  float* running_sum, float* alpha);
   // acc[g][:] = acc[g][:] * alpha[g] + sum_t p[g * num_tokens + t] * v[t][:].
   void (*accumulate)(const float* p, const void* v, int num_rows, int num_tokens, int head_dim,
                      const float* alpha, float* acc);

@@ -43,10 +43,10 @@ void write_slot(void* k_cache, void* v_cache, const void* k, const void* v, int6
   }
 }
 
-// The hardware prefetcher does not follow a block table: fetch the next block's rows early.
+// Pulls rows into L2 ahead of use (into L1 they would evict the rows being computed on).
 inline void prefetch_rows(const void* data, int64_t bytes) {
   const char* bytes_ptr = static_cast<const char*>(data);
-  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(bytes_ptr + offset);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(bytes_ptr + offset, 0, 1);
 }
 
 }  // namespace
@@ -163,10 +163,12 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
   const int64_t element = element_size(p.dtype);
   // One buffer per task, sized up front: the merge area must not move the others.
   const size_t merge_floats = size_t(num_parts_[task.seq]) + dim;
-  float* buffer = scratch.floats(size_t(rows) * (2 * dim + 3) +
-                                 size_t(group) * p.block_size + merge_floats);
-  float* q_f32 = buffer;                         // [rows, head_dim]
-  float* acc = q_f32 + size_t(rows) * dim;       // [rows, head_dim]
+  const int64_t prepared_floats = prepared_q_floats(group, dim);  // per kv head
+  float* buffer = scratch.floats(size_t(num_kv_heads * prepared_floats) +
+                                 size_t(rows) * (dim + 3) + size_t(group) * p.block_size +
+                                 merge_floats);
+  float* prepared_q = buffer;                     // [num_kv_heads, prepared_floats]
+  float* acc = prepared_q + num_kv_heads * prepared_floats;  // [rows, head_dim]
   float* running_max = acc + size_t(rows) * dim;  // [rows]
   float* running_sum = running_max + rows;       // [rows]
   float* alpha = running_sum + rows;             // [rows]
@@ -175,7 +177,10 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
 
   const int64_t q_row = int64_t(task.seq) * p.num_heads + int64_t(task.first_kv_head) * group;
   const char* q_raw = static_cast<const char*>(p.q) + q_row * dim * element;
-  for (int i = 0; i < rows * dim; ++i) q_f32[i] = load_as_float(q_raw, i, p.dtype);
+  for (int head = 0; head < num_kv_heads; ++head) {
+    ops_->prepare_q(q_raw + int64_t(head) * group * dim * element, group, dim,
+                    prepared_q + head * prepared_floats);
+  }
   std::fill(acc, acc + size_t(rows) * dim, 0.0f);
   std::fill(running_max, running_max + rows, -std::numeric_limits<float>::infinity());
   std::fill(running_sum, running_sum + rows, 0.0f);
@@ -203,19 +208,18 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
     const int num_tokens = std::min(p.block_size, seq_len - block * p.block_size);
     for (int head = 0; head < num_kv_heads; ++head) {
       const int64_t head_offset = offset + head * head_bytes;
-      // The hardware prefetcher runs along this block's heads but cannot follow the block
-      // table: fetch the next block's rows for this head while this head computes.
-      if (next_offset >= 0) {
-        prefetch_rows(k_base + next_offset + head * head_bytes, head_bytes);
-        prefetch_rows(v_base + next_offset + head * head_bytes, head_bytes);
+      // Each kv head of a block is its own 4 KiB page (head_dim 128, bf16), where the hardware
+      // prefetcher starts cold, and the next block is wherever the block table says: fetch
+      // the next head's K and V rows in walk order while this one computes.
+      const int64_t prefetch_offset = head + 1 < num_kv_heads ? head_offset + head_bytes : next_offset;
+      if (prefetch_offset >= 0) {
+        prefetch_rows(k_base + prefetch_offset, head_bytes);
       }
       const int row = head * group;
-      ops_->scores(q_raw + int64_t(row) * dim * element, q_f32 + int64_t(row) * dim,
-                   k_base + head_offset, group, num_tokens, dim, p.scale, scores);
-      for (int g = 0; g < group; ++g) {
-        alpha[row + g] = ops_->softmax_step(scores + g * num_tokens, num_tokens,
-                                            running_max + row + g, running_sum + row + g);
-      }
+      ops_->scores(prepared_q + head * prepared_floats, k_base + head_offset, group, num_tokens,
+                   dim, p.scale, scores);
+      if (prefetch_offset >= 0) prefetch_rows(v_base + prefetch_offset, head_bytes);
+      ops_->softmax(scores, group, num_tokens, running_max + row, running_sum + row, alpha + row);
       ops_->accumulate(scores, v_base + head_offset, group, num_tokens, dim, alpha + row,
                        acc + int64_t(row) * dim);
     }

@@ -324,7 +324,7 @@ APEX_TARGET_BF16 void bf16_dot_accumulate(const float* p, const void* v, int num
 
 template <DType kType>
 const KernelOps* avx512_table() {
-  static const KernelOps ops{tile_scores<kType, false>, simd_softmax_step<Avx512Vec>,
+  static const KernelOps ops{tile_scores<kType, false>, simd_softmax<Avx512Vec>,
                              simd_accumulate<Avx512Vec, kType>, "avx512"};
   return &ops;
 }
@@ -333,7 +333,7 @@ const KernelOps* avx512_table() {
 
 const KernelOps* avx512_kernel_ops(DType dtype, bool use_bf16_dot) {
   if (dtype == DType::kBFloat16 && use_bf16_dot) {
-    static const KernelOps ops{tile_scores<DType::kBFloat16, true>, simd_softmax_step<Avx512Vec>,
+    static const KernelOps ops{tile_scores<DType::kBFloat16, true>, simd_softmax<Avx512Vec>,
                                bf16_dot_accumulate, "avx512bf16"};
     return &ops;
   }

@@ -9,8 +9,8 @@ namespace apex {
 namespace {
 
 template <DType kType>
-void scalar_scores(const void* /*q_raw*/, const float* q_f32, const void* k, int num_rows,
-                   int num_tokens, int head_dim, float scale, float* scores) {
+void scalar_scores(const float* q_f32, const void* k, int num_rows, int num_tokens,
+                   int head_dim, float scale, float* scores) {
   for (int t = 0; t < num_tokens; ++t) {
     const int64_t row = int64_t(t) * head_dim;
     for (int g = 0; g < num_rows; ++g) {
@@ -22,7 +22,7 @@ void scalar_scores(const void* /*q_raw*/, const float* q_f32, const void* k, int
   }
 }
 
-float scalar_softmax_step(float* x, int num_tokens, float* running_max, float* running_sum) {
+float softmax_row(float* x, int num_tokens, float* running_max, float* running_sum) {
   float block_max = -std::numeric_limits<float>::infinity();
   for (int t = 0; t < num_tokens; ++t) block_max = std::fmax(block_max, x[t]);
   const float new_max = std::fmax(*running_max, block_max);
@@ -36,6 +36,12 @@ float scalar_softmax_step(float* x, int num_tokens, float* running_max, float* r
   *running_sum = *running_sum * alpha + block_sum;
   *running_max = new_max;
   return alpha;
+}
+
+void scalar_softmax(float* scores, int num_rows, int num_tokens, float* running_max,
+                    float* running_sum, float* alpha) {
+  for (int g = 0; g < num_rows; ++g)
+    alpha[g] = softmax_row(scores + g * num_tokens, num_tokens, running_max + g, running_sum + g);
 }
 
 template <DType kType>
@@ -54,7 +60,7 @@ void scalar_accumulate(const float* p, const void* v, int num_rows, int num_toke
 
 template <DType kType>
 const KernelOps* scalar_table(const char* name) {
-  static const KernelOps ops{scalar_scores<kType>, scalar_softmax_step,
+  static const KernelOps ops{rows_to_float<kType>, scalar_scores<kType>, scalar_softmax,
                              scalar_accumulate<kType>, name};
   return &ops;
 }

@@ -178,6 +178,18 @@ def test_admission_refuses_a_row_that_lowers_tokens_per_second():
     assert hidden.admits_to_host([1000] * 32, [], HostRow(1000, 1000))
 
 
+def test_eviction_counts_the_recompute_that_preemption_would_cost():
+    # 8 GPU rows share a 4.5 ms step; one 1000-token host row adds 0.8 ms: too much for a
+    # new request, but an evicted decode with 2 tokens left would otherwise re-prefill 999.
+    model = PerfModel(make_profile(gpu_ms_per_ktok=0.0, cpu_ms_per_ktok=0.2))
+    chooser = ApexChooser(model, CONFIG, target_step_ms=1000.0)
+    assert not chooser.admits_to_host([1000] * 8, [], HostRow(1000, 1001))
+    recompute_ms = model.predict_step_ms(Strategy.GPU_ONLY, [999], [1000] * 8) - \
+        model.predict_step_ms(Strategy.GPU_ONLY, [], [1000] * 8)
+    assert recompute_ms > 0
+    assert chooser.admits_to_host([1000] * 8, [], HostRow(1000, 1001, 999))
+
+
 def test_choose_cost_at_256_rows():
     chooser = ApexChooser(PerfModel(Profile.load("h200-llama-3.1-8b")), CONFIG)
     gpu = _decodes("g", 32, 900, Tier.GPU)

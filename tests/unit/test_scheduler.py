@@ -10,6 +10,7 @@ from apex_grpc.config import EngineConfig, KVPlacement, Policy
 from apex_grpc.kv_cache.block_pool import BlockPool, BlockPoolError
 from apex_grpc.kv_cache.manager import KVCacheManager
 from apex_grpc.request import Request, RequestStatus, SamplingParams, StoppingParams, Tier
+from apex_grpc.scheduler.chooser import HostRow, SimpleChooser
 from apex_grpc.scheduler.plan import Strategy
 from apex_grpc.scheduler.scheduler import Scheduler
 
@@ -175,3 +176,71 @@ def test_random_workload_keeps_pools_consistent_and_drains_completely():
         assert gpu.num_used <= gpu.num_total and host.num_used <= host.num_total
     assert not sched.has_work
     assert sched.kv.used_blocks(Tier.GPU) == 0 and sched.kv.used_blocks(Tier.HOST) == 0
+
+
+class _RecordingChooser(SimpleChooser):
+    """Overlaps every host row; answers admits_to_host with a fixed verdict and records the
+    arguments it was asked with."""
+
+    def __init__(self, verdict: bool) -> None:
+        super().__init__(Policy.APEX)
+        self.verdict = verdict
+        self.calls: list[tuple[list[int], list[HostRow], HostRow]] = []
+
+    def admits_to_host(self, gpu_decode_ctx, host_rows, new_row) -> bool:
+        self.calls.append((list(gpu_decode_ctx), list(host_rows), new_row))
+        return self.verdict
+
+
+def _apex_with(chooser, **overrides) -> Scheduler:
+    fields = dict(block_size=4, num_gpu_blocks=6, num_host_blocks=32, max_num_seqs=8,
+                  max_batched_tokens=32, max_model_len=128, policy=Policy.APEX)
+    fields.update(overrides)
+    config = EngineConfig(**fields)
+    return Scheduler(config, KVCacheManager(config.block_size, config.num_gpu_blocks,
+                                            config.num_host_blocks), chooser)
+
+
+def test_admission_asks_with_prefilling_gpu_rows_and_final_lengths():
+    chooser = _RecordingChooser(verdict=True)
+    sched = _apex_with(chooser, num_gpu_blocks=3)
+    for i in range(3):
+        sched.add_request(make_request(f"r{i}", 8, max_new=8))
+    plan = run_step(sched)
+    assert [s.tier for s in plan.all_seqs] == [Tier.GPU, Tier.HOST, Tier.HOST]
+    # r1: r0 (prefilling this very step on the GPU) counts as an 8-token GPU row.
+    gpu_ctx, host_rows, new_row = chooser.calls[0]
+    assert gpu_ctx == [8] and host_rows == [] and new_row == HostRow(12, 16)
+    # r2 sees r1 on the host at its mean remaining and final length.
+    assert chooser.calls[1] == ([8], [HostRow(12, 16)], HostRow(12, 16))
+
+
+def test_eviction_leaves_the_victim_out_of_the_gpu_rows():
+    chooser = _RecordingChooser(verdict=True)
+    sched = _apex_with(chooser)
+    for i in range(3):
+        sched.add_request(make_request(f"r{i}", 7, max_new=6))
+    run_step(sched)
+    run_step(sched)
+    chooser.calls.clear()
+    plan = run_step(sched)
+    assert [m.request_id for m in plan.moves] == ["r2"]
+    gpu_ctx, host_rows, new_row = chooser.calls[0]
+    # r2 has 8 tokens in its KV that preemption would recompute.
+    assert gpu_ctx == [9, 9] and host_rows == [] and new_row == HostRow(11, 13, 8)
+
+
+def test_apex_schedules_exactly_like_gpu_only_when_the_host_tier_does_not_pay():
+    rng = random.Random(1)
+    specs = [(rng.randint(3, 20), rng.randint(2, 12)) for _ in range(30)]
+    runs = []
+    for sched in (make_scheduler(num_gpu_blocks=12),
+                  _apex_with(_RecordingChooser(verdict=False), num_gpu_blocks=12)):
+        for i, (prompt_len, max_new) in enumerate(specs):
+            sched.add_request(make_request(f"r{i}", prompt_len, max_new=max_new))
+        plans = []
+        while sched.has_work:
+            plan = run_step(sched)
+            plans.append([(s.request_id, s.num_new_tokens, s.tier) for s in plan.all_seqs])
+        runs.append((plans, sched.num_preemptions, sched.num_evictions))
+    assert runs[0] == runs[1] and runs[0][1] > 0 and runs[1][2] == 0

@@ -11,6 +11,7 @@ from apex_grpc.kv_cache.manager import KVCacheManager
 from apex_grpc.request import Request, SamplingParams, StoppingParams, Tier
 from apex_grpc.scheduler.apex_chooser import DEFAULT_MAX_SKIPPED_STEPS
 from apex_grpc.scheduler.perf_model import PerfModel
+from apex_grpc.scheduler.plan import Strategy
 from apex_grpc.scheduler.scheduler import Scheduler
 from apex_grpc.scheduler.apex_chooser import make_chooser
 from apex_grpc.scheduler.simulate import (Setup, Workload, build_scheduler, main,
@@ -89,3 +90,18 @@ def test_json_output_shape(tmp_path, capsys):
                     "p50_ttft_ms"):
             assert metrics[key] >= 0
     assert report["policies"]["apex"]["choose_us_256_rows"] > 0
+
+
+def test_apex_is_gpu_only_where_the_cpu_cannot_pay_and_gains_where_it_can():
+    setup = Setup(gpu_kv_tokens=256, host_kv_tokens=2048, max_num_seqs=16, tpot_slo_ms=100.0)
+    slow = make_profile(cpu_ms_per_ktok=30.0)
+    gpu_only = summarize(simulate(Policy.GPU_ONLY, setup, slow, SMALL), 100.0)
+    apex = simulate(Policy.APEX, setup, slow, SMALL, check_integrity=True)
+    assert apex.counters["evictions"] == 0 and apex.steps[Strategy.ASYNC_OVERLAP] == 0
+    assert summarize(apex, 100.0)["goodput"] == gpu_only["goodput"]
+    fast = make_profile(cpu_ms_per_ktok=0.5)
+    crisis = {p: summarize(simulate(p, setup, fast, SMALL), 100.0) for p in Policy}
+    best = max(crisis[Policy.GPU_ONLY]["goodput"], crisis[Policy.NEO]["goodput"])
+    assert crisis[Policy.APEX]["goodput"] >= best
+    assert crisis[Policy.APEX]["output_throughput"] > \
+        1.2 * crisis[Policy.GPU_ONLY]["output_throughput"]

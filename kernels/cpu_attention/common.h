@@ -130,6 +130,8 @@ const KernelOps* scalar_kernel_ops(DType dtype);
 #if defined(__x86_64__)
 const KernelOps* avx2_kernel_ops(DType dtype);
 const KernelOps* avx512_kernel_ops(DType dtype, bool use_bf16_dot);
+// bfloat16 KV with AVX512-BF16 dot products (its softmax is the plain AVX-512 one).
+const KernelOps* avx512_bf16_kernel_ops();
 #endif
 
 }  // namespace apex

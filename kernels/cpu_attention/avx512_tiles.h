@@ -11,25 +11,63 @@
 
 constexpr int kTileTokens = 16;
 
-// sums[t] = acc[t][0] + ... + acc[t][15], returned as lane t.
-APEX_TARGET inline __m512 reduce_tile(__m512 (&acc)[kTileTokens]) {
+// Level 1 and 2 of the tree: quads[i], per 128-bit lane, holds that lane's partial sums of
+// tokens 4i..4i+3 (in token order).
+APEX_TARGET inline void reduce_to_quads(__m512 (&acc)[kTileTokens], __m512 (&quads)[4]) {
   __m512 pairs[8];  // per 128-bit lane: halves of tokens 2i and 2i+1, interleaved
   for (int i = 0; i < 8; ++i)
     pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]),
                              _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
-  __m512 quads[4];  // per 128-bit lane: that lane's partial sums of tokens 4i..4i+3
   for (int i = 0; i < 4; ++i) {
     const __m512d low = _mm512_castps_pd(pairs[2 * i]);
     const __m512d high = _mm512_castps_pd(pairs[2 * i + 1]);
     quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(low, high)),
                              _mm512_castpd_ps(_mm512_unpackhi_pd(low, high)));
   }
-  __m512 halves[2];  // 128-bit lane pairs summed: lanes of quads 2i and 2i+1
+}
+
+// Level 3: halves[i] = 128-bit lanes (0+1, 2+3) of quads 2i and 2i+1, i.e.
+// [lanes 0-7 sums of tokens 8i..8i+3, lanes 8-15 sums of those, same for tokens 8i+4..8i+7].
+APEX_TARGET inline void reduce_to_halves(__m512 (&quads)[4], __m512 (&halves)[2]) {
   for (int i = 0; i < 2; ++i)
     halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0x88),
                               _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], 0xdd));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
-                       _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd));
+}
+
+// kPack rows share each accumulator: row r owns lanes [r * 16 / kPack, (r + 1) * 16 / kPack).
+// out[r] lane t = the sum of row r's lanes of acc[t].
+template <int kPack>
+APEX_TARGET inline void reduce_packed_tile(__m512 (&acc)[kTileTokens], __m512 (&out)[kPack]) {
+  __m512 quads[4];
+  reduce_to_quads(acc, quads);
+  if constexpr (kPack == 4) {
+    // 4x4 transpose of 128-bit lanes: row r's lane of every quad, in token order.
+    const __m512 low01 = _mm512_shuffle_f32x4(quads[0], quads[1], 0x44);
+    const __m512 low23 = _mm512_shuffle_f32x4(quads[2], quads[3], 0x44);
+    const __m512 high01 = _mm512_shuffle_f32x4(quads[0], quads[1], 0xee);
+    const __m512 high23 = _mm512_shuffle_f32x4(quads[2], quads[3], 0xee);
+    out[0] = _mm512_shuffle_f32x4(low01, low23, 0x88);
+    out[1] = _mm512_shuffle_f32x4(low01, low23, 0xdd);
+    out[2] = _mm512_shuffle_f32x4(high01, high23, 0x88);
+    out[3] = _mm512_shuffle_f32x4(high01, high23, 0xdd);
+  } else {
+    __m512 halves[2];
+    reduce_to_halves(quads, halves);
+    if constexpr (kPack == 2) {
+      out[0] = _mm512_shuffle_f32x4(halves[0], halves[1], 0x88);
+      out[1] = _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd);
+    } else {
+      out[0] = _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
+                             _mm512_shuffle_f32x4(halves[0], halves[1], 0xdd));
+    }
+  }
+}
+
+// sums[t] = acc[t][0] + ... + acc[t][15], returned as lane t.
+APEX_TARGET inline __m512 reduce_tile(__m512 (&acc)[kTileTokens]) {
+  __m512 out[1];
+  reduce_packed_tile<1>(acc, out);
+  return out[0];
 }
 
 APEX_TARGET inline __mmask16 lanes(int count) {

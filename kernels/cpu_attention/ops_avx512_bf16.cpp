@@ -150,3 +150,139 @@ APEX_TARGET void bf16_scores(const float* prepared_q, const void* k, int num_row
   }
 }
 
+// ---- p . v ------------------------------------------------------------------------------------
+// With two V rows interleaved element by element (v[t][d], v[t+1][d]) and the weight pair
+// (p[t], p[t+1]) broadcast, one VDPBF16PS adds two tokens into 16 outputs. The weights are
+// rounded to bfloat16 (relative error 2^-9 per weight, random in sign, below the bfloat16
+// output's own rounding); sums stay in float32.
+
+// Pairs of 16-bit lanes from two rows: first = 0 takes elements 0..15 of both, 16 takes
+// 16..31, so the float32 outputs stay in head_dim order.
+APEX_TARGET inline __m512i interleave_index(int first) {
+  alignas(64) uint16_t index[32];
+  for (int i = 0; i < 16; ++i) {
+    index[2 * i] = uint16_t(first + i);
+    index[2 * i + 1] = uint16_t(first + i + 32);
+  }
+  return _mm512_load_si512(index);
+}
+
+// Rows' weights of one tile in bfloat16, zero past count: weights[g][t].
+template <int kRows>
+APEX_TARGET inline void tile_weights(const float* p, int row_stride, int count,
+                                     uint16_t (&weights)[kRows][kTileTokens]) {
+  for (int g = 0; g < kRows; ++g) {
+    const __m512 row = _mm512_maskz_loadu_ps(lanes(count), p + g * row_stride);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(weights[g]), (__m256i)_mm512_cvtneps_pbh(row));
+  }
+}
+
+// acc[g][d .. d + 32 * kChunks) over one tile: kRows * 2 * kChunks float32 accumulators.
+template <int kRows, int kChunks>
+APEX_TARGET inline void accumulate_pass(const uint16_t (&weights)[kRows][kTileTokens],
+                                        const uint16_t* tile, int count, int head_dim, int d,
+                                        const float* scales, float* acc) {
+  const __m512i low_index = interleave_index(0);
+  const __m512i high_index = interleave_index(16);
+  __m512 sums[kRows][2 * kChunks];
+  __mmask16 masks[2 * kChunks];
+  __mmask32 row_masks[kChunks];
+  for (int c = 0; c < kChunks; ++c) {
+    const int left = std::max(0, head_dim - d - 32 * c);
+    row_masks[c] = left >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << left) - 1u);
+    masks[2 * c] = lanes(left);
+    masks[2 * c + 1] = lanes(std::max(0, left - 16));
+  }
+  for (int g = 0; g < kRows; ++g)
+    for (int c = 0; c < 2 * kChunks; ++c)
+      sums[g][c] = _mm512_mul_ps(
+          _mm512_maskz_loadu_ps(masks[c], acc + int64_t(g) * head_dim + d + 16 * c),
+          _mm512_set1_ps(scales[g]));
+  for (int t = 0; t < count; t += 2) {
+    const bool has_pair = t + 1 < count;  // an odd last token pairs with zeros
+    __m512i values[2 * kChunks];
+    for (int c = 0; c < kChunks; ++c) {
+      const uint16_t* row = tile + int64_t(t) * head_dim + d + 32 * c;
+      const __m512i first = _mm512_maskz_loadu_epi16(row_masks[c], row);
+      const __m512i second = has_pair ? _mm512_maskz_loadu_epi16(row_masks[c], row + head_dim)
+                                      : _mm512_setzero_si512();
+      values[2 * c] = _mm512_permutex2var_epi16(first, low_index, second);
+      values[2 * c + 1] = _mm512_permutex2var_epi16(first, high_index, second);
+    }
+    for (int g = 0; g < kRows; ++g) {
+      uint32_t pair;
+      std::memcpy(&pair, &weights[g][t], sizeof(pair));
+      const __m512bh weight = (__m512bh)_mm512_set1_epi32(int(pair));
+      for (int c = 0; c < 2 * kChunks; ++c)
+        sums[g][c] = _mm512_dpbf16_ps(sums[g][c], (__m512bh)values[c], weight);
+    }
+  }
+  for (int g = 0; g < kRows; ++g)
+    for (int c = 0; c < 2 * kChunks; ++c)
+      _mm512_mask_storeu_ps(acc + int64_t(g) * head_dim + d + 16 * c, masks[c], sums[g][c]);
+}
+
+// V is read once per pass; kChunks keeps kRows * 2 * kChunks accumulators at 16 or fewer.
+template <int kRows, int kHeadDim>
+APEX_TARGET void accumulate_rows(const float* p, int num_tokens, const uint16_t* v,
+                                 int runtime_head_dim, const float* alpha, float* acc) {
+  constexpr int kChunks = kRows <= 2 ? 4 : (kRows <= 4 ? 2 : 1);
+  const int head_dim = kHeadDim > 0 ? kHeadDim : runtime_head_dim;
+  for (int token = 0; token < num_tokens; token += kTileTokens) {
+    const int count = std::min(kTileTokens, num_tokens - token);
+    alignas(64) uint16_t weights[kRows][kTileTokens];
+    tile_weights<kRows>(p + token, num_tokens, count, weights);
+    float scales[kRows];  // the old accumulators are rescaled once, on the first tile
+    for (int g = 0; g < kRows; ++g) scales[g] = token == 0 ? alpha[g] : 1.0f;
+    const uint16_t* tile = v + int64_t(token) * head_dim;
+    for (int d = 0; d < head_dim; d += 32 * kChunks)
+      accumulate_pass<kRows, kChunks>(weights, tile, count, head_dim, d, scales, acc);
+  }
+}
+
+template <int kRows>
+APEX_TARGET void accumulate_head_dim(const float* p, int num_tokens, const uint16_t* v,
+                                     int head_dim, const float* alpha, float* acc) {
+  if (head_dim == 128) {
+    accumulate_rows<kRows, 128>(p, num_tokens, v, head_dim, alpha, acc);
+  } else if (head_dim == 64) {
+    accumulate_rows<kRows, 64>(p, num_tokens, v, head_dim, alpha, acc);
+  } else {
+    accumulate_rows<kRows, 0>(p, num_tokens, v, head_dim, alpha, acc);
+  }
+}
+
+APEX_TARGET void bf16_accumulate(const float* p, const void* v, int num_rows, int num_tokens,
+                                 int head_dim, const float* alpha, float* acc) {
+  const auto* values = static_cast<const uint16_t*>(v);
+  for (int g = 0; g < num_rows;) {
+    const int left = num_rows - g;
+    const float* p_rows = p + g * num_tokens;
+    float* acc_rows = acc + int64_t(g) * head_dim;
+    if (left >= 8) {
+      accumulate_head_dim<8>(p_rows, num_tokens, values, head_dim, alpha + g, acc_rows);
+      g += 8;
+    } else if (left >= 4) {
+      accumulate_head_dim<4>(p_rows, num_tokens, values, head_dim, alpha + g, acc_rows);
+      g += 4;
+    } else if (left >= 2) {
+      accumulate_head_dim<2>(p_rows, num_tokens, values, head_dim, alpha + g, acc_rows);
+      g += 2;
+    } else {
+      accumulate_head_dim<1>(p_rows, num_tokens, values, head_dim, alpha + g, acc_rows);
+      g += 1;
+    }
+  }
+}
+
+}  // namespace
+
+const KernelOps* avx512_bf16_kernel_ops() {
+  static const KernelOps ops{bf16_prepare_q, bf16_scores,
+                             avx512_kernel_ops(DType::kBFloat16, false)->softmax,
+                             bf16_accumulate, "avx512bf16"};
+  return &ops;
+}
+
+}  // namespace apex
+#endif  // __x86_64__

@@ -15,31 +15,20 @@ import pytest
 app = pytest.importorskip("apex_grpc.server.app", reason="the gRPC server is not built yet")
 builder = pytest.importorskip("apex_grpc.engine.builder", reason="the engine is not built yet")
 
-from apex_grpc.config import ServeOptions
 from clients.bench.metrics import compute_metrics
 from clients.bench.runner import RunOptions, describe_server, run_benchmark
 from clients.bench.workloads import inject_cancellations, random_workload, sharegpt_workload
-
-TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
-    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
-    "bos_token_id": 1, "eos_token_id": 2,
-}
+from tests.e2e.conftest import TINY_LLAMA, tiny_serve_options
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny") / "config.json"
-    path.write_text(json.dumps(TINY_LLAMA), encoding="utf-8")
-    return str(path)
+def tiny_config(tiny_config_path) -> str:
+    return tiny_config_path
 
 
 async def _bench(config_path: str, requests, options: RunOptions):
     """Serve the tiny model on a free port, run the benchmark, drain the server."""
-    serve_options = ServeOptions(load_format="dummy", dummy_config=config_path, device="cpu",
-                                 dtype="float32", gpu_kv_blocks=128, host_kv_gb=0.01,
-                                 max_num_seqs=16, cpu_attention_threads=1)
+    serve_options = tiny_serve_options(config_path)
     server = app.ApexServer(app.ServerSettings(host="127.0.0.1", port=0, shutdown_grace_s=1.0),
                             lambda: builder.build_engine(serve_options))
     await server.start()

@@ -3,6 +3,8 @@
 Tensors are dequantized one at a time with the `gguf` package (the file is memory-mapped), so
 peak host memory stays near one model copy. GGUF converters permute the rows of q and k for
 GGML's interleaved RoPE; we undo that to get back the rotate-half layout our RoPE uses.
+Llama-3.1/3.2 files carry their rope scaling as a `rope_freqs` tensor of per-frequency divisors
+(llama.cpp stores no llama3 parameters); it goes into the config as rope "frequency_factors".
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _LAYER_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+ROPE_FREQS_TENSOR = "rope_freqs.weight"
 
 
 def open_gguf(path: str) -> GGUFReader:
@@ -66,11 +69,13 @@ def config_from_gguf(reader: GGUFReader, metadata: dict[str, Any], path: str) ->
     if arch != "llama":
         raise CheckpointError(f"{path}: unsupported GGUF architecture {arch!r}; only 'llama'")
     tensor_names = {tensor.name for tensor in reader.tensors}
-    if "rope_freqs.weight" in tensor_names:
-        raise CheckpointError(f"{path}: per-frequency RoPE factors (rope_freqs, Llama-3.1 GGUF) "
-                              "are not supported; load the Hugging Face checkpoint instead")
+    fields = _config_fields(metadata, tensor_names, path)
+    frequency_factors = _rope_frequency_factors(reader, fields["head_dim"], path)
+    if frequency_factors is not None:
+        fields["rope_scaling"] = {**(fields["rope_scaling"] or {"rope_type": "default"}),
+                                  "frequency_factors": frequency_factors}
     try:
-        return ModelConfig(**_config_fields(metadata, tensor_names, path))
+        return ModelConfig(**fields)
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
 
@@ -117,6 +122,25 @@ def _rope_scaling(metadata: dict[str, Any], path: str) -> dict[str, Any] | None:
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(metadata["llama.rope.scaling.factor"])}
     raise CheckpointError(f"{path}: unsupported GGUF rope scaling type {kind!r}")
+
+
+def _rope_frequency_factors(reader: GGUFReader, head_dim: int,
+                            path: str) -> tuple[float, ...] | None:
+    """The rope_freqs divisors (one per rotated pair), or None when the file has none."""
+    tensor = next((t for t in reader.tensors if t.name == ROPE_FREQS_TENSOR), None)
+    if tensor is None:
+        return None
+    if tensor.tensor_type not in SUPPORTED_TYPES:
+        raise CheckpointError(f"{path}: tensor {ROPE_FREQS_TENSOR!r} uses unsupported "
+                              f"quantization type {tensor.tensor_type.name}")
+    values = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float64).ravel()
+    if values.size != head_dim // 2:
+        raise CheckpointError(f"{path}: {ROPE_FREQS_TENSOR} has {values.size} values; "
+                              f"head_dim {head_dim} needs {head_dim // 2}")
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise CheckpointError(f"{path}: {ROPE_FREQS_TENSOR} holds non-positive or non-finite "
+                              "factors")
+    return tuple(float(value) for value in values)
 
 
 def check_tensor_types(reader: GGUFReader, path: str) -> None:

@@ -81,17 +81,34 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.T
 
 def rope_inv_freq(head_dim: int, rope_theta: float,
                   rope_scaling: dict[str, Any] | None) -> torch.Tensor:
-    """Inverse frequencies [head_dim // 2] in float64 for the given rope settings."""
+    """Inverse frequencies [head_dim // 2] in float64 for the given rope settings.
+
+    Besides the HF rope types, rope_scaling may carry "frequency_factors" (head_dim // 2
+    divisors, GGUF's rope_freqs tensor): llama.cpp implements Llama-3.1 scaling by dividing each
+    frequency by its factor instead of storing the llama3 parameters."""
     inv_freq = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
-    if rope_type == "default":
-        return inv_freq
+    scaling = rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "llama3":
-        return _llama3_inv_freq(inv_freq, rope_scaling or {})
-    if rope_type == "linear":
-        return inv_freq / float((rope_scaling or {})["factor"])
-    raise ConfigError(f"unsupported rope_scaling type {rope_type!r}; supported: default, "
-                      "linear, llama3")
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
+    elif rope_type == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif rope_type != "default":
+        raise ConfigError(f"unsupported rope_scaling type {rope_type!r}; supported: default, "
+                          "linear, llama3")
+    if scaling.get("frequency_factors") is not None:
+        inv_freq = inv_freq / _frequency_factors(scaling["frequency_factors"], head_dim)
+    return inv_freq
+
+
+def _frequency_factors(values: Any, head_dim: int) -> torch.Tensor:
+    factors = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if factors.numel() != head_dim // 2:
+        raise ConfigError(f"rope frequency_factors has {factors.numel()} values; head_dim "
+                          f"{head_dim} needs {head_dim // 2}")
+    if not bool(torch.isfinite(factors).all()) or bool((factors <= 0).any()):
+        raise ConfigError("rope frequency_factors must be finite and positive")
+    return factors
 
 
 class RotaryEmbedding(nn.Module):

@@ -11,19 +11,23 @@ TPOT). A host row that sat out max_skipped_steps iterations always runs.
 admits_to_host gates the host tier (admission and eviction): a row joins only if the step
 stays within the limit at the host rows' final lengths and the row does not lower predicted
 tokens/s. Where hybrid execution does not pay, nothing reaches the host tier and apex
-schedules exactly as gpu-only does. The cost is one pass over the rows plus O(log n)
-predictions.
+schedules exactly as gpu-only does. parks_on_host decides, for an evicted decode the CPU
+cannot carry every step, between parking it on the host (KV copied there and back) and
+preemption by recompute, by the predicted cost of each. choose() costs one pass over the rows
+(a stable sort on capped waits, prefix sums of contexts) plus O(log n) predictions on one
+step's cached GPU-side costs.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from typing import Mapping, Sequence
 
 from apex_grpc.config import EngineConfig, Policy
 from apex_grpc.scheduler.chooser import Choice, HostRow, SimpleChooser, StrategyChooser
-from apex_grpc.scheduler.perf_model import PerfModel, StepShape
+from apex_grpc.scheduler.perf_model import PerfModel, StepCosts, StepShape
 from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
 
 # Consecutive iterations a host-resident request may sit out before it must run.
@@ -50,12 +54,58 @@ def _tokens_per_ms(shape: StepShape, num_host: int, step_ms: float) -> float:
 
 
 def _order_for_service(host_decode_seqs: Sequence[ScheduledSeq], skipped: Mapping[str, int],
-                       max_skipped: int) -> list[ScheduledSeq]:
-    """Host rows in the order they get a CPU slot: those that sat out max_skipped steps
-    (forced) first, then the longest-waiting, then the scheduler's order (oldest first)."""
-    def waited(seq: ScheduledSeq) -> int:
-        return min(skipped.get(seq.request_id, 0), max_skipped)
-    return sorted(host_decode_seqs, key=lambda s: -waited(s))
+                       max_skipped: int) -> tuple[list[int], int]:
+    """Indices of the host rows in the order they get a CPU slot: those that sat out
+    max_skipped steps (forced) first, then the longest-waiting, then the scheduler's order
+    (oldest first; the sort is stable). Also returns the number of forced rows."""
+    get = skipped.get
+    waits = [get(s.request_id, 0) for s in host_decode_seqs]
+    if max(waits) > max_skipped:
+        waits = [min(w, max_skipped) for w in waits]  # all forced rows rank alike
+    order = sorted(range(len(waits)), key=waits.__getitem__, reverse=True)
+    return order, waits.count(max_skipped)
+
+
+class _Prefixes:
+    """Prices the first n host rows of the service order under one strategy: one step's
+    cached GPU costs plus prefix sums of the host contexts, so each candidate is a few table
+    lookups (memoised: the searches revisit their bounds)."""
+
+    def __init__(self, strategy: Strategy, costs: StepCosts, num_gpu_sampled: int,
+                 ctx_prefix: list[int]) -> None:
+        self.strategy = strategy
+        self.costs = costs
+        self.num_gpu_sampled = num_gpu_sampled
+        self.ctx_prefix = ctx_prefix  # ctx_prefix[n]: context tokens of the first n rows
+        self._seen: dict[int, _Option] = {}
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.ctx_prefix) - 1
+
+    def option(self, num_host: int) -> _Option:
+        found = self._seen.get(num_host)
+        if found is None:
+            step_ms = self.costs.predict_ms(self.strategy, num_host, self.ctx_prefix[num_host])
+            tokens_per_ms = (self.num_gpu_sampled + num_host) / step_ms if step_ms > 0 else 0.0
+            found = _Option(self.strategy, num_host, step_ms, tokens_per_ms)
+            self._seen[num_host] = found
+        return found
+
+    def last_within(self, low: int, high: int, limit_ms: float) -> _Option:
+        """Binary search for the largest prefix in [low, high] whose step fits limit_ms
+        (option(low) when none does: forced rows run regardless)."""
+        best = self.option(low)
+        if best.step_ms > limit_ms:
+            return best
+        while low < high:
+            mid = (low + high + 1) // 2
+            candidate = self.option(mid)
+            if candidate.step_ms <= limit_ms:
+                low, best = mid, candidate
+            else:
+                high = mid - 1
+        return best
 
 
 class ApexChooser:
@@ -81,24 +131,24 @@ class ApexChooser:
                num_skipped_steps: Mapping[str, int]) -> Choice:
         model = self.perf_model
         base = model.shape_of_seqs(gpu_seqs, host_prefill_seqs)
-        gpu_only_ms = model.predict_ms(Strategy.GPU_ONLY, base)
+        costs = model.step_costs(base)
+        gpu_only_ms = costs.predict_ms(Strategy.GPU_ONLY, 0, 0)
         if not host_decode_seqs:
             return Choice(Strategy.GPU_ONLY, (), gpu_only_ms)
-        ordered = _order_for_service(host_decode_seqs, num_skipped_steps, self.max_skipped_steps)
-        num_forced = sum(1 for s in host_decode_seqs
-                         if num_skipped_steps.get(s.request_id, 0) >= self.max_skipped_steps)
-        ctx_prefix = [0]
-        for seq in ordered:
-            ctx_prefix.append(ctx_prefix[-1] + seq.seq_len)
+        order, num_forced = _order_for_service(host_decode_seqs, num_skipped_steps,
+                                               self.max_skipped_steps)
+        # A host decode's context is its cached tokens plus the one it computes now.
+        cached = [s.num_computed_tokens for s in host_decode_seqs]
+        ctx_prefix = list(accumulate([cached[i] + 1 for i in order], initial=0))
         limit = self.step_limit_ms(gpu_only_ms)
         strategies = [Strategy.ASYNC_OVERLAP]
-        if model.pipeline_can_win(_with_host(base, len(ordered), ctx_prefix[-1])):
+        if model.pipeline_can_win(_with_host(base, len(order), ctx_prefix[-1])):
             strategies.append(Strategy.ASYMMETRIC_PIPELINE)
-        hybrid = [self._best_prefix(s, base, ctx_prefix, num_forced, limit) for s in strategies]
+        hybrid = [self._best_prefix(_Prefixes(s, costs, base.num_gpu_sampled, ctx_prefix),
+                                    num_forced, limit) for s in strategies]
         gpu_only = _Option(Strategy.GPU_ONLY, 0, gpu_only_ms, _tokens_per_ms(base, 0, gpu_only_ms))
         best = self._pick(gpu_only, hybrid, num_forced, base.num_gpu_tokens > 0, limit)
-        chosen = {s.request_id for s in ordered[:best.num_host]}
-        rows = tuple(s for s in host_decode_seqs if s.request_id in chosen)
+        rows = tuple(host_decode_seqs[i] for i in sorted(order[:best.num_host]))
         return Choice(best.strategy, rows, best.step_ms)
 
     def _pick(self, gpu_only: _Option, hybrid: list[_Option], num_forced: int,
@@ -119,53 +169,28 @@ class ApexChooser:
                 best = option
         return best
 
-    def _best_prefix(self, strategy: Strategy, base: StepShape, ctx_prefix: list[int],
-                     num_forced: int, limit_ms: float) -> _Option:
+    def _best_prefix(self, prefixes: _Prefixes, num_forced: int, limit_ms: float) -> _Option:
         """The best number of host rows (a prefix, at least the forced ones and one row).
 
         Step time grows with the prefix; tokens/s first rises while CPU attention hides in
         the GPU window, then moves monotonically (each extra row costs about the same). So the
         best prefix is at the window's edge (either side) or the longest one within the
         limit."""
-        model = self.perf_model
-
-        def option(num_host: int) -> _Option:
-            shape = _with_host(base, num_host, ctx_prefix[num_host])
-            step_ms = model.predict_ms(strategy, shape)
-            return _Option(strategy, num_host, step_ms, _tokens_per_ms(shape, num_host, step_ms))
-
-        num_rows = len(ctx_prefix) - 1
-        low = option(max(1, num_forced))
-        longest = self._last_within(option, low.num_host, num_rows, limit_ms)
-        window_ms = min(limit_ms, low.step_ms * _WINDOW_TOLERANCE)
-        window_edge = self._last_within(option, low.num_host, longest.num_host, window_ms)
+        low = prefixes.option(max(1, num_forced))
+        longest = prefixes.last_within(low.num_host, prefixes.num_rows, limit_ms)
         if self.target_step_ms is not None:
             return longest  # see _pick: under a TPOT target, serve as many rows as fit
+        window_ms = min(limit_ms, low.step_ms * _WINDOW_TOLERANCE)
+        window_edge = prefixes.last_within(low.num_host, longest.num_host, window_ms)
         candidates = [window_edge, longest]
         if window_edge.num_host < longest.num_host:
             # Past the kink the step grows with every row, yet the first row past it can
             # still fill the rest of the window.
-            candidates.append(option(window_edge.num_host + 1))
+            candidates.append(prefixes.option(window_edge.num_host + 1))
         best = low
         for candidate in candidates:
             if candidate.tokens_per_ms > best.tokens_per_ms:
                 best = candidate
-        return best
-
-    @staticmethod
-    def _last_within(option, low: int, high: int, limit_ms: float) -> _Option:
-        """Binary search for the largest prefix in [low, high] whose step fits limit_ms
-        (option(low) when none does: forced rows run regardless)."""
-        best = option(low)
-        if best.step_ms > limit_ms:
-            return best
-        while low < high:
-            mid = (low + high + 1) // 2
-            candidate = option(mid)
-            if candidate.step_ms <= limit_ms:
-                low, best = mid, candidate
-            else:
-                high = mid - 1
         return best
 
     def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_rows: Sequence[HostRow],
@@ -174,8 +199,7 @@ class ApexChooser:
         their final length the step stays within the admission limit (TPOT for the rest of
         their lives), and (b) at their mean remaining length the extra row does not lower
         predicted tokens/s. (b) keeps apex at least as good as GPU_ONLY: a row that does not
-        pay waits (new request) or is preempted by recompute (evicted decode), as under
-        GPU_ONLY."""
+        pay waits (new request), or is parked or preempted (evicted decode, parks_on_host)."""
         model = self.perf_model
         base = model.shape_of([], gpu_decode_ctx)
         gpu_only_ms = model.predict_ms(Strategy.GPU_ONLY, base)
@@ -195,10 +219,18 @@ class ApexChooser:
         allowance_ms = before_ms / num_rows if num_rows else math.inf
         if new_row.num_recompute_tokens:
             num_left = max(1, 2 * (new_row.final_ctx_len - new_row.mean_ctx_len))
-            recompute_ms = model.predict_step_ms(
-                Strategy.GPU_ONLY, [new_row.num_recompute_tokens], gpu_decode_ctx) - gpu_only_ms
-            allowance_ms += recompute_ms / num_left
+            allowance_ms += model.recompute_ms(new_row.num_recompute_tokens,
+                                               gpu_decode_ctx) / num_left
         return after_ms - before_ms <= allowance_ms
+
+    def parks_on_host(self, gpu_decode_ctx: Sequence[int], num_kv_tokens: int) -> bool:
+        """Swap instead of recompute: a GPU decode that must leave and that the CPU cannot
+        carry every step is parked on the host (served when a step has room, restored when
+        the GPU has) when copying its KV there and back is predicted cheaper than prefilling
+        it again beside the GPU decodes; otherwise it is preempted as under GPU_ONLY."""
+        model = self.perf_model
+        return model.park_round_trip_ms(num_kv_tokens) < \
+            model.recompute_ms(num_kv_tokens, gpu_decode_ctx)
 
     def admission_limit_ms(self, gpu_only_ms: float) -> float:
         """The step a decode-only batch may take once host rows join: the TPOT target's step
@@ -210,11 +242,11 @@ class ApexChooser:
     def _hybrid_ms(self, base: StepShape, num_host: int, host_ctx_tokens: int) -> float:
         """The faster hybrid step with every host row running (the pipeline only where its
         inequality can hold)."""
-        shape = _with_host(base, num_host, host_ctx_tokens)
-        step_ms = self.perf_model.predict_ms(Strategy.ASYNC_OVERLAP, shape)
-        if self.perf_model.pipeline_can_win(shape):
-            step_ms = min(step_ms, self.perf_model.predict_ms(Strategy.ASYMMETRIC_PIPELINE,
-                                                              shape))
+        costs = self.perf_model.step_costs(base)
+        step_ms = costs.predict_ms(Strategy.ASYNC_OVERLAP, num_host, host_ctx_tokens)
+        if self.perf_model.pipeline_can_win(_with_host(base, num_host, host_ctx_tokens)):
+            step_ms = min(step_ms, costs.predict_ms(Strategy.ASYMMETRIC_PIPELINE, num_host,
+                                                    host_ctx_tokens))
         return step_ms
 
 
@@ -231,6 +263,9 @@ class NeoChooser:
     def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_rows: Sequence[HostRow],
                        new_row: HostRow) -> bool:
         return True  # NEO offloads whatever the host tier can hold
+
+    def parks_on_host(self, gpu_decode_ctx: Sequence[int], num_kv_tokens: int) -> bool:
+        return False  # never asked: admits_to_host already takes every row
 
     def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],
                host_prefill_seqs: tuple[ScheduledSeq, ...],

@@ -51,6 +51,11 @@ class StrategyChooser(Protocol):
         or eviction) given the GPU rows' contexts and the host rows already resident?"""
         ...
 
+    def parks_on_host(self, gpu_decode_ctx: Sequence[int], num_kv_tokens: int) -> bool:
+        """For a GPU decode that must leave and that admits_to_host refused: park it on the
+        host (run when a step has room, restored when the GPU has) rather than preempt it?"""
+        ...
+
 
 class SimpleChooser:
     """gpu-only never has host rows; neo pipelines whenever there are host rows; apex overlaps."""
@@ -71,3 +76,6 @@ class SimpleChooser:
     def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_rows: Sequence[HostRow],
                        new_row: HostRow) -> bool:
         return True  # no performance model: the host tier's capacity is the only limit
+
+    def parks_on_host(self, gpu_decode_ctx: Sequence[int], num_kv_tokens: int) -> bool:
+        return False  # never asked: admits_to_host already takes every row

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from apex_grpc.config import ModelConfig
+from apex_grpc.request import Tier
 from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan, Strategy
 
 PROFILE_FORMAT_VERSION = 1
@@ -282,31 +283,12 @@ class PerfModel:
     # -- predictions --------------------------------------------------------------------------
     def raw_step_ms(self, strategy: Strategy, shape: StepShape) -> float:
         """Uncorrected step time of `strategy` for `shape` (GPU_ONLY leaves host decodes out)."""
-        prof = self.profile
-        gpu_attention = prof.gpu_attention.at(shape.gpu_ctx_tokens) + shape.prefill_attention_ms
-        # Host-bound prefill KV streams down on the copy stream, beside the compute.
-        kv_stream = prof.d2h.ms(shape.host_prefill_tokens * self._kv_token_bytes)
-        num_host = shape.num_host_decodes if strategy != Strategy.GPU_ONLY else 0
-        if num_host == 0:
-            layer = max(prof.linear.at(shape.num_gpu_tokens) + gpu_attention, kv_stream) \
-                + prof.layer_launch_ms
-            return prof.shape.num_layers * layer + prof.head.at(shape.num_gpu_sampled)
-        cpu_path = (prof.d2h.ms(num_host * self._qkv_row_bytes)
-                    + prof.cpu_attention.at(num_host, shape.host_ctx_tokens)
-                    + prof.h2d.ms(num_host * self._out_row_bytes))
-        if strategy == Strategy.ASYNC_OVERLAP:
-            gpu_path = max(gpu_attention, kv_stream)
-            layer = prof.linear.at(shape.num_gpu_tokens + num_host) + max(gpu_path, cpu_path) \
-                + prof.layer_launch_ms + prof.layer_sync_ms
-        else:
-            # Two sub-batches, host rows split between them so each half's CPU attention
-            # hides under the other half's GPU work: the period is 2*T_lin + T_gatt.
-            half = num_host // 2
-            gpu_period = (prof.linear.at(shape.num_gpu_tokens + half)
-                          + prof.linear.at(num_host - half) + gpu_attention)
-            layer = max(gpu_period, cpu_path, kv_stream) + 2 * prof.layer_launch_ms \
-                + prof.layer_sync_ms
-        return prof.shape.num_layers * layer + prof.head.at(shape.num_gpu_sampled + num_host)
+        return StepCosts(self, shape).raw_ms(strategy, shape.num_host_decodes,
+                                             shape.host_ctx_tokens)
+
+    def step_costs(self, shape: StepShape) -> StepCosts:
+        """The GPU-side costs of shape, cached, for pricing many host-row sets of one step."""
+        return StepCosts(self, shape)
 
     def predict_ms(self, strategy: Strategy, shape: StepShape) -> float:
         return self.raw_step_ms(strategy, shape) * self.scale[strategy]
@@ -339,6 +321,24 @@ class PerfModel:
         bound = 2 * linear / gpu_attention + 3 + gpu_attention / linear
         return gpu_rate / cpu_rate < bound
 
+    # -- moving KV between tiers --------------------------------------------------------------
+    def copy_ms(self, num_tokens: int, dst_tier: Tier) -> float:
+        """One KV move of num_tokens to dst_tier (every layer is its own copy)."""
+        link = self.profile.d2h if dst_tier == Tier.HOST else self.profile.h2d
+        return self.profile.shape.num_layers * link.ms(num_tokens * self._kv_token_bytes)
+
+    def park_round_trip_ms(self, num_tokens: int) -> float:
+        """Evict num_tokens of KV to the host and later bring them back."""
+        return self.copy_ms(num_tokens, Tier.HOST) + self.copy_ms(num_tokens, Tier.GPU)
+
+    def recompute_ms(self, num_tokens: int, gpu_decode_ctx: Sequence[int]) -> float:
+        """What preempting a request with num_tokens of KV costs when it resumes: prefilling
+        them again beside the GPU decodes (T_prefill + T_lin of the extra rows)."""
+        if num_tokens <= 0:
+            return 0.0
+        return self.predict_step_ms(Strategy.GPU_ONLY, [num_tokens], gpu_decode_ctx) - \
+            self.predict_step_ms(Strategy.GPU_ONLY, [], gpu_decode_ctx)
+
     # -- online correction --------------------------------------------------------------------
     def observe(self, strategy: Strategy, predicted_ms: float, measured_ms: float) -> None:
         """Feed one executed step: the scale moves toward measured/raw with weight ewma_alpha,
@@ -351,3 +351,50 @@ class PerfModel:
         self.last_predicted_ms = predicted_ms
         self.last_measured_ms = measured_ms
         self.num_observations += 1
+
+
+class StepCosts:
+    """One step's GPU-side costs, computed once; raw_ms prices a host-row set on top of them
+    in a few table lookups (the chooser calls it per candidate prefix)."""
+
+    __slots__ = ("model", "num_gpu_tokens", "num_gpu_sampled", "gpu_attention", "kv_stream")
+
+    def __init__(self, model: PerfModel, shape: StepShape) -> None:
+        prof = model.profile
+        self.model = model
+        self.num_gpu_tokens = shape.num_gpu_tokens
+        self.num_gpu_sampled = shape.num_gpu_sampled
+        self.gpu_attention = prof.gpu_attention.at(shape.gpu_ctx_tokens) + \
+            shape.prefill_attention_ms
+        # Host-bound prefill KV streams down on the copy stream, beside the compute.
+        self.kv_stream = prof.d2h.ms(shape.host_prefill_tokens * model._kv_token_bytes)
+
+    def predict_ms(self, strategy: Strategy, num_host: int, host_ctx_tokens: int) -> float:
+        return self.raw_ms(strategy, num_host, host_ctx_tokens) * self.model.scale[strategy]
+
+    def raw_ms(self, strategy: Strategy, num_host: int, host_ctx_tokens: int) -> float:
+        """Uncorrected step time with num_host host decodes over host_ctx_tokens of context
+        (GPU_ONLY leaves them out)."""
+        model, prof = self.model, self.model.profile
+        if strategy == Strategy.GPU_ONLY:
+            num_host = 0
+        if num_host == 0:
+            layer = max(prof.linear.at(self.num_gpu_tokens) + self.gpu_attention,
+                        self.kv_stream) + prof.layer_launch_ms
+            return prof.shape.num_layers * layer + prof.head.at(self.num_gpu_sampled)
+        cpu_path = (prof.d2h.ms(num_host * model._qkv_row_bytes)
+                    + prof.cpu_attention.at(num_host, host_ctx_tokens)
+                    + prof.h2d.ms(num_host * model._out_row_bytes))
+        if strategy == Strategy.ASYNC_OVERLAP:
+            gpu_path = max(self.gpu_attention, self.kv_stream)
+            layer = prof.linear.at(self.num_gpu_tokens + num_host) + max(gpu_path, cpu_path) \
+                + prof.layer_launch_ms + prof.layer_sync_ms
+        else:
+            # Two sub-batches, host rows split between them so each half's CPU attention
+            # hides under the other half's GPU work: the period is 2*T_lin + T_gatt.
+            half = num_host // 2
+            gpu_period = (prof.linear.at(self.num_gpu_tokens + half)
+                          + prof.linear.at(num_host - half) + self.gpu_attention)
+            layer = max(gpu_period, cpu_path, self.kv_stream) + 2 * prof.layer_launch_ms \
+                + prof.layer_sync_ms
+        return prof.shape.num_layers * layer + prof.head.at(self.num_gpu_sampled + num_host)

@@ -2,6 +2,11 @@
 
 Pure bookkeeping over Request objects and the KVCacheManager: it emits one StepPlan per
 iteration and never touches tensors, so the simulator drives this same code in simulated time.
+
+A GPU decode that must leave the GPU goes to the host tier when the chooser says the CPU can
+carry it every step (admits_to_host), is parked there when copying its KV out and back is
+cheaper than recomputing it (parks_on_host: it runs when a step has room, within the bounded
+wait, and is restored first when the GPU has room), and is otherwise preempted by recompute.
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_evictions = 0
         self.num_restores = 0
+        self.num_parks = 0
+        # Host-resident requests parked there instead of preempted (restored first).
+        self._parked: set[str] = set()
         self._num_alternate_admissions = 0
 
     # -- queue management ---------------------------------------------------------------------
@@ -55,6 +63,7 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.free(req.request_id)
+        self._parked.discard(req.request_id)
         self.requests.pop(req.request_id, None)
         req.status = RequestStatus.FINISHED
 
@@ -105,25 +114,32 @@ class Scheduler:
 
     def _evict_for_growth(self, gpu_decodes: list[Request], moves: list[KVMove]) -> int:
         """Evict the newest GPU decodes to the host while this step's growth does not fit, as
-        long as the CPU can carry them; the rest is preempted by _schedule_running, exactly as
-        GPU_ONLY would. Returns the GPU blocks the remaining decodes still need this step."""
+        long as the CPU can carry them or parking beats recompute; the rest is preempted by
+        _schedule_running, exactly as GPU_ONLY would. Returns the GPU blocks the remaining
+        decodes still need this step."""
         growth = sum(self.kv.num_new_blocks(r.request_id, r.num_tokens) for r in gpu_decodes)
         while growth > self.kv.pools[Tier.GPU].num_free and gpu_decodes:
             victim = gpu_decodes.pop()  # newest first
-            if not self.kv.can_move(victim.request_id, Tier.HOST) or \
-                    not self._host_can_carry(victim):
+            if not self.kv.can_move(victim.request_id, Tier.HOST):
                 break
+            if not self._host_can_carry(victim):
+                if not self._parks(victim):
+                    break
+                self._parked.add(victim.request_id)
+                self.num_parks += 1
             growth -= self.kv.num_new_blocks(victim.request_id, victim.num_tokens)
             moves.append(self._move(victim, Tier.HOST))
         return growth
 
     def _restore_oldest(self, growth: int, moves: list[KVMove]) -> None:
-        """Bring the oldest host-resident request back while the GPU stays under the
-        hysteresis fraction (so a restore is not undone by the next step's eviction)."""
+        """Bring one host-resident request back, the oldest parked one first, while the GPU
+        stays under the hysteresis fraction (so a restore is not undone by the next step's
+        eviction)."""
         host_resident = [r for r in self.running if self.kv.tier_of(r.request_id) == Tier.HOST]
         if not host_resident:
             return
-        oldest = host_resident[0]
+        parked = [r for r in host_resident if r.request_id in self._parked]
+        oldest = (parked or host_resident)[0]
         gpu_pool = self.kv.pools[Tier.GPU]
         num_blocks = len(self.kv.block_table(oldest.request_id)) + 1
         limit = self.config.restore_below_fraction * gpu_pool.num_total
@@ -136,6 +152,7 @@ class Scheduler:
             self.num_evictions += 1
         else:
             self.num_restores += 1
+            self._parked.discard(req.request_id)
         return self.kv.move(req.request_id, dst)
 
     def _schedule_running(self, scheduled: list[ScheduledSeq], moves: list[KVMove],
@@ -171,6 +188,7 @@ class Scheduler:
         moves[:] = [m for m in moves if m.request_id != req.request_id]
         self.running.remove(req)
         self.kv.free(req.request_id)
+        self._parked.discard(req.request_id)
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         req.status = RequestStatus.PREEMPTED
@@ -227,7 +245,7 @@ class Scheduler:
     def _host_can_carry(self, req: Request) -> bool:
         """Ask the chooser whether req (new, or a GPU decode about to be evicted) pays as one
         more host-resident row. GPU-tier prompts still prefilling count as the decode rows
-        they are about to become."""
+        they are about to become; parked rows count as host rows (they run when they fit)."""
         gpu_ctx, host_rows = [], []
         for other in self.running:
             if other is req:
@@ -238,6 +256,13 @@ class Scheduler:
                 gpu_ctx.append(other.num_tokens)
         evicted = self.kv.tier_of(req.request_id) == Tier.GPU
         return self.chooser.admits_to_host(gpu_ctx, host_rows, self._host_row(req, evicted))
+
+    def _parks(self, victim: Request) -> bool:
+        """Ask the chooser whether parking the GPU decode victim on the host beats
+        recomputing its KV later, beside the GPU decodes that stay."""
+        gpu_ctx = [r.num_tokens for r in self.running if r is not victim
+                   and self.kv.tier_of(r.request_id) == Tier.GPU]
+        return self.chooser.parks_on_host(gpu_ctx, victim.num_computed_tokens)
 
     def _fits(self, req: Request, tier: Tier, num_new: int, watermark: bool) -> bool:
         pool = self.kv.pools[tier]

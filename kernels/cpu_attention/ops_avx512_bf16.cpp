@@ -79,8 +79,24 @@ APEX_TARGET inline __m512i broadcast_key(const uint16_t* key, int left) {
   }
 }
 
+// acc[t] += packed q chunk c . key chunk c of token t, for the tile's tokens.
+template <int kPack, bool kFull, bool kTail>
+APEX_TARGET inline void pack_chunk(const __m512i* packed_q, const uint16_t* k, int num_tokens,
+                                   int head_dim, int c, __m512 (&acc)[kTileTokens]) {
+  constexpr int kWidth = 32 / kPack;
+  const __m512bh query = (__m512bh)_mm512_loadu_si512(packed_q + c);
+#pragma GCC unroll 16
+  for (int t = 0; t < kTileTokens; ++t) {
+    if (!kFull && t >= num_tokens) break;
+    const __m512i key =
+        broadcast_key<kPack, kTail>(k + int64_t(t) * head_dim + c * kWidth, head_dim - c * kWidth);
+    acc[t] = _mm512_dpbf16_ps(acc[t], query, (__m512bh)key);
+  }
+}
+
 // Scores of kPack rows against a tile of up to 16 tokens; rows' results in out[kPack].
-// kHeadDim > 0 fixes head_dim at compile time (every key row a constant offset).
+// kHeadDim > 0 fixes head_dim at compile time (every key row a constant offset). kFull: all
+// 16 tokens present; otherwise tokens >= num_tokens keep zero accumulators and are never read.
 template <int kPack, int kHeadDim, bool kFull>
 APEX_TARGET inline void pack_tile(const __m512i* packed_q, const uint16_t* k, int num_tokens,
                                   int runtime_head_dim, __m512 (&out)[kPack]) {
@@ -88,19 +104,11 @@ APEX_TARGET inline void pack_tile(const __m512i* packed_q, const uint16_t* k, in
   const int head_dim = kHeadDim > 0 ? kHeadDim : runtime_head_dim;
   __m512 acc[kTileTokens];
   for (int t = 0; t < kTileTokens; ++t) acc[t] = _mm512_setzero_ps();
-  auto chunk = [&](int c, auto tail) {
-    const __m512bh query = (__m512bh)_mm512_loadu_si512(packed_q + c);
-#pragma GCC unroll 16
-    for (int t = 0; t < kTileTokens; ++t) {
-      if (!kFull && t >= num_tokens) break;
-      const __m512i key = broadcast_key<kPack, decltype(tail)::value>(
-          k + int64_t(t) * head_dim + c * kWidth, head_dim - c * kWidth);
-      acc[t] = _mm512_dpbf16_ps(acc[t], query, (__m512bh)key);
-    }
-  };
   const int full_chunks = head_dim / kWidth;
-  for (int c = 0; c < full_chunks; ++c) chunk(c, std::false_type{});
-  if (full_chunks * kWidth < head_dim) chunk(full_chunks, std::true_type{});
+  for (int c = 0; c < full_chunks; ++c)
+    pack_chunk<kPack, kFull, false>(packed_q, k, num_tokens, head_dim, c, acc);
+  if (full_chunks * kWidth < head_dim)
+    pack_chunk<kPack, kFull, true>(packed_q, k, num_tokens, head_dim, full_chunks, acc);
   reduce_packed_tile<kPack>(acc, out);
 }
 

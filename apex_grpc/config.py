@@ -34,7 +34,8 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # HF-style rope_scaling dict (only {"rope_type": "llama3", ...} changes the frequencies).
+    # HF-style rope_scaling dict ({"rope_type": "llama3", ...}); GGUF loads may add
+    # "frequency_factors" (per-frequency divisors from a rope_freqs tensor).
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False

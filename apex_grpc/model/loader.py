@@ -112,7 +112,7 @@ def _gguf_tokenizer(metadata: dict[str, Any], path: str) -> Tokenizer | None:
         return None
     try:
         return tokenizer_from_gguf_metadata(metadata)
-    except (TokenizerError, KeyError) as exc:
+    except TokenizerError as exc:
         raise CheckpointError(f"{path}: cannot build the tokenizer ({exc})") from exc
 
 

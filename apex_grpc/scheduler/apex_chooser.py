@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from itertools import accumulate
-from typing import Mapping, Sequence
+from typing import AbstractSet, Mapping, Sequence
 
 from apex_grpc.config import EngineConfig, Policy
 from apex_grpc.scheduler.chooser import Choice, HostRow, SimpleChooser, StrategyChooser
@@ -53,17 +53,33 @@ def _tokens_per_ms(shape: StepShape, num_host: int, step_ms: float) -> float:
     return (shape.num_gpu_sampled + num_host) / step_ms if step_ms > 0 else 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class _ServiceOrder:
+    """Host rows (indices) in the order they get a CPU slot: forced rows (sat out
+    max_skipped steps), then rows admitted to the host tier, then parked rows; each group
+    longest-waiting first, then in the scheduler's order (oldest first; the sort is stable)."""
+
+    order: list[int]
+    num_forced: int
+    num_admitted: int  # order[:num_admitted] are the forced and the admitted rows
+
+
 def _order_for_service(host_decode_seqs: Sequence[ScheduledSeq], skipped: Mapping[str, int],
-                       max_skipped: int) -> tuple[list[int], int]:
-    """Indices of the host rows in the order they get a CPU slot: those that sat out
-    max_skipped steps (forced) first, then the longest-waiting, then the scheduler's order
-    (oldest first; the sort is stable). Also returns the number of forced rows."""
+                       max_skipped: int, parked: AbstractSet[str]) -> _ServiceOrder:
     get = skipped.get
     waits = [get(s.request_id, 0) for s in host_decode_seqs]
     if max(waits) > max_skipped:
         waits = [min(w, max_skipped) for w in waits]  # all forced rows rank alike
-    order = sorted(range(len(waits)), key=waits.__getitem__, reverse=True)
-    return order, waits.count(max_skipped)
+    num_forced = waits.count(max_skipped)
+    if parked:
+        # Disjoint ranks: forced above admitted (max_skipped+1+wait) above parked (wait).
+        ranks = [w + (max_skipped + 1) * (w == max_skipped or s.request_id not in parked)
+                 for s, w in zip(host_decode_seqs, waits)]
+        num_admitted = sum(1 for r in ranks if r > max_skipped)
+    else:
+        ranks, num_admitted = waits, len(waits)
+    order = sorted(range(len(ranks)), key=ranks.__getitem__, reverse=True)
+    return _ServiceOrder(order, num_forced, num_admitted)
 
 
 class _Prefixes:
@@ -128,58 +144,67 @@ class ApexChooser:
     def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],
                host_prefill_seqs: tuple[ScheduledSeq, ...],
                host_decode_seqs: tuple[ScheduledSeq, ...],
-               num_skipped_steps: Mapping[str, int]) -> Choice:
+               num_skipped_steps: Mapping[str, int],
+               parked: AbstractSet[str] = frozenset()) -> Choice:
         model = self.perf_model
         base = model.shape_of_seqs(gpu_seqs, host_prefill_seqs)
         costs = model.step_costs(base)
         gpu_only_ms = costs.predict_ms(Strategy.GPU_ONLY, 0, 0)
         if not host_decode_seqs:
             return Choice(Strategy.GPU_ONLY, (), gpu_only_ms)
-        order, num_forced = _order_for_service(host_decode_seqs, num_skipped_steps,
-                                               self.max_skipped_steps)
+        service = _order_for_service(host_decode_seqs, num_skipped_steps,
+                                     self.max_skipped_steps, parked)
         # A host decode's context is its cached tokens plus the one it computes now.
         cached = [s.num_computed_tokens for s in host_decode_seqs]
-        ctx_prefix = list(accumulate([cached[i] + 1 for i in order], initial=0))
+        ctx_prefix = list(accumulate([cached[i] + 1 for i in service.order], initial=0))
         limit = self.step_limit_ms(gpu_only_ms)
         strategies = [Strategy.ASYNC_OVERLAP]
-        if model.pipeline_can_win(_with_host(base, len(order), ctx_prefix[-1])):
+        if model.pipeline_can_win(_with_host(base, len(cached), ctx_prefix[-1])):
             strategies.append(Strategy.ASYMMETRIC_PIPELINE)
         hybrid = [self._best_prefix(_Prefixes(s, costs, base.num_gpu_sampled, ctx_prefix),
-                                    num_forced, limit) for s in strategies]
+                                    service, limit) for s in strategies]
         gpu_only = _Option(Strategy.GPU_ONLY, 0, gpu_only_ms, _tokens_per_ms(base, 0, gpu_only_ms))
-        best = self._pick(gpu_only, hybrid, num_forced, base.num_gpu_tokens > 0, limit)
-        rows = tuple(host_decode_seqs[i] for i in sorted(order[:best.num_host]))
+        best = self._pick(gpu_only, hybrid, service, base.num_gpu_tokens > 0, limit)
+        rows = tuple(host_decode_seqs[i] for i in sorted(service.order[:best.num_host]))
         return Choice(best.strategy, rows, best.step_ms)
 
-    def _pick(self, gpu_only: _Option, hybrid: list[_Option], num_forced: int,
+    def _pick(self, gpu_only: _Option, hybrid: list[_Option], service: _ServiceOrder,
               has_gpu_rows: bool, limit_ms: float) -> _Option:
         """Without a TPOT target: the highest tokens/s (ties keep the simpler strategy).
         With one, every skipped step adds a whole step to a host row's TPOT, and admission
-        already decided that these rows pay: serve the most host rows within the limit, and
-        sit them all out only when not even one fits."""
-        if self.target_step_ms is not None:
-            fitting = [o for o in hybrid if o.step_ms <= limit_ms or o.num_host == num_forced]
-            if fitting or num_forced > 0 or not has_gpu_rows:
-                candidates = fitting or hybrid
-                return max(candidates, key=lambda o: (o.num_host, o.tokens_per_ms))
+        already decided that admitted rows pay: serve the most host rows within the limit,
+        and sit them all out only when not even one fits. Parked rows alone (admission said
+        they do not pay every step) run only where they raise tokens/s, or when forced."""
+        must_run = service.num_forced > 0 or not has_gpu_rows
+        if self.target_step_ms is not None and (must_run or service.num_admitted > 0):
+            fitting = [o for o in hybrid
+                       if o.step_ms <= limit_ms or o.num_host == service.num_forced]
+            if fitting or must_run:
+                return max(fitting or hybrid, key=lambda o: (o.num_host, o.tokens_per_ms))
             return gpu_only
-        best = gpu_only if num_forced == 0 and has_gpu_rows else hybrid[0]
+        best = hybrid[0] if must_run else gpu_only
         for option in hybrid:
-            if option.tokens_per_ms > best.tokens_per_ms:
+            if option.tokens_per_ms > best.tokens_per_ms and option.step_ms <= limit_ms:
                 best = option
         return best
 
-    def _best_prefix(self, prefixes: _Prefixes, num_forced: int, limit_ms: float) -> _Option:
+    def _best_prefix(self, prefixes: _Prefixes, service: _ServiceOrder,
+                     limit_ms: float) -> _Option:
         """The best number of host rows (a prefix, at least the forced ones and one row).
 
         Step time grows with the prefix; tokens/s first rises while CPU attention hides in
         the GPU window, then moves monotonically (each extra row costs about the same). So the
         best prefix is at the window's edge (either side) or the longest one within the
-        limit."""
-        low = prefixes.option(max(1, num_forced))
-        longest = prefixes.last_within(low.num_host, prefixes.num_rows, limit_ms)
+        limit. Under a TPOT target: the most admitted rows that fit, then parked rows only
+        while they hide in the window."""
+        low = prefixes.option(max(1, service.num_forced))
         if self.target_step_ms is not None:
-            return longest  # see _pick: under a TPOT target, serve as many rows as fit
+            high = max(low.num_host, service.num_admitted)
+            served = prefixes.last_within(low.num_host, high, limit_ms)
+            window_ms = min(limit_ms, served.step_ms * _WINDOW_TOLERANCE)
+            filled = prefixes.last_within(served.num_host, prefixes.num_rows, window_ms)
+            return filled if filled.tokens_per_ms >= served.tokens_per_ms else served
+        longest = prefixes.last_within(low.num_host, prefixes.num_rows, limit_ms)
         window_ms = min(limit_ms, low.step_ms * _WINDOW_TOLERANCE)
         window_edge = prefixes.last_within(low.num_host, longest.num_host, window_ms)
         candidates = [window_edge, longest]
@@ -270,7 +295,8 @@ class NeoChooser:
     def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],
                host_prefill_seqs: tuple[ScheduledSeq, ...],
                host_decode_seqs: tuple[ScheduledSeq, ...],
-               num_skipped_steps: Mapping[str, int]) -> Choice:
+               num_skipped_steps: Mapping[str, int],
+               parked: AbstractSet[str] = frozenset()) -> Choice:
         model = self.perf_model
         base = model.shape_of_seqs(gpu_seqs, host_prefill_seqs)
         gpu_only_ms = model.predict_ms(Strategy.GPU_ONLY, base)

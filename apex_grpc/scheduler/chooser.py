@@ -8,7 +8,7 @@ chooser, which weighs predicted step times from the performance model, lives in 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence
+from typing import AbstractSet, Mapping, Protocol, Sequence
 
 from apex_grpc.config import Policy
 from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
@@ -39,10 +39,12 @@ class StrategyChooser(Protocol):
     def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],
                host_prefill_seqs: tuple[ScheduledSeq, ...],
                host_decode_seqs: tuple[ScheduledSeq, ...],
-               num_skipped_steps: Mapping[str, int]) -> Choice:
+               num_skipped_steps: Mapping[str, int],
+               parked: AbstractSet[str] = frozenset()) -> Choice:
         """Pick the strategy and the host decode rows that run this step (a subset of
         host_decode_seqs, in order). num_skipped_steps: consecutive steps each host-resident
-        request has sat out, so a chooser can bound how long any request waits."""
+        request has sat out, so a chooser can bound how long any request waits. parked: the
+        host rows parked there instead of preempted (see parks_on_host)."""
         ...
 
     def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_rows: Sequence[HostRow],
@@ -66,7 +68,8 @@ class SimpleChooser:
     def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],
                host_prefill_seqs: tuple[ScheduledSeq, ...],
                host_decode_seqs: tuple[ScheduledSeq, ...],
-               num_skipped_steps: Mapping[str, int]) -> Choice:
+               num_skipped_steps: Mapping[str, int],
+               parked: AbstractSet[str] = frozenset()) -> Choice:
         if not host_decode_seqs:
             return Choice(Strategy.GPU_ONLY, ())
         if self.policy == Policy.NEO:

@@ -215,7 +215,8 @@ class Scheduler:
 
     def _place(self, req: Request, num_new: int, sent_to_host: bool) -> Tier | None:
         """The tier for a new request's KV, or None when neither tier has room now."""
-        fits_gpu = self._fits(req, Tier.GPU, num_new, watermark=True)
+        # Parked requests are older than any new one: GPU room goes to them first (FCFS).
+        fits_gpu = not self._parked and self._fits(req, Tier.GPU, num_new, watermark=True)
         # Host prefill streams a whole prompt in one pass (no earlier context to read back).
         host_ok = self.hybrid_enabled and num_new == req.num_uncomputed_tokens and \
             self._fits(req, Tier.HOST, num_new, watermark=False)
@@ -258,8 +259,13 @@ class Scheduler:
         return self.chooser.admits_to_host(gpu_ctx, host_rows, self._host_row(req, evicted))
 
     def _parks(self, victim: Request) -> bool:
-        """Ask the chooser whether parking the GPU decode victim on the host beats
-        recomputing its KV later, beside the GPU decodes that stay."""
+        """Park the GPU decode victim on the host instead of preempting it? Only with automatic
+        placement and an empty queue: a parked row runs only when a step has room (or its wait
+        bound forces it), so its TPOT holds only if GPU room comes back soon, which it does
+        when the running set can only shrink; with requests waiting, freed room goes on to
+        them. Then the chooser weighs the copy out and back against the recompute."""
+        if self.config.kv_placement != KVPlacement.AUTO or self.waiting:
+            return False
         gpu_ctx = [r.num_tokens for r in self.running if r is not victim
                    and self.kv.tier_of(r.request_id) == Tier.GPU]
         return self.chooser.parks_on_host(gpu_ctx, victim.num_computed_tokens)
@@ -290,7 +296,7 @@ class Scheduler:
         host_decode = tuple(s for s in host if s.is_decode)
         skipped = {s.request_id: self.requests[s.request_id].num_skipped_steps
                    for s in host_decode}
-        choice = self.chooser.choose(gpu, host_prefill, host_decode, skipped)
+        choice = self.chooser.choose(gpu, host_prefill, host_decode, skipped, self._parked)
         selected = set(s.request_id for s in choice.host_decode_seqs)
         for req in self.running:
             if self.kv.tier_of(req.request_id) == Tier.HOST and not req.is_prefilling:

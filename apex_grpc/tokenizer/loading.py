@@ -1,10 +1,10 @@
-"""Building a Tokenizer from a Hugging Face directory, from GGUF metadata, or as a byte fallback.
+"""Building a Tokenizer from a Hugging Face directory, or as a byte fallback.
 
 HF directory: tokenizer.json (preferred, as transformers' fast tokenizers do) or a sentencepiece
 tokenizer.model; tokenizer_config.json for BOS/EOS strings, add_bos/add_eos, added special
 tokens and the chat template (or chat_template.jinja beside it); EOS ids are the union of
 generation_config.json, config.json and tokenizer_config.json.
-GGUF: the byte-level BPE vocabulary and merges of `tokenizer.ggml.*` (model "gpt2").
+GGUF metadata tokenizers are built in gguf_vocab.py.
 """
 
 from __future__ import annotations
@@ -14,18 +14,9 @@ import os
 from typing import Any
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, processors
 
 from apex_grpc.tokenizer.backends import ByteBackend, HFTokenizersBackend, SentencePieceBackend
 from apex_grpc.tokenizer.core import Tokenizer, TokenizerBackend, TokenizerError
-
-# llama.cpp's token types (tokenizer.ggml.token_type)
-_GGUF_CONTROL = 3
-_GGUF_USER_DEFINED = 4
-
-# Llama-3's split regex (llama.cpp pre-tokenizer "llama-bpe"); others use GPT-2's.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -106,51 +97,6 @@ def load_tokenizer(model_dir: str) -> Tokenizer:
         bos_id = _read_json(os.path.join(model_dir, "config.json")).get("bos_token_id")
     return Tokenizer(backend, bos_id, _eos_ids(model_dir, _token_id(backend, eos_token)),
                      _chat_template(model_dir, tokenizer_config), bos_token, eos_token)
-
-
-def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
-    if pre == "llama-bpe":
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(tokenizers.Regex(_LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre == "smollm":  # SmolLM splits every digit before the GPT-2 regex
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        byte_level])
-    return byte_level
-
-
-def tokenizer_from_gguf_metadata(metadata: dict[str, Any]) -> Tokenizer:
-    """Tokenizer from GGUF metadata (`tokenizer.ggml.*` keys, values already decoded)."""
-    kind = metadata.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise TokenizerError(f"GGUF tokenizer model {kind!r} is not supported; only byte-level "
-                             "BPE ('gpt2')")
-    tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
-    token_types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-    merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
-    bpe = models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges,
-                     fuse_unk=False, byte_fallback=False)
-    tokenizer = tokenizers.Tokenizer(bpe)
-    tokenizer.pre_tokenizer = _pre_tokenizer(str(metadata.get("tokenizer.ggml.pre", "gpt2")))
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([
-        tokenizers.AddedToken(token, special=True, normalized=False)
-        for token, kind_id in zip(tokens, token_types) if kind_id == _GGUF_CONTROL])
-    tokenizer.add_tokens([
-        tokenizers.AddedToken(token, special=False, normalized=False)
-        for token, kind_id in zip(tokens, token_types) if kind_id == _GGUF_USER_DEFINED])
-    bos_id = metadata.get("tokenizer.ggml.bos_token_id")
-    eos_id = metadata.get("tokenizer.ggml.eos_token_id")
-    if metadata.get("tokenizer.ggml.add_bos_token") and bos_id is not None:
-        tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{tokens[bos_id]} $A", pair=f"{tokens[bos_id]} $A $B",
-            special_tokens=[(tokens[bos_id], bos_id)])
-    return Tokenizer(HFTokenizersBackend(tokenizer), bos_id,
-                     () if eos_id is None else (int(eos_id),),
-                     metadata.get("tokenizer.chat_template"),
-                     tokens[bos_id] if bos_id is not None else "",
-                     tokens[eos_id] if eos_id is not None else "")
 
 
 def byte_tokenizer(vocab_size: int, eos_token_ids: tuple[int, ...] = ()) -> Tokenizer:

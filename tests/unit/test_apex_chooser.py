@@ -200,3 +200,41 @@ def test_choose_cost_at_256_rows():
     per_call_us = (time.perf_counter() - start) / 20 * 1e6
     print(f"choose() at 256 rows: {per_call_us:.0f} us, "
           f"{per_call_us / 10 / choice.predicted_step_ms:.2f}% of the predicted step")
+
+
+def test_parks_when_the_copy_is_cheaper_than_recompute():
+    # 300 cached tokens beside 200 GPU decodes: recompute ~3.3 ms; the round trip is free
+    # at the default bandwidth and 2 x 4 layers x 76.8 ms at 0.001 GB/s.
+    fast = ApexChooser(PerfModel(make_profile()), CONFIG, target_step_ms=100.0)
+    assert fast.parks_on_host([1000] * 200, 300)
+    slow = ApexChooser(PerfModel(make_profile(copy_gb_per_s=0.001)), CONFIG,
+                       target_step_ms=100.0)
+    assert not slow.parks_on_host([1000] * 200, 300)
+    assert not NeoChooser(PerfModel(make_profile()), CONFIG).parks_on_host([1000], 300)
+
+
+def test_parked_rows_run_only_inside_the_gpu_window_or_when_forced():
+    # 16 GPU rows: 8 ms of GPU attention per layer hides 16 host rows' CPU attention.
+    model = PerfModel(make_profile(gpu_ms_per_ktok=0.5, cpu_ms_per_ktok=0.5))
+    chooser = ApexChooser(model, CONFIG, target_step_ms=100.0)
+    host_ids = {f"h{i}" for i in range(30)}
+    admitted = _choose(chooser, 16, 30)
+    assert len(admitted.host_decode_seqs) == 30  # admitted rows: as many as fit the target
+    gpu = _decodes("g", 16, 1000, Tier.GPU)
+    host = _decodes("h", 30, 1000, Tier.HOST)
+    parked = chooser.choose(gpu, (), host, {}, host_ids)
+    # Parked rows: only as many as raise tokens/s (the window's edge), not all that fit.
+    num_parked_run = len(parked.host_decode_seqs)
+    assert 16 <= num_parked_run < 30
+    gpu_only_ms = model.predict_step_ms(Strategy.GPU_ONLY, [], [1000] * 16)
+    assert (16 + num_parked_run) / parked.predicted_step_ms > 16 / gpu_only_ms
+    # Admitted rows go before parked ones, whatever their waits.
+    mixed = chooser.choose(gpu, (), host, {"h29": 3}, host_ids - {"h0", "h1"})
+    ids = {s.request_id for s in mixed.host_decode_seqs}
+    assert {"h0", "h1", "h29"} <= ids and len(ids) == num_parked_run
+    # A CPU too slow to hide anything: parked rows sit out until they are forced.
+    slow = ApexChooser(PerfModel(make_profile(cpu_ms_per_ktok=20.0)), CONFIG,
+                       target_step_ms=100.0)
+    assert slow.choose(gpu, (), host, {}, host_ids).host_decode_seqs == ()
+    forced = slow.choose(gpu, (), host, {"h7": DEFAULT_MAX_SKIPPED_STEPS}, host_ids)
+    assert [s.request_id for s in forced.host_decode_seqs] == ["h7"]

@@ -115,3 +115,27 @@ def test_profile_quick_measures_a_tiny_model_on_this_machine():
         assert all(b >= a > 0 for a, b in zip(table.ms, table.ms[1:]))
     assert profile.d2h.gb_per_s > 0 and profile.layer_sync_ms > 0
     assert Profile.from_dict(profile.to_dict()) == profile
+
+
+def test_park_round_trip_and_recompute_costs():
+    # 256 bytes of KV per token and layer; 0.001 GB/s is 1000 bytes per ms.
+    model = PerfModel(make_profile(copy_gb_per_s=0.001))
+    assert model.park_round_trip_ms(100) == pytest.approx(2 * SHAPE.num_layers * 25.6)
+    assert model.park_round_trip_ms(0) == 0.0
+    # Recompute: the prompt's rows past T_lin's flat part (256 rows at 1 ms, 512 at 2 ms)
+    # plus its causal attention, beside 200 GPU decode rows.
+    recompute = model.recompute_ms(300, [1000] * 200)
+    linear_extra = (1.0 + (500 - 256) / 256) - (1.0 + 0.0)
+    attention = 0.01 + (300 - 16) / (1024 - 16) * (0.2 - 0.01)
+    assert recompute == pytest.approx(SHAPE.num_layers * (linear_extra + attention))  # flat head
+    assert model.recompute_ms(0, [1000]) == 0.0
+
+
+def test_step_costs_price_host_rows_like_full_shapes():
+    model = PerfModel(make_profile(gpu_ms_per_ktok=0.1, sync_ms=0.05))
+    base = model.shape_of([(0, 100)], [1000] * 8)
+    costs = model.step_costs(base)
+    for strategy in Strategy:
+        full = model.shape_of([(0, 100)], [1000] * 8, [900] * 5)
+        assert costs.predict_ms(strategy, 5, 4500) == pytest.approx(
+            model.predict_ms(strategy, full))

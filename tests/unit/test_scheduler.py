@@ -10,9 +10,12 @@ from apex_grpc.config import EngineConfig, KVPlacement, Policy
 from apex_grpc.kv_cache.block_pool import BlockPool, BlockPoolError
 from apex_grpc.kv_cache.manager import KVCacheManager
 from apex_grpc.request import Request, RequestStatus, SamplingParams, StoppingParams, Tier
+from apex_grpc.scheduler.apex_chooser import DEFAULT_MAX_SKIPPED_STEPS, ApexChooser
 from apex_grpc.scheduler.chooser import HostRow, SimpleChooser
+from apex_grpc.scheduler.perf_model import PerfModel
 from apex_grpc.scheduler.plan import Strategy
 from apex_grpc.scheduler.scheduler import Scheduler
+from tests.unit.perf_fixtures import make_profile
 
 
 def make_scheduler(**overrides) -> Scheduler:
@@ -244,3 +247,79 @@ def test_apex_schedules_exactly_like_gpu_only_when_the_host_tier_does_not_pay():
             plans.append([(s.request_id, s.num_new_tokens, s.tier) for s in plan.all_seqs])
         runs.append((plans, sched.num_preemptions, sched.num_evictions))
     assert runs[0] == runs[1] and runs[0][1] > 0 and runs[1][2] == 0
+
+
+def _apex_on(profile, **overrides) -> Scheduler:
+    """APEX with the real chooser over a synthetic profile; the CPU is far too slow to carry
+    any host row every step, so only parking can put a row on the host."""
+    fields = dict(block_size=4, num_gpu_blocks=8, num_host_blocks=32, max_num_seqs=8,
+                  max_batched_tokens=32, max_model_len=128, policy=Policy.APEX)
+    fields.update(overrides)
+    config = EngineConfig(**fields)
+    return Scheduler(config, KVCacheManager(config.block_size, config.num_gpu_blocks,
+                                            config.num_host_blocks),
+                     ApexChooser(PerfModel(profile), config))
+
+
+def _drain(sched: Scheduler) -> list[list[tuple[str, int, Tier]]]:
+    plans = []
+    while sched.has_work:
+        plan = run_step(sched)
+        plans.append([(s.request_id, s.num_new_tokens, s.tier) for s in plan.all_seqs])
+        for req in sched.running:  # bounded waits: parked rows run or come back in time
+            assert req.num_skipped_steps <= DEFAULT_MAX_SKIPPED_STEPS
+        assert len(plans) < 500
+    return plans
+
+
+def _specs_for_parking():
+    rng = random.Random(2)
+    return [(rng.randint(6, 10), rng.randint(6, 14)) for _ in range(8)]  # each fits 8 blocks
+
+
+def test_apex_parks_on_the_host_when_the_copy_is_cheaper_than_recompute():
+    # Three requests all start at once (8 of 32 GPU tokens each) and grow to 19 tokens:
+    # with nothing waiting, those that must leave the GPU are parked, not preempted.
+    sched = _apex_on(make_profile(cpu_ms_per_ktok=1000.0))
+    for i in range(3):
+        sched.add_request(make_request(f"r{i}", 7, max_new=12))
+    parked_runs, saw_parked = 0, False
+    while sched.has_work:
+        plan = run_step(sched)
+        parked_runs += len(plan.host_decode_seqs)
+        saw_parked |= sched.num_host_resident() > 0
+        for req in sched.running:
+            assert req.num_skipped_steps <= DEFAULT_MAX_SKIPPED_STEPS
+    assert saw_parked and sched.num_parks > 0 and sched.num_parks == sched.num_evictions
+    assert sched.num_preemptions == 0 and sched.num_restores > 0
+    assert parked_runs > 0  # served on the CPU when forced by the bounded wait
+    assert sched.kv.used_blocks(Tier.HOST) == 0 and sched.kv.used_blocks(Tier.GPU) == 0
+
+
+def test_apex_preempts_like_gpu_only_when_recompute_is_cheaper_than_the_copy():
+    runs = []
+    for sched in (make_scheduler(num_gpu_blocks=8),
+                  _apex_on(make_profile(cpu_ms_per_ktok=1000.0, copy_gb_per_s=0.001))):
+        for i, (prompt_len, max_new) in enumerate(_specs_for_parking()):
+            sched.add_request(make_request(f"r{i}", prompt_len, max_new=max_new))
+        runs.append((_drain(sched), sched.num_preemptions, sched.num_evictions))
+    assert runs[0] == runs[1] and runs[0][1] > 0 and runs[1][2] == 0
+
+
+def test_parked_requests_are_restored_oldest_first_and_block_new_gpu_admissions():
+    sched = _apex_on(make_profile(cpu_ms_per_ktok=1000.0))
+    for i, (prompt_len, max_new) in enumerate(_specs_for_parking()):
+        sched.add_request(make_request(f"r{i}", prompt_len, max_new=max_new))
+    admission_order = {f"r{i}": i for i in range(8)}
+    num_restores = 0
+    while sched.has_work:
+        parked_before = [r.request_id for r in sched.running if r.request_id in sched._parked]
+        plan = run_step(sched)
+        restored = [m.request_id for m in plan.moves if m.dst_tier == Tier.GPU]
+        if restored:
+            assert restored == [min(parked_before, key=admission_order.get)]
+            num_restores += 1
+        if parked_before and not restored:
+            # FCFS: nobody new starts on the GPU while an older request is parked.
+            assert all(s.num_computed_tokens > 0 for s in plan.gpu_seqs)
+    assert num_restores > 0 and sched.num_parks > 0

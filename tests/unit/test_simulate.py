@@ -94,7 +94,8 @@ def test_json_output_shape(tmp_path, capsys):
 
 def test_apex_is_gpu_only_where_the_cpu_cannot_pay_and_gains_where_it_can():
     setup = Setup(gpu_kv_tokens=256, host_kv_tokens=2048, max_num_seqs=16, tpot_slo_ms=100.0)
-    slow = make_profile(cpu_ms_per_ktok=30.0)
+    # Slow copies too: recompute is cheaper than parking, so nothing reaches the host.
+    slow = make_profile(cpu_ms_per_ktok=30.0, copy_gb_per_s=0.001)
     gpu_only = summarize(simulate(Policy.GPU_ONLY, setup, slow, SMALL), 100.0)
     apex = simulate(Policy.APEX, setup, slow, SMALL, check_integrity=True)
     assert apex.counters["evictions"] == 0 and apex.steps[Strategy.ASYNC_OVERLAP] == 0
@@ -105,3 +106,19 @@ def test_apex_is_gpu_only_where_the_cpu_cannot_pay_and_gains_where_it_can():
     assert crisis[Policy.APEX]["goodput"] >= best
     assert crisis[Policy.APEX]["output_throughput"] > \
         1.2 * crisis[Policy.GPU_ONLY]["output_throughput"]
+
+
+def test_parking_beats_recompute_when_every_request_starts_at_once():
+    # All 12 prompts fit the GPU at t=0 and about half must leave as they grow. The CPU is
+    # too slow to carry a row every step, but copies are cheaper than recompute: apex parks
+    # them (each parked row runs within the wait bound) instead of preempting like gpu-only.
+    setup = Setup(gpu_kv_tokens=1024, host_kv_tokens=2048, max_num_seqs=16, tpot_slo_ms=100.0)
+    workload = Workload(num_requests=12, input_len=64, output_len=96, range_ratio=0.2, seed=3)
+    profile = make_profile(cpu_ms_per_ktok=30.0, prefill_ms_per_ktok=20.0)
+    gpu_only = simulate(Policy.GPU_ONLY, setup, profile, workload)
+    apex = simulate(Policy.APEX, setup, profile, workload, check_integrity=True)
+    assert gpu_only.counters["preemptions"] > 0
+    assert apex.counters["parks"] > 0 and apex.counters["preemptions"] == 0
+    assert apex.counters["restores"] > 0
+    assert summarize(apex, 100.0)["output_throughput"] > \
+        summarize(gpu_only, 100.0)["output_throughput"]

@@ -109,18 +109,26 @@ class _Prefixes:
         return found
 
     def last_within(self, low: int, high: int, limit_ms: float) -> _Option:
-        """Binary search for the largest prefix in [low, high] whose step fits limit_ms
-        (option(low) when none does: forced rows run regardless)."""
+        """The largest prefix in [low, high] whose step fits limit_ms (option(low) when none
+        does: forced rows run regardless). Galloping from low, then bisecting: the answer is
+        usually a few rows past low, so this probes O(log answer) prefixes."""
         best = self.option(low)
         if best.step_ms > limit_ms:
             return best
-        while low < high:
-            mid = (low + high + 1) // 2
+        fits, fails, stride = low, high + 1, 1
+        while fits + stride < fails:
+            candidate = self.option(fits + stride)
+            if candidate.step_ms > limit_ms:
+                fails = fits + stride
+                break
+            fits, best, stride = fits + stride, candidate, 2 * stride
+        while fails - fits > 1:
+            mid = (fits + fails) // 2
             candidate = self.option(mid)
             if candidate.step_ms <= limit_ms:
-                low, best = mid, candidate
+                fits, best = mid, candidate
             else:
-                high = mid - 1
+                fails = mid
         return best
 
 
@@ -201,6 +209,8 @@ class ApexChooser:
         if self.target_step_ms is not None:
             high = max(low.num_host, service.num_admitted)
             served = prefixes.last_within(low.num_host, high, limit_ms)
+            if served.num_host < high or high == prefixes.num_rows:
+                return served  # the limit stopped it, or no parked rows are left to add
             window_ms = min(limit_ms, served.step_ms * _WINDOW_TOLERANCE)
             filled = prefixes.last_within(served.num_host, prefixes.num_rows, window_ms)
             return filled if filled.tokens_per_ms >= served.tokens_per_ms else served
@@ -248,14 +258,24 @@ class ApexChooser:
                                                gpu_decode_ctx) / num_left
         return after_ms - before_ms <= allowance_ms
 
-    def parks_on_host(self, gpu_decode_ctx: Sequence[int], num_kv_tokens: int) -> bool:
+    def parks_on_host(self, gpu_decode_ctx: Sequence[int], num_kv_tokens: int,
+                      num_park_steps: int, num_parked_together: int) -> bool:
         """Swap instead of recompute: a GPU decode that must leave and that the CPU cannot
         carry every step is parked on the host (served when a step has room, restored when
-        the GPU has) when copying its KV there and back is predicted cheaper than prefilling
-        it again beside the GPU decodes; otherwise it is preempted as under GPU_ONLY."""
+        the GPU has) when parking is predicted cheaper than prefilling it again beside the GPU
+        decodes. Parking costs the copy out and back plus one forced CPU run per wait bound
+        over the num_park_steps it expects to wait; a forced run costs its share of the extra
+        step time of the rows forced with it (num_parked_together, this one included, spread
+        over the bound). A slow CPU or a long wait keeps the GPU_ONLY choice (preemption)."""
         model = self.perf_model
-        return model.park_round_trip_ms(num_kv_tokens) < \
-            model.recompute_ms(num_kv_tokens, gpu_decode_ctx)
+        base = model.shape_of([], gpu_decode_ctx)
+        num_per_step = -(-max(1, num_parked_together) // (self.max_skipped_steps + 1))
+        forced_ms = self._hybrid_ms(base, num_per_step, num_per_step * (num_kv_tokens + 1)) - \
+            model.predict_ms(Strategy.GPU_ONLY, base)
+        num_forced_runs = num_park_steps // (self.max_skipped_steps + 1)
+        park_ms = model.park_round_trip_ms(num_kv_tokens) + \
+            num_forced_runs * max(0.0, forced_ms) / num_per_step
+        return park_ms < model.recompute_ms(num_kv_tokens, gpu_decode_ctx)
 
     def admission_limit_ms(self, gpu_only_ms: float) -> float:
         """The step a decode-only batch may take once host rows join: the TPOT target's step
@@ -289,7 +309,8 @@ class NeoChooser:
                        new_row: HostRow) -> bool:
         return True  # NEO offloads whatever the host tier can hold
 
-    def parks_on_host(self, gpu_decode_ctx: Sequence[int], num_kv_tokens: int) -> bool:
+    def parks_on_host(self, gpu_decode_ctx: Sequence[int], num_kv_tokens: int,
+                      num_park_steps: int, num_parked_together: int) -> bool:
         return False  # never asked: admits_to_host already takes every row
 
     def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],

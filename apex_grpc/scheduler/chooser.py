@@ -53,9 +53,12 @@ class StrategyChooser(Protocol):
         or eviction) given the GPU rows' contexts and the host rows already resident?"""
         ...
 
-    def parks_on_host(self, gpu_decode_ctx: Sequence[int], num_kv_tokens: int) -> bool:
+    def parks_on_host(self, gpu_decode_ctx: Sequence[int], num_kv_tokens: int,
+                      num_park_steps: int, num_parked_together: int) -> bool:
         """For a GPU decode that must leave and that admits_to_host refused: park it on the
-        host (run when a step has room, restored when the GPU has) rather than preempt it?"""
+        host (run when a step has room, restored when the GPU has, expected after
+        num_park_steps; num_parked_together rows expected on the host with it, it included)
+        rather than preempt it?"""
         ...
 
 
@@ -80,5 +83,6 @@ class SimpleChooser:
                        new_row: HostRow) -> bool:
         return True  # no performance model: the host tier's capacity is the only limit
 
-    def parks_on_host(self, gpu_decode_ctx: Sequence[int], num_kv_tokens: int) -> bool:
+    def parks_on_host(self, gpu_decode_ctx: Sequence[int], num_kv_tokens: int,
+                      num_park_steps: int, num_parked_together: int) -> bool:
         return False  # never asked: admits_to_host already takes every row

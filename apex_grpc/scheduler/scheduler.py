@@ -261,14 +261,33 @@ class Scheduler:
     def _parks(self, victim: Request) -> bool:
         """Park the GPU decode victim on the host instead of preempting it? Only with automatic
         placement and an empty queue: a parked row runs only when a step has room (or its wait
-        bound forces it), so its TPOT holds only if GPU room comes back soon, which it does
-        when the running set can only shrink; with requests waiting, freed room goes on to
-        them. Then the chooser weighs the copy out and back against the recompute."""
+        bound forces it), so it should get GPU room back soon, which it does when the running
+        set can only shrink; with requests waiting, freed room goes on to them. The chooser
+        weighs the copies and the forced runs over the expected wait against the recompute."""
         if self.config.kv_placement != KVPlacement.AUTO or self.waiting:
             return False
-        gpu_ctx = [r.num_tokens for r in self.running if r is not victim
-                   and self.kv.tier_of(r.request_id) == Tier.GPU]
-        return self.chooser.parks_on_host(gpu_ctx, victim.num_computed_tokens)
+        gpu_decodes = [r for r in self.running if r is not victim
+                       and self.kv.tier_of(r.request_id) == Tier.GPU]
+        if not gpu_decodes:
+            return False
+        # It waits until as many GPU decodes finish as there are parked rows ahead of it.
+        steps_left = sorted(self._final_len(r) - r.num_tokens for r in gpu_decodes)
+        num_park_steps = steps_left[min(len(self._parked), len(steps_left) - 1)]
+        return self.chooser.parks_on_host([r.num_tokens for r in gpu_decodes],
+                                          victim.num_computed_tokens, num_park_steps,
+                                          self._num_to_park(gpu_decodes))
+
+    def _num_to_park(self, gpu_decodes: list[Request]) -> int:
+        """Rows parked together, this one included: those parked already plus the newest GPU
+        decodes that cannot all reach their final length in the GPU tier."""
+        num_free = self.kv.pools[Tier.GPU].num_total
+        num_fitting = 0
+        for req in gpu_decodes:  # oldest first: the newest leave first
+            num_free -= self.kv.blocks_for_tokens(self._final_len(req))
+            if num_free < 0:
+                break
+            num_fitting += 1
+        return len(self._parked) + 1 + len(gpu_decodes) - num_fitting
 
     def _fits(self, req: Request, tier: Tier, num_new: int, watermark: bool) -> bool:
         pool = self.kv.pools[tier]

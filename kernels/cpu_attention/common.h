@@ -95,7 +95,9 @@ inline void store_from_float(void* base, int64_t index, DType dtype, float value
 // q rows [num_rows, head_dim] in the KV element type -> float32 (most kernels' q layout).
 template <DType kType>
 void rows_to_float(const void* q, int num_rows, int head_dim, float* prepared) {
-  for (int64_t i = 0; i < int64_t(num_rows) * head_dim; ++i) prepared[i] = load_as_float(q, i, kType);
+  for (int64_t i = 0; i < int64_t(num_rows) * head_dim; ++i) {
+    prepared[i] = load_as_float(q, i, kType);
+  }
 }
 
 // Floats a prepared q of num_rows rows may take (room for padded, interleaved layouts).

@@ -1,6 +1,9 @@
-// Decode attention job. Work is planned in units of KV blocks per kv head: a (seq, kv_head)
-// context longer than part_blocks is split into parts that run in parallel and are merged by
-// log-sum-exp (flash-decoding), so one long request and many short ones both fill the pool.
+// Decode attention job. Work is planned in units of KV blocks: a task is a run of one
+// sequence's blocks for all its kv heads (or, when sequences are too few to fill the pool, for
+// a share of them); a context longer than part_blocks is split into parts that run in parallel
+// and are merged by log-sum-exp (flash-decoding), so one long request and many short ones both
+// fill the pool. Within a task the walk is block by block, kv head by kv head: each block's K
+// (and V) rows for all heads are one contiguous run of memory.
 #include "decode.h"
 
 #include <algorithm>
@@ -46,7 +49,9 @@ void write_slot(void* k_cache, void* v_cache, const void* k, const void* v, int6
 // Pulls rows into L2 ahead of use (into L1 they would evict the rows being computed on).
 inline void prefetch_rows(const void* data, int64_t bytes) {
   const char* bytes_ptr = static_cast<const char*>(data);
-  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(bytes_ptr + offset, 0, 1);
+  for (int64_t offset = 0; offset < bytes; offset += 64) {
+    __builtin_prefetch(bytes_ptr + offset, 0, 1);
+  }
 }
 
 }  // namespace
@@ -91,7 +96,9 @@ void DecodeJob::check_problem() const {
 void DecodeJob::plan(int num_threads) {
   const DecodeProblem& p = problem_;
   int64_t total_blocks = 0;
-  for (int seq = 0; seq < p.num_seqs; ++seq) total_blocks += ceil_div(p.seq_lens[seq], p.block_size);
+  for (int seq = 0; seq < p.num_seqs; ++seq) {
+    total_blocks += ceil_div(p.seq_lens[seq], p.block_size);
+  }
   const int64_t target_tasks = int64_t(std::max(num_threads, 1)) * kTasksPerThread;
   part_blocks_ = std::max(ceil_div(kMinPartTokens, p.block_size),
                           ceil_div(total_blocks, target_tasks));
@@ -101,8 +108,8 @@ void DecodeJob::plan(int num_threads) {
   // A task reads every kv head of its blocks (one block's K, then its V, are contiguous: far
   // fewer page walks than 4 KiB pieces at random places). Too few tasks for the threads (a
   // few short sequences): split the kv heads across tasks instead.
-  const int64_t head_groups =
-      std::min<int64_t>(p.num_kv_heads, ceil_div(target_tasks, std::max<int64_t>(num_parts_total, 1)));
+  const int64_t head_groups = std::min<int64_t>(
+      p.num_kv_heads, ceil_div(target_tasks, std::max<int64_t>(num_parts_total, 1)));
   heads_per_task_ = ceil_div(p.num_kv_heads, std::max<int64_t>(head_groups, 1));
   num_append_tasks_ = p.slot_mapping != nullptr ? ceil_div(p.num_seqs, kSeqsPerAppendTask) : 0;
 
@@ -154,36 +161,48 @@ void DecodeJob::run_task(int index, WorkerScratch& scratch) {
   run_attention(tasks_[attention_index], scratch);
 }
 
-void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
+DecodeJob::TaskState DecodeJob::start_task(const Task& task, int num_kv_heads,
+                                           WorkerScratch& scratch) const {
   const DecodeProblem& p = problem_;
   const int group = group_size_;
-  const int num_kv_heads = std::min(heads_per_task_, p.num_kv_heads - task.first_kv_head);
   const int rows = num_kv_heads * group;  // query rows of this task
   const int dim = p.head_dim;
   const int64_t element = element_size(p.dtype);
+  TaskState state;
+  state.prepared_floats = prepared_q_floats(group, dim);
   // One buffer per task, sized up front: the merge area must not move the others.
   const size_t merge_floats = size_t(num_parts_[task.seq]) + dim;
-  const int64_t prepared_floats = prepared_q_floats(group, dim);  // per kv head
-  float* buffer = scratch.floats(size_t(num_kv_heads * prepared_floats) +
+  float* buffer = scratch.floats(size_t(num_kv_heads * state.prepared_floats) +
                                  size_t(rows) * (dim + 3) + size_t(group) * p.block_size +
                                  merge_floats);
-  float* prepared_q = buffer;                     // [num_kv_heads, prepared_floats]
-  float* acc = prepared_q + num_kv_heads * prepared_floats;  // [rows, head_dim]
-  float* running_max = acc + size_t(rows) * dim;  // [rows]
-  float* running_sum = running_max + rows;       // [rows]
-  float* alpha = running_sum + rows;             // [rows]
-  float* scores = alpha + rows;                  // [group, block_size], one kv head at a time
-  float* merge_scratch = scores + size_t(group) * p.block_size;
+  state.prepared_q = buffer;  // [num_kv_heads, prepared_floats]
+  state.acc = state.prepared_q + num_kv_heads * state.prepared_floats;  // [rows, head_dim]
+  state.running_max = state.acc + size_t(rows) * dim;                   // [rows]
+  state.running_sum = state.running_max + rows;                          // [rows]
+  state.alpha = state.running_sum + rows;                                // [rows]
+  state.scores = state.alpha + rows;  // [group, block_size], one kv head at a time
+  state.merge_scratch = state.scores + size_t(group) * p.block_size;
 
   const int64_t q_row = int64_t(task.seq) * p.num_heads + int64_t(task.first_kv_head) * group;
   const char* q_raw = static_cast<const char*>(p.q) + q_row * dim * element;
   for (int head = 0; head < num_kv_heads; ++head) {
     ops_->prepare_q(q_raw + int64_t(head) * group * dim * element, group, dim,
-                    prepared_q + head * prepared_floats);
+                    state.prepared_q + head * state.prepared_floats);
   }
-  std::fill(acc, acc + size_t(rows) * dim, 0.0f);
-  std::fill(running_max, running_max + rows, -std::numeric_limits<float>::infinity());
-  std::fill(running_sum, running_sum + rows, 0.0f);
+  std::fill(state.acc, state.acc + size_t(rows) * dim, 0.0f);
+  std::fill(state.running_max, state.running_max + rows,
+            -std::numeric_limits<float>::infinity());
+  std::fill(state.running_sum, state.running_sum + rows, 0.0f);
+  return state;
+}
+
+void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
+  const DecodeProblem& p = problem_;
+  const int group = group_size_;
+  const int num_kv_heads = std::min(heads_per_task_, p.num_kv_heads - task.first_kv_head);
+  const int dim = p.head_dim;
+  const int64_t element = element_size(p.dtype);
+  const TaskState s = start_task(task, num_kv_heads, scratch);
 
   const int seq_len = p.seq_lens[task.seq];
   const int first_block = task.part * part_blocks_;
@@ -211,24 +230,26 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
       // Each kv head of a block is its own 4 KiB page (head_dim 128, bf16), where the hardware
       // prefetcher starts cold, and the next block is wherever the block table says: fetch
       // the next head's K and V rows in walk order while this one computes.
-      const int64_t prefetch_offset = head + 1 < num_kv_heads ? head_offset + head_bytes : next_offset;
+      const int64_t prefetch_offset =
+          head + 1 < num_kv_heads ? head_offset + head_bytes : next_offset;
       if (prefetch_offset >= 0) {
         prefetch_rows(k_base + prefetch_offset, head_bytes);
       }
       const int row = head * group;
-      ops_->scores(prepared_q + head * prepared_floats, k_base + head_offset, group, num_tokens,
-                   dim, p.scale, scores);
+      ops_->scores(s.prepared_q + head * s.prepared_floats, k_base + head_offset, group,
+                   num_tokens, dim, p.scale, s.scores);
       if (prefetch_offset >= 0) prefetch_rows(v_base + prefetch_offset, head_bytes);
-      ops_->softmax(scores, group, num_tokens, running_max + row, running_sum + row, alpha + row);
-      ops_->accumulate(scores, v_base + head_offset, group, num_tokens, dim, alpha + row,
-                       acc + int64_t(row) * dim);
+      ops_->softmax(s.scores, group, num_tokens, s.running_max + row, s.running_sum + row,
+                    s.alpha + row);
+      ops_->accumulate(s.scores, v_base + head_offset, group, num_tokens, dim, s.alpha + row,
+                       s.acc + int64_t(row) * dim);
     }
     offset = next_offset;
   }
   for (int head = 0; head < num_kv_heads; ++head) {
     const int row = head * group;
-    finish_rows(task, task.first_kv_head + head, acc + int64_t(row) * dim, running_max + row,
-                running_sum + row, merge_scratch);
+    finish_rows(task, task.first_kv_head + head, s.acc + int64_t(row) * dim,
+                s.running_max + row, s.running_sum + row, s.merge_scratch);
   }
 }
 
@@ -258,7 +279,9 @@ void DecodeJob::finish_rows(const Task& task, int kv_head, const float* acc,
   }
   if (!split) return;
   std::atomic<int>& left = parts_left_[size_t(task.seq) * p.num_kv_heads + kv_head];
-  if (left.fetch_sub(1, std::memory_order_acq_rel) == 1) merge_parts(task.seq, kv_head, merge_scratch);
+  if (left.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+    merge_parts(task.seq, kv_head, merge_scratch);
+  }
 }
 
 // out = sum_p w_p out_p / sum_p w_p with w_p = exp(lse_p - max lse); lse = max + log(sum w).
@@ -274,7 +297,9 @@ void DecodeJob::merge_parts(int seq, int kv_head, float* merge_scratch) {
       return int64_t(partial_index_[seq] + part) * p.num_heads + head;
     };
     float max_lse = -std::numeric_limits<float>::infinity();
-    for (int part = 0; part < parts; ++part) max_lse = std::max(max_lse, partial_lse_[partial_row(part)]);
+    for (int part = 0; part < parts; ++part) {
+      max_lse = std::max(max_lse, partial_lse_[partial_row(part)]);
+    }
     float weight_sum = 0.0f;
     for (int part = 0; part < parts; ++part) {
       weights[part] = std::exp(partial_lse_[partial_row(part)] - max_lse);

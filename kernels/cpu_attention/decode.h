@@ -52,8 +52,20 @@ class DecodeJob final : public Job {
     int32_t first_kv_head;
     int32_t part;
   };
+  // A task's scratch (one buffer from the worker's WorkerScratch), q prepared per kv head.
+  struct TaskState {
+    int64_t prepared_floats;  // per kv head
+    float* prepared_q;        // [num_kv_heads, prepared_floats]
+    float* acc;               // [rows, head_dim], rows = num_kv_heads * group
+    float* running_max;       // [rows]
+    float* running_sum;       // [rows]
+    float* alpha;             // [rows]
+    float* scores;            // [group, block_size]
+    float* merge_scratch;     // [num_parts + head_dim]
+  };
   void check_problem() const;
   void plan(int num_threads);
+  TaskState start_task(const Task& task, int num_kv_heads, WorkerScratch& scratch) const;
   void run_attention(const Task& task, WorkerScratch& scratch);
   void finish_rows(const Task& task, int kv_head, const float* acc, const float* running_max,
                    const float* running_sum, float* merge_scratch);

@@ -97,8 +97,8 @@ struct Avx2Vec {
 
 template <DType kType>
 const KernelOps* avx2_table() {
-  static const KernelOps ops{rows_to_float<kType>, simd_scores<Avx2Vec, kType>, simd_softmax<Avx2Vec>,
-                             simd_accumulate<Avx2Vec, kType>, "avx2"};
+  static const KernelOps ops{rows_to_float<kType>, simd_scores<Avx2Vec, kType>,
+                             simd_softmax<Avx2Vec>, simd_accumulate<Avx2Vec, kType>, "avx2"};
   return &ops;
 }
 

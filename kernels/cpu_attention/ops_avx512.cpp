@@ -119,15 +119,38 @@ APEX_TARGET void tile_rows(const float* q_f32, const void* k, int num_rows, int 
   }
 }
 
+// 16-bit keys of the common head dims are widened to float32 once per tile, not once per query
+// row: the rows then read float32 keys from L1.
+constexpr int kMaxWidenedHeadDim = 128;
+
+template <DType kType>
+APEX_TARGET void widen_tile(const void* k, int count, int head_dim, float* widened) {
+  for (int64_t i = 0; i < int64_t(count) * head_dim; i += 16) {
+    const int left = int(std::min<int64_t>(16, int64_t(count) * head_dim - i));
+    _mm512_mask_storeu_ps(widened + i, lanes(left), Avx512Vec::load<kType>(k, i, left));
+  }
+}
+
 template <DType kType>
 APEX_TARGET void tile_scores(const float* q_f32, const void* k, int num_rows, int num_tokens,
                              int head_dim, float scale, float* scores) {
   const int64_t element = element_size(kType);
+  alignas(64) float widened[kTileTokens * kMaxWidenedHeadDim];
+  const bool widen = kType != DType::kFloat32 && num_rows > 1 && head_dim <= kMaxWidenedHeadDim;
   for (int token = 0; token < num_tokens; token += kTileTokens) {
     const int count = std::min(kTileTokens, num_tokens - token);
     const void* keys = static_cast<const char*>(k) + int64_t(token) * head_dim * element;
     float* tile = scores + token;
-    if (head_dim == 128) {
+    if (widen) {
+      widen_tile<kType>(keys, count, head_dim, widened);
+      if (head_dim == 128) {
+        tile_rows<DType::kFloat32, 128>(q_f32, widened, num_rows, count, head_dim, scale, tile,
+                                        num_tokens);
+      } else {
+        tile_rows<DType::kFloat32, 0>(q_f32, widened, num_rows, count, head_dim, scale, tile,
+                                      num_tokens);
+      }
+    } else if (head_dim == 128) {
       tile_rows<kType, 128>(q_f32, keys, num_rows, count, head_dim, scale, tile, num_tokens);
     } else if (head_dim == 64) {
       tile_rows<kType, 64>(q_f32, keys, num_rows, count, head_dim, scale, tile, num_tokens);

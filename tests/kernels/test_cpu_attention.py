@@ -75,6 +75,30 @@ def test_every_isa_matches_reference(isa, dtype):
     assert_close_to_reference(out, lse, case)
 
 
+@pytest.mark.parametrize("isa", available_isas())
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_every_isa_tail_paths(isa, block_size):
+    """Group 7 packs query rows as 4 + 2 + 1; head_dim 36 leaves a partial chunk at every chunk
+    width (8, 16, 32); lengths leave partial 16-token tiles and odd tokens for the V pairs."""
+    for dtype in DTYPES:
+        case = make_case([1, 16, 17, 31, 250], num_heads=21, num_kv_heads=3, head_dim=36,
+                         dtype=dtype, block_size=block_size, seed=block_size)
+        with CpuAttentionPool(2, isa=isa) as isa_pool:
+            out, lse = run(isa_pool, case)
+        assert_close_to_reference(out, lse, case)
+
+
+@pytest.mark.parametrize("num_threads", [1, 3, 16])
+def test_task_split_does_not_change_results(num_threads):
+    """Few sequences split their kv heads across tasks, many keep every head in one task, long
+    contexts split into parts: every plan matches the reference."""
+    case = make_case([5, 2000, 40], num_heads=32, num_kv_heads=8, head_dim=64,
+                     dtype=torch.bfloat16, seed=num_threads)
+    with CpuAttentionPool(num_threads) as split_pool:
+        out, lse = run(split_pool, case)
+    assert_close_to_reference(out, lse, case)
+
+
 def test_custom_scale_and_default_pool():
     case = make_case([33, 129], num_heads=8, num_kv_heads=2, head_dim=64, dtype=torch.float32)
     out, lse = paged_decode_attention(case.q, case.k_cache, case.v_cache, case.block_tables,

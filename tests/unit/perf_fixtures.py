@@ -25,5 +25,6 @@ def make_profile(linear_ms: float = 1.0, gpu_ms_per_ktok: float = 0.01,
         cpu_attention=Table2D((1.0, 256.0), ctx,
                               tuple(tuple(c / 1000 * cpu_ms_per_ktok for c in ctx)
                                     for _ in range(2))),
-        d2h=Link(0.0, copy_gb_per_s), h2d=Link(0.0, copy_gb_per_s), layer_launch_ms=0.0, layer_sync_ms=sync_ms,
+        d2h=Link(0.0, copy_gb_per_s), h2d=Link(0.0, copy_gb_per_s), layer_launch_ms=0.0,
+        layer_sync_ms=sync_ms,
         head=Table1D((1.0, 1024.0), (0.5, 0.5)), name=name)

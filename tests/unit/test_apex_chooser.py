@@ -202,15 +202,23 @@ def test_choose_cost_at_256_rows():
           f"{per_call_us / 10 / choice.predicted_step_ms:.2f}% of the predicted step")
 
 
-def test_parks_when_the_copy_is_cheaper_than_recompute():
-    # 300 cached tokens beside 200 GPU decodes: recompute ~3.3 ms; the round trip is free
-    # at the default bandwidth and 2 x 4 layers x 76.8 ms at 0.001 GB/s.
-    fast = ApexChooser(PerfModel(make_profile()), CONFIG, target_step_ms=100.0)
-    assert fast.parks_on_host([1000] * 200, 300)
-    slow = ApexChooser(PerfModel(make_profile(copy_gb_per_s=0.001)), CONFIG,
+def test_parks_when_the_copy_and_forced_runs_cost_less_than_recompute():
+    # 300 cached tokens beside 200 GPU decodes: recompute ~3.3 ms of T_lin and attention.
+    fast = ApexChooser(PerfModel(make_profile(cpu_ms_per_ktok=0.1)), CONFIG,
                        target_step_ms=100.0)
-    assert not slow.parks_on_host([1000] * 200, 300)
-    assert not NeoChooser(PerfModel(make_profile()), CONFIG).parks_on_host([1000], 300)
+    assert fast.parks_on_host([1000] * 200, 300, num_park_steps=50, num_parked_together=1)
+    # The round trip at 0.001 GB/s: 2 x 4 layers x 76.8 ms.
+    slow_copies = ApexChooser(PerfModel(make_profile(cpu_ms_per_ktok=0.1,
+                                                     copy_gb_per_s=0.001)), CONFIG)
+    assert not slow_copies.parks_on_host([1000] * 200, 300, num_park_steps=50,
+                                         num_parked_together=1)
+    # A slow CPU: each forced run (one per wait bound) adds 4 layers x (4 ms of CPU attention
+    # - 2 ms of GPU attention) to its step; a short park pays, a long one does not.
+    slow_cpu = ApexChooser(PerfModel(make_profile(cpu_ms_per_ktok=4.0)), CONFIG)
+    assert slow_cpu.parks_on_host([1000] * 200, 300, num_park_steps=DEFAULT_MAX_SKIPPED_STEPS,
+                                 num_parked_together=1)
+    assert not slow_cpu.parks_on_host([1000] * 200, 300, num_park_steps=100, num_parked_together=1)
+    assert not NeoChooser(PerfModel(make_profile()), CONFIG).parks_on_host([1000], 300, 1, 1)
 
 
 def test_parked_rows_run_only_inside_the_gpu_window_or_when_forced():

@@ -249,16 +249,24 @@ def test_apex_schedules_exactly_like_gpu_only_when_the_host_tier_does_not_pay():
     assert runs[0] == runs[1] and runs[0][1] > 0 and runs[1][2] == 0
 
 
-def _apex_on(profile, **overrides) -> Scheduler:
-    """APEX with the real chooser over a synthetic profile; the CPU is far too slow to carry
-    any host row every step, so only parking can put a row on the host."""
-    fields = dict(block_size=4, num_gpu_blocks=8, num_host_blocks=32, max_num_seqs=8,
-                  max_batched_tokens=32, max_model_len=128, policy=Policy.APEX)
-    fields.update(overrides)
-    config = EngineConfig(**fields)
+# Parking pays: a long prefill (recompute), instant copies, and a CPU too slow to carry a
+# row every step but cheap enough for one forced run per wait bound.
+PARK_PROFILE = dict(cpu_ms_per_ktok=1.0, prefill_ms_per_ktok=2000.0)
+
+
+def _apex_on(profile) -> Scheduler:
+    """APEX with the real chooser over a synthetic profile; 128 GPU KV tokens."""
+    config = EngineConfig(block_size=16, num_gpu_blocks=8, num_host_blocks=32, max_num_seqs=8,
+                          max_batched_tokens=128, max_model_len=256, policy=Policy.APEX)
     return Scheduler(config, KVCacheManager(config.block_size, config.num_gpu_blocks,
                                             config.num_host_blocks),
                      ApexChooser(PerfModel(profile), config))
+
+
+def _add_growing(sched: Scheduler, max_new_tokens: list[int]) -> None:
+    """Prompts of 30 tokens that all start at once and outgrow the GPU together."""
+    for i, max_new in enumerate(max_new_tokens):
+        sched.add_request(make_request(f"r{i}", 30, max_new=max_new))
 
 
 def _drain(sched: Scheduler) -> list[list[tuple[str, int, Tier]]]:
@@ -272,17 +280,10 @@ def _drain(sched: Scheduler) -> list[list[tuple[str, int, Tier]]]:
     return plans
 
 
-def _specs_for_parking():
-    rng = random.Random(2)
-    return [(rng.randint(6, 10), rng.randint(6, 14)) for _ in range(8)]  # each fits 8 blocks
-
-
 def test_apex_parks_on_the_host_when_the_copy_is_cheaper_than_recompute():
-    # Three requests all start at once (8 of 32 GPU tokens each) and grow to 19 tokens:
-    # with nothing waiting, those that must leave the GPU are parked, not preempted.
-    sched = _apex_on(make_profile(cpu_ms_per_ktok=1000.0))
-    for i in range(3):
-        sched.add_request(make_request(f"r{i}", 7, max_new=12))
+    # Nothing waits: the decodes that must leave the GPU are parked, not preempted.
+    sched = _apex_on(make_profile(**PARK_PROFILE))
+    _add_growing(sched, [40, 40, 40])
     parked_runs, saw_parked = 0, False
     while sched.has_work:
         plan = run_step(sched)
@@ -296,30 +297,35 @@ def test_apex_parks_on_the_host_when_the_copy_is_cheaper_than_recompute():
     assert sched.kv.used_blocks(Tier.HOST) == 0 and sched.kv.used_blocks(Tier.GPU) == 0
 
 
-def test_apex_preempts_like_gpu_only_when_recompute_is_cheaper_than_the_copy():
+@pytest.mark.parametrize("profile", [
+    dict(PARK_PROFILE, copy_gb_per_s=1e-5),  # the copies cost more than the recompute
+    dict(PARK_PROFILE, cpu_ms_per_ktok=50.0),  # so do the forced CPU runs while parked
+], ids=["slow-copies", "slow-cpu"])
+def test_apex_preempts_like_gpu_only_when_parking_costs_more_than_recompute(profile):
     runs = []
-    for sched in (make_scheduler(num_gpu_blocks=8),
-                  _apex_on(make_profile(cpu_ms_per_ktok=1000.0, copy_gb_per_s=0.001))):
-        for i, (prompt_len, max_new) in enumerate(_specs_for_parking()):
-            sched.add_request(make_request(f"r{i}", prompt_len, max_new=max_new))
+    for sched in (make_scheduler(block_size=16, num_gpu_blocks=8, max_batched_tokens=128,
+                                 max_model_len=256), _apex_on(make_profile(**profile))):
+        _add_growing(sched, [40, 40, 40])
         runs.append((_drain(sched), sched.num_preemptions, sched.num_evictions))
     assert runs[0] == runs[1] and runs[0][1] > 0 and runs[1][2] == 0
 
 
 def test_parked_requests_are_restored_oldest_first_and_block_new_gpu_admissions():
-    sched = _apex_on(make_profile(cpu_ms_per_ktok=1000.0))
-    for i, (prompt_len, max_new) in enumerate(_specs_for_parking()):
-        sched.add_request(make_request(f"r{i}", prompt_len, max_new=max_new))
-    admission_order = {f"r{i}": i for i in range(8)}
-    num_restores = 0
+    sched = _apex_on(make_profile(**PARK_PROFILE))
+    _add_growing(sched, [20, 60, 60, 60])
+    admission_order = {"r0": 0, "r1": 1, "r2": 2, "r3": 3, "late": 4}
+    num_restores, late_added = 0, False
     while sched.has_work:
+        if sched._parked and not late_added:
+            sched.add_request(make_request("late", 30, max_new=10))  # arrives after the parks
+            late_added = True
         parked_before = [r.request_id for r in sched.running if r.request_id in sched._parked]
         plan = run_step(sched)
         restored = [m.request_id for m in plan.moves if m.dst_tier == Tier.GPU]
         if restored:
             assert restored == [min(parked_before, key=admission_order.get)]
             num_restores += 1
-        if parked_before and not restored:
+        if sched._parked:
             # FCFS: nobody new starts on the GPU while an older request is parked.
             assert all(s.num_computed_tokens > 0 for s in plan.gpu_seqs)
     assert num_restores > 0 and sched.num_parks > 0

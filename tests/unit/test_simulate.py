@@ -109,12 +109,12 @@ def test_apex_is_gpu_only_where_the_cpu_cannot_pay_and_gains_where_it_can():
 
 
 def test_parking_beats_recompute_when_every_request_starts_at_once():
-    # All 12 prompts fit the GPU at t=0 and about half must leave as they grow. The CPU is
-    # too slow to carry a row every step, but copies are cheaper than recompute: apex parks
-    # them (each parked row runs within the wait bound) instead of preempting like gpu-only.
+    # All 12 prompts fit the GPU at t=0 and about half must leave as they grow. Recompute is
+    # dear and copies free: apex moves them to the host, admitted where the CPU can carry
+    # them every step and parked where it cannot, instead of preempting like gpu-only.
     setup = Setup(gpu_kv_tokens=1024, host_kv_tokens=2048, max_num_seqs=16, tpot_slo_ms=100.0)
     workload = Workload(num_requests=12, input_len=64, output_len=96, range_ratio=0.2, seed=3)
-    profile = make_profile(cpu_ms_per_ktok=30.0, prefill_ms_per_ktok=20.0)
+    profile = make_profile(cpu_ms_per_ktok=8.0, prefill_ms_per_ktok=2000.0)
     gpu_only = simulate(Policy.GPU_ONLY, setup, profile, workload)
     apex = simulate(Policy.APEX, setup, profile, workload, check_integrity=True)
     assert gpu_only.counters["preemptions"] > 0

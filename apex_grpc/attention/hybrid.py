@@ -53,6 +53,8 @@ class HybridAttention:
         self._step_seq = 0
         self._jobs: list[JobHandle] = []
         self._num_rows = 0
+        # This step's staging views per parity, (q, k, v, out): sliced once per step.
+        self._views: list[tuple[torch.Tensor, ...]] = []
 
     @property
     def max_host_rows(self) -> int:
@@ -70,14 +72,16 @@ class HybridAttention:
                              f"{self.max_host_rows} (max_num_seqs)")
         self._step_seq += 1
         seq, n = self._step_seq, host.num_tokens
+        self._views = [(self._q[p, :n], self._k[p, :n], self._v[p, :n], self._out[p, :n])
+                       for p in range(2)]
         if self.device.type == "cuda":
             self._seq_device.fill_(seq)  # copied into ready flags behind each layer's data
         for layer in range(self.num_layers):
-            p = layer % 2
+            q_stage, k_stage, v_stage, out_stage = self._views[layer % 2]
             self._jobs.append(self.pool.submit_decode(
-                self._q[p, :n], self.host_kv[layer, 0], self.host_kv[layer, 1],
-                host.block_tables, host.seq_lens_tensor, self._out[p, :n], self._lse[p, :n],
-                scale=self.scale, new_k=self._k[p, :n], new_v=self._v[p, :n],
+                q_stage, self.host_kv[layer, 0], self.host_kv[layer, 1],
+                host.block_tables, host.seq_lens_tensor, out_stage, self._lse[layer % 2, :n],
+                scale=self.scale, new_k=k_stage, new_v=v_stage,
                 slot_mapping=host.slot_mapping, ready_flag=self._flags[0, layer],
                 ready_value=seq, done_flag=self._flags[1, layer], done_value=seq,
                 check_values=layer == 0))  # the metadata is the same for every layer
@@ -96,26 +100,26 @@ class HybridAttention:
     def stage_host(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor) -> None:
         """Hand host rows' q/k/v ([n, heads, head_dim] on the device) to the layer's job."""
-        p, n = layer_idx % 2, self._num_rows
+        q_stage, k_stage, v_stage, _ = self._views[layer_idx % 2]
         ready = self._flags[0, layer_idx]
         if self.device.type == "cuda":
             self._copy_stream.wait_current()
             with self._copy_stream.use():
-                self._q[p, :n].copy_(q, non_blocking=True)
-                self._k[p, :n].copy_(k, non_blocking=True)
-                self._v[p, :n].copy_(v, non_blocking=True)
+                q_stage.copy_(q, non_blocking=True)
+                k_stage.copy_(k, non_blocking=True)
+                v_stage.copy_(v, non_blocking=True)
                 ready.copy_(self._seq_device, non_blocking=True)  # lands after the data
         else:
-            self._q[p, :n].copy_(q)
-            self._k[p, :n].copy_(k)
-            self._v[p, :n].copy_(v)
+            q_stage.copy_(q)
+            k_stage.copy_(k)
+            v_stage.copy_(v)
             set_flag(ready, self._step_seq)
 
     def wait_host(self, layer_idx: int) -> torch.Tensor:
         """The layer's CPU attention output ([n, heads, head_dim]) on the compute device; on the
         CPU it aliases a staging buffer valid until stage_host(layer_idx + 2)."""
         wait_flag(self._flags[1, layer_idx], self._step_seq)
-        out = self._out[layer_idx % 2, :self._num_rows]
+        out = self._views[layer_idx % 2][3]
         if self.device.type != "cuda":
             return out
         dst = self._out_device[:self._num_rows]

@@ -22,6 +22,8 @@ from apex_grpc.request import FinishReason, Request, RequestOutput, SamplingPara
 log = logging.getLogger(__name__)
 
 _ADD, _ABORT, _STOP = "add", "abort", "stop"
+# While busy, the engine thread logs its state (and the performance model's accuracy) this often.
+_STATS_LOG_INTERVAL_S = 10.0
 
 
 class AsyncEngine:
@@ -113,6 +115,7 @@ class AsyncEngine:
 
     # -- engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
+        next_log = time.monotonic() + _STATS_LOG_INTERVAL_S
         try:
             while True:
                 outputs: list[RequestOutput] = []
@@ -139,6 +142,9 @@ class AsyncEngine:
                 self._stats = self.core.stats()
                 if outputs:
                     self._deliver(outputs)
+                if self.core.has_work and time.monotonic() >= next_log:
+                    next_log = time.monotonic() + _STATS_LOG_INTERVAL_S
+                    _log_stats(self._stats)
         except Exception:
             log.exception("engine thread died")
             self._fail_all("engine thread died")
@@ -170,6 +176,16 @@ class AsyncEngine:
             ids = list(self._collectors)
         self._deliver([RequestOutput(rid, "", [], [], FinishReason.ERROR, error=message)
                        for rid in ids])
+
+
+def _log_stats(stats: EngineStats) -> None:
+    log.info("engine running=%d waiting=%d host_resident=%d gpu_kv=%d/%d host_kv=%d/%d "
+             "step predicted=%.2fms measured=%.2fms preemptions=%d evictions=%d restores=%d",
+             stats.num_running, stats.num_waiting, stats.num_host_resident,
+             stats.gpu_kv_used_blocks, stats.gpu_kv_total_blocks, stats.host_kv_used_blocks,
+             stats.host_kv_total_blocks, stats.last_step_predicted_ms,
+             stats.last_step_measured_ms, stats.preemptions_total, stats.evictions_total,
+             stats.restores_total)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -28,7 +28,8 @@ import time
 import torch
 
 from apex_grpc.config import EngineConfig, KVPlacement, Policy
-from apex_grpc.engine.builder import build_core, default_cpu_attention_threads
+from apex_grpc.engine.builder import (build_core, default_cpu_attention_threads,
+                                      share_cores_with_pool)
 from apex_grpc.engine.core import EngineCore
 from apex_grpc.engine.offline import run_to_completion
 from apex_grpc.model.loader import load_model
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = args.dummy_config or ("llama-3.1-8b" if device.type == "cuda" else "smollm2-135m")
+    share_cores_with_pool(device, args.threads)
     model, cfg, tok, _ = load_model(None, "dummy", device, dtype, dummy_config=config)
     figures: dict[str, object] = {"device": str(device), "config": config,
                                   "threads": args.threads}

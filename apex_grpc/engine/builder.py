@@ -44,6 +44,16 @@ def default_cpu_attention_threads() -> int:
     return max(1, (os.cpu_count() or 1) - 2)
 
 
+def share_cores_with_pool(device: torch.device, pool_threads: int) -> None:
+    """Without CUDA the model's own torch ops run on the cores too: give them the cores the
+    attention pool does not use, so the two do not oversubscribe (spinning pool workers and
+    OpenMP barriers slow each other badly when they share cores)."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - pool_threads))
+        log.info("CPU device: %d torch threads beside %d CPU attention threads",
+                 torch.get_num_threads(), pool_threads)
+
+
 def _num_blocks(gib: float, block_bytes: int) -> int:
     return int(gib * _GIB) // block_bytes
 
@@ -85,6 +95,7 @@ def build_engine(opts: ServeOptions) -> AsyncEngine:
     max_model_len = min(opts.max_model_len or model_config.max_position_embeddings,
                         model_config.max_position_embeddings)
     threads = opts.cpu_attention_threads or default_cpu_attention_threads()
+    share_cores_with_pool(device, threads)
     config = EngineConfig(
         block_size=opts.block_size, num_gpu_blocks=num_gpu_blocks,
         num_host_blocks=num_host_blocks, max_num_seqs=opts.max_num_seqs,

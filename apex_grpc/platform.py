@@ -78,12 +78,11 @@ class Event:
             s = stream.cuda_stream if stream is not None else torch.cuda.current_stream()
             self.cuda_event.record(s)
 
-    def synchronize(self) -> None:
+    def make_current_stream_wait(self) -> None:
+        """Work queued on the current stream after this runs waits for the event (no host
+        block)."""
         if self.cuda_event is not None:
-            self.cuda_event.synchronize()
-
-    def query(self) -> bool:
-        return True if self.cuda_event is None else self.cuda_event.query()
+            torch.cuda.current_stream().wait_event(self.cuda_event)
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

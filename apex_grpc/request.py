@@ -122,6 +122,16 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_slice(self, start: int, end: int) -> tuple[int, ...]:
+        """Tokens [start, end) of prompt + output without building the whole list (a decode
+        step needs only the last token)."""
+        num_prompt = len(self.prompt_ids)
+        if start >= num_prompt:
+            return tuple(self.output_ids[start - num_prompt:end - num_prompt])
+        if end <= num_prompt:
+            return tuple(self.prompt_ids[start:end])
+        return tuple(self.prompt_ids[start:]) + tuple(self.output_ids[:end - num_prompt])
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

@@ -12,9 +12,9 @@ import dataclasses
 
 import torch
 
-from apex_grpc.attention.base import AttentionMetadata, PagedSeqBatch
+from apex_grpc.attention.base import AttentionMetadata
 from apex_grpc.attention.cpu_kernel import CpuAttentionPool
-from apex_grpc.attention.gpu_backend import KernelSplit
+from apex_grpc.attention.gpu_backend import KernelSplitCache
 from apex_grpc.attention.torch_ref import TorchPagedAttention, paged_attention_reference, write_kv
 
 
@@ -27,8 +27,7 @@ class NativeCpuPagedAttention:
         self.gpu_kv = gpu_kv
         self.scale = scale
         self.pool = pool
-        self._last_batch: PagedSeqBatch | None = None
-        self._last_split = KernelSplit(0, 0, 0, 0)
+        self._splits = KernelSplitCache()
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -39,10 +38,7 @@ class NativeCpuPagedAttention:
         batch = meta.gpu
         if batch is None or batch.num_tokens == 0:
             return out
-        if batch is not self._last_batch:  # every layer of a step passes the same batch
-            self._last_split = KernelSplit.of(batch)
-            self._last_batch = batch
-        split = self._last_split
+        split = self._splits.split(batch)
         cache = self.gpu_kv[layer_idx]  # [2, num_blocks, num_kv_heads, block_size, head_dim]
         rows = slice(batch.row_start, batch.row_end)
         write_kv(cache, batch.slot_mapping, k[rows], v[rows])

@@ -48,6 +48,20 @@ class KernelSplit:
                            max_decode_seq_len=max(seq_lens[num_chunks:], default=0))
 
 
+class KernelSplitCache:
+    """Every layer of a step passes the same batch object: check and cut it once per step."""
+
+    def __init__(self) -> None:
+        self._batch: PagedSeqBatch | None = None
+        self._split = KernelSplit(0, 0, 0, 0)
+
+    def split(self, batch: PagedSeqBatch) -> KernelSplit:
+        if batch is not self._batch:
+            self._split = KernelSplit.of(batch)
+            self._batch = batch
+        return self._split
+
+
 class TritonPagedAttention:
     """AttentionBackend: GPU-tier rows through Triton, host-tier parts through torch."""
 
@@ -64,8 +78,7 @@ class TritonPagedAttention:
         self.gpu_kv = gpu_kv
         self.host_kv = host_kv
         self.scale = scale
-        self._last_batch: PagedSeqBatch | None = None
-        self._last_split = KernelSplit(0, 0, 0, 0)
+        self._splits = KernelSplitCache()
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -79,19 +92,12 @@ class TritonPagedAttention:
             out = torch.empty_like(q)
         batch = meta.gpu
         if batch is not None and batch.num_tokens > 0:
-            split = self._split(batch)
+            split = self._splits.split(batch)
             rows = slice(batch.row_start, batch.row_end)
             layer = self.gpu_kv[layer_idx]  # [2, num_blocks, num_kv_heads, block_size, head_dim]
             self.kernels.store_kv(layer[0], layer[1], batch.slot_mapping, k[rows], v[rows])
             self._attend(q[rows], layer[0], layer[1], batch, split, out[rows])
         return out
-
-    def _split(self, batch: PagedSeqBatch) -> KernelSplit:
-        # Every layer of a step passes the same batch object: check and cut it once per step.
-        if batch is not self._last_batch:
-            self._last_split = KernelSplit.of(batch)
-            self._last_batch = batch
-        return self._last_split
 
     def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 batch: PagedSeqBatch, split: KernelSplit, out: torch.Tensor) -> None:

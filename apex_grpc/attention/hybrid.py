@@ -24,6 +24,9 @@ from apex_grpc.attention.base import AttentionBackend, AttentionMetadata, PagedS
 from apex_grpc.attention.cpu_kernel import CpuAttentionPool, JobHandle, set_flag, wait_flag
 from apex_grpc.platform import Stream, pinned_empty
 
+# A host job this late means a hung worker: fail the step (INTERNAL) rather than the server.
+_HOST_JOB_TIMEOUT_S = 60.0
+
 
 class HybridAttention:
     def __init__(self, gpu_backend: AttentionBackend, host_kv: torch.Tensor,
@@ -88,13 +91,25 @@ class HybridAttention:
 
     def end_step(self) -> None:
         """Collect this step's jobs. After a failure mid-forward, release the jobs that never
-        got their data so no worker waits forever, then surface any worker error."""
+        got their data so no worker waits forever; wait for every job, then raise the first
+        worker error."""
         jobs, self._jobs = self._jobs, []
-        for layer in range(len(jobs)):
-            if int(self._flags[0, layer]) < self._step_seq:
-                set_flag(self._flags[0, layer], self._step_seq)
+        if not jobs:
+            return
+        unstaged = [layer for layer in range(len(jobs))
+                    if int(self._flags[0, layer]) < self._step_seq]
+        if unstaged and self.device.type == "cuda":
+            self._copy_stream.cuda_stream.synchronize()  # no copy may land after release
+        for layer in unstaged:
+            set_flag(self._flags[0, layer], self._step_seq)
+        errors = []
         for job in jobs:
-            self.pool.wait(job)
+            try:
+                self.pool.wait(job)
+            except RuntimeError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     # -- per layer ----------------------------------------------------------------------------
     def stage_host(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
@@ -109,6 +124,8 @@ class HybridAttention:
                 k_stage.copy_(k, non_blocking=True)
                 v_stage.copy_(v, non_blocking=True)
                 ready.copy_(self._seq_device, non_blocking=True)  # lands after the data
+            for tensor in (q, k, v):  # the caller may drop them before the copy has read them
+                tensor.record_stream(self._copy_stream.cuda_stream)
         else:
             q_stage.copy_(q)
             k_stage.copy_(k)
@@ -116,9 +133,12 @@ class HybridAttention:
             set_flag(ready, self._step_seq)
 
     def wait_host(self, layer_idx: int) -> torch.Tensor:
-        """The layer's CPU attention output ([n, heads, head_dim]) on the compute device; on the
-        CPU it aliases a staging buffer valid until stage_host(layer_idx + 2)."""
-        wait_flag(self._flags[1, layer_idx], self._step_seq)
+        """The layer's CPU attention output ([n, heads, head_dim]) on the compute device. It
+        aliases a buffer that the next layers reuse (on the CPU a staging buffer valid until
+        stage_host(layer_idx + 2), on CUDA one device buffer): consume it before moving on."""
+        if not wait_flag(self._flags[1, layer_idx], self._step_seq, _HOST_JOB_TIMEOUT_S):
+            raise RuntimeError(f"CPU attention for layer {layer_idx} did not finish within "
+                               f"{_HOST_JOB_TIMEOUT_S:.0f} s")
         out = self._views[layer_idx % 2][3]
         if self.device.type != "cuda":
             return out

@@ -96,7 +96,7 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     slot = tl.load(slot_ptr + token).to(tl.int64)
     dims = tl.arange(0, HEAD_DIM_PAD)
     mask = dims < HEAD_DIM
-    # A negative slot marks a padding row (e.g. a captured graph's unused rows): nothing stored.
+    # A negative slot marks a padding row: nothing is stored for it.
     if slot >= 0:
         k = tl.load(k_ptr + token * stride_k_token + head * stride_k_head + dims, mask=mask)
         v = tl.load(v_ptr + token * stride_v_token + head * stride_v_head + dims, mask=mask)

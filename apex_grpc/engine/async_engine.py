@@ -38,8 +38,9 @@ class AsyncEngine:
         self._tokenizer = tokenizer
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._collectors: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._lock = threading.Lock()  # guards _collectors and the waiting-count snapshot
-        self._num_queued = 0  # requests handed to the engine thread and not yet finished
+        self._lock = threading.Lock()  # guards _collectors, _num_pending_adds and _dead
+        self._num_pending_adds = 0  # requests sent to the engine thread, not yet in its queue
+        self._dead = False  # the engine thread died: no new collector may be registered
         self._draining = False
         self._stats = core.stats()
         self._thread = threading.Thread(target=self._run, name="apex-engine", daemon=True)
@@ -62,11 +63,15 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         with self._lock:
+            if self._dead:
+                raise EngineUnavailableError("the engine thread died")
             if request_id in self._collectors:
                 raise ValueError(f"request_id {request_id!r} is already in use")
-            if self._stats.num_waiting + self._num_pending() >= self.engine_config.max_waiting:
+            queued = self._stats.num_waiting + self._num_pending_adds
+            if queued >= self.engine_config.max_waiting:
                 raise QueueFullError(f"waiting queue is full ({self.engine_config.max_waiting})")
             self._collectors[request_id] = (loop, outputs)
+            self._num_pending_adds += 1
         req = Request(request_id, list(prompt_ids), sampling, stopping, deadline=deadline)
         self._commands.put((_ADD, req))
         finished = False
@@ -103,15 +108,15 @@ class AsyncEngine:
             self._commands.put((_ABORT, request_id))
         while self._collectors and time.monotonic() < end + 5.0:
             await asyncio.sleep(0.01)
-        self.close()
+        await asyncio.to_thread(self.close)
 
     def close(self) -> None:
+        """Stop the engine thread, then release the native CPU pool (idempotent)."""
         if self._thread.is_alive():
             self._commands.put((_STOP, None))
             self._thread.join(timeout=30)
-
-    def _num_pending(self) -> int:
-        return self._commands.qsize()
+        if not self._thread.is_alive():
+            self.core.close()
 
     # -- engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
@@ -128,6 +133,7 @@ class AsyncEngine:
                         break
                     block = False
                     if cmd == _STOP:
+                        self._deliver(outputs)
                         return
                     try:
                         self._apply(cmd, arg, outputs)
@@ -142,16 +148,22 @@ class AsyncEngine:
                 self._stats = self.core.stats()
                 if outputs:
                     self._deliver(outputs)
-                if self.core.has_work and time.monotonic() >= next_log:
+                if not self.core.has_work:
+                    self.core.scheduler.kv.check_integrity()  # idle: every block is free
+                elif time.monotonic() >= next_log:
                     next_log = time.monotonic() + _STATS_LOG_INTERVAL_S
                     _log_stats(self._stats)
         except Exception:
             log.exception("engine thread died")
+            with self._lock:
+                self._dead = True
             self._fail_all("engine thread died")
             raise
 
     def _apply(self, cmd: str, arg, outputs: list[RequestOutput]) -> None:
         if cmd == _ADD:
+            with self._lock:
+                self._num_pending_adds -= 1
             self.core.add_request(arg)
         elif cmd == _ABORT:
             out = self.core.abort(arg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -39,9 +40,15 @@ _CUDA_KV_MEMORY_FRACTION = 0.85
 _STARTUP_PROFILE_BUDGET_S = 20.0
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a container's cpuset, not the host's core count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+
+
 def default_cpu_attention_threads() -> int:
     """All cores but two: the engine thread and the asyncio loop need theirs."""
-    return max(1, (os.cpu_count() or 1) - 2)
+    return max(1, usable_cores() - 2)
 
 
 def share_cores_with_pool(device: torch.device, pool_threads: int) -> None:
@@ -49,7 +56,7 @@ def share_cores_with_pool(device: torch.device, pool_threads: int) -> None:
     attention pool does not use, so the two do not oversubscribe (spinning pool workers and
     OpenMP barriers slow each other badly when they share cores)."""
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - pool_threads))
+        torch.set_num_threads(max(1, usable_cores() - pool_threads))
         log.info("CPU device: %d torch threads beside %d CPU attention threads",
                  torch.get_num_threads(), pool_threads)
 
@@ -86,27 +93,61 @@ def size_kv_tiers(opts: ServeOptions, model: ModelConfig, dtype: torch.dtype,
 
 
 def build_engine(opts: ServeOptions) -> AsyncEngine:
+    """Load the model and start the engine thread."""
+    built = build_engine_core(opts)
+    return AsyncEngine(built.core, built.model_config, built.core.config, built.model_name,
+                       str(built.dtype).removeprefix("torch."), device_name(built.device),
+                       built.tokenizer)
+
+
+@dataclass(frozen=True)
+class BuiltCore:
+    core: EngineCore
+    model_config: ModelConfig  # with the EOS ids the engine stops on
+    model_name: str
+    tokenizer: object | None
+    dtype: torch.dtype
+    device: torch.device
+
+
+def build_engine_core(opts: ServeOptions) -> BuiltCore:
+    """Everything build_engine does but start a thread (tests and benchmarks drive the core)."""
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     torch.manual_seed(opts.seed)
     model, model_config, tokenizer, name = load_model(
         opts.model, opts.load_format, device, dtype, dummy_config=opts.dummy_config)
-    num_gpu_blocks, num_host_blocks = size_kv_tiers(opts, model_config, dtype, device)
-    max_model_len = min(opts.max_model_len or model_config.max_position_embeddings,
-                        model_config.max_position_embeddings)
+    if tokenizer is not None:  # one EOS set for stopping and for GetModelInfo
+        model_config = model_config.replace(eos_token_ids=tuple(tokenizer.eos_token_ids))
     threads = opts.cpu_attention_threads or default_cpu_attention_threads()
     share_cores_with_pool(device, threads)
+    # Profile first: its allocations are released before free memory sizes the GPU KV tier.
+    perf_model = load_perf_model(opts, model, model_config, dtype, device, threads)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    num_gpu_blocks, num_host_blocks = size_kv_tiers(opts, model_config, dtype, device)
     config = EngineConfig(
         block_size=opts.block_size, num_gpu_blocks=num_gpu_blocks,
         num_host_blocks=num_host_blocks, max_num_seqs=opts.max_num_seqs,
-        max_batched_tokens=opts.max_batched_tokens, max_model_len=max_model_len,
+        max_batched_tokens=opts.max_batched_tokens,
+        max_model_len=servable_model_len(opts, model_config, num_gpu_blocks),
         policy=opts.policy, kv_placement=opts.kv_placement, cpu_attention_threads=threads,
         max_waiting=opts.max_waiting, max_step_stretch=opts.max_step_stretch)
-    perf_model = load_perf_model(opts, model, model_config, dtype, device, threads)
     core = build_core(config, model, model_config, tokenizer, dtype, device, perf_model,
                       opts.tpot_slo_ms)
-    return AsyncEngine(core, model_config, config, name, str(dtype).removeprefix("torch."),
-                       device_name(device), tokenizer)
+    return BuiltCore(core, model_config, name, tokenizer, dtype, device)
+
+
+def servable_model_len(opts: ServeOptions, model_config: ModelConfig, num_gpu_blocks: int) -> int:
+    """The context limit: what the model supports, capped so that one request alone always fits
+    the GPU tier (prefill runs there and gpu-only has nowhere else to put it)."""
+    wanted = min(opts.max_model_len or model_config.max_position_embeddings,
+                 model_config.max_position_embeddings)
+    capacity = num_gpu_blocks * opts.block_size
+    if wanted > capacity:
+        log.warning("max_model_len %d exceeds the GPU KV tier (%d tokens): serving %d",
+                    wanted, capacity, capacity)
+    return min(wanted, capacity)
 
 
 def load_perf_model(opts: ServeOptions, model: torch.nn.Module, model_config: ModelConfig,

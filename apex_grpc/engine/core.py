@@ -62,18 +62,22 @@ class EngineCore:
 
     # -- requests -----------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
-        self.scheduler.add_request(req)  # raises on a duplicate id before any state is kept
+        if req.request_id in self.tracked:
+            raise ValueError(f"duplicate request_id {req.request_id!r}")
         generator = None
         if req.sampling.seed is not None and not req.sampling.is_greedy:
             generator = torch.Generator(self.device).manual_seed(req.sampling.seed)
         stop_strings = req.stopping.stop_strings
-        self.tracked[req.request_id] = _Tracked(
+        tracked = _Tracked(
             req=req,
             detokenizer=self.tokenizer.new_detokenizer(req.prompt_ids) if self.tokenizer else None,
             stop_matcher=StopStringMatcher(stop_strings, req.stopping.include_stop_strings)
             if stop_strings else None,
             generator=generator,
         )
+        # Only a fully set-up request enters the scheduler: every scheduled id is tracked.
+        self.scheduler.add_request(req)
+        self.tracked[req.request_id] = tracked
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORTED,
               error: str = "") -> RequestOutput | None:
@@ -101,9 +105,12 @@ class EngineCore:
         try:
             result = self.runner.execute(plan, sampling)
         except Exception as exc:  # an engine fault fails this step's requests, not the server
-            log.exception("step failed; failing %d requests", len(plan.all_seqs))
-            return [o for s in plan.all_seqs
-                    if (o := self.abort(s.request_id, FinishReason.ERROR, repr(exc))) is not None]
+            # Requests moved between tiers this step may hold uncopied KV: fail them too.
+            failed = dict.fromkeys([s.request_id for s in plan.all_seqs] +
+                                   [m.request_id for m in plan.moves])
+            log.exception("step failed; failing %d requests", len(failed))
+            return [o for rid in failed
+                    if (o := self.abort(rid, FinishReason.ERROR, repr(exc))) is not None]
         measured_ms = (time.perf_counter() - start) * 1e3
         self.counters.last_measured_ms = measured_ms
         self.counters.last_predicted_ms = plan.predicted_step_ms
@@ -198,6 +205,10 @@ class EngineCore:
             out.decode_ms = (now - first) * 1e3 if req.first_token_time else 0.0
             out.num_preemptions = req.num_preemptions
         return out
+
+    def close(self) -> None:
+        """Release the native CPU attention pool (its worker threads)."""
+        self.runner.attention.pool.close()
 
     # -- introspection ------------------------------------------------------------------------
     def stats(self) -> EngineStats:

@@ -48,13 +48,13 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: StepPlan, sampling: dict[str, SamplingInput]) -> StepResult:
         moved = self.storage.apply_moves(plan.moves)
-        if moved is not None and self.device.type == "cuda":
-            torch.cuda.current_stream().wait_event(moved.cuda_event)
+        if moved is not None:  # freed source blocks may be rewritten by this step
+            moved.make_current_stream_wait()
         if plan.is_empty:
             return StepResult({}, {})
         batch = build_input_batch(plan, self.block_size, self.device)
-        self.attention.begin_step(batch.meta.host_decode)
         try:
+            self.attention.begin_step(batch.meta.host_decode)
             if plan.strategy == Strategy.ASYMMETRIC_PIPELINE and batch.meta.host_decode is not None:
                 hidden = self._forward_pipelined(batch.input_ids, batch.positions, batch.meta)
             else:

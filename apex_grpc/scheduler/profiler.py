@@ -1,7 +1,7 @@
 """`apex-grpc profile`: measures the performance-model tables on the actual device.
 
 Times the real pieces: a decoder layer's pre_attention/post_attention vs token count (T_lin),
-TorchPagedAttention for GPU prefill and decode attention, the native CpuAttentionPool for CPU
+the GPU tier's attention backend as served (Triton on CUDA) for prefill and decode, the native CpuAttentionPool for CPU
 decode attention over (requests, context tokens), torch copies for the PCIe link, a tiny pool
 round trip for the per-layer sync, and the LM head. Every point gets a share of a time budget,
 so profiling at server start-up is bounded. apex_grpc/profiles/derive.py builds the shipped
@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from apex_grpc.attention.torch_ref import (TorchPagedAttention, build_metadata,
-                                           build_paged_batch, contiguous_block_ids)
+from apex_grpc.attention.gpu_backend import make_gpu_attention_backend
+from apex_grpc.attention.torch_ref import build_metadata, build_paged_batch, contiguous_block_ids
 from apex_grpc.config import ModelConfig
 from apex_grpc.platform import device_name, resolve_device, resolve_dtype
 from apex_grpc.scheduler.perf_model import Link, ModelShape, Profile, Table1D, Table2D
@@ -110,11 +110,12 @@ def _linear_table(model, config: ModelConfig, grid: Grid, timer: _Timer) -> Tabl
 
 def _paged_ms(config: ModelConfig, dtype: torch.dtype, device: torch.device, num_seqs: int,
               ctx_len: int, query_len: int, timer: _Timer) -> float:
-    """One layer of TorchPagedAttention over num_seqs sequences of ctx_len tokens."""
+    """One layer of the GPU tier's attention backend (Triton on CUDA, as served) over num_seqs
+    sequences of ctx_len tokens."""
     blocks_per_seq = -(-ctx_len // _BLOCK_SIZE)
     kv = torch.randn(1, 2, num_seqs * blocks_per_seq, config.num_key_value_heads, _BLOCK_SIZE,
                      config.head_dim, dtype=dtype, device=device)
-    backend = TorchPagedAttention(kv, None, config.head_dim ** -0.5)
+    backend = make_gpu_attention_backend(kv, None, config.head_dim ** -0.5)
     ids = [contiguous_block_ids(i, blocks_per_seq) for i in range(num_seqs)]
     batch = build_paged_batch(0, ids, [ctx_len - query_len] * num_seqs, [query_len] * num_seqs,
                               _BLOCK_SIZE, device)

@@ -203,6 +203,9 @@ class Scheduler:
             tier = self._place(req, num_new, sent_to_host)
             if tier is None:
                 break  # FCFS: nobody overtakes the head of the queue
+            if self.hybrid_enabled and self.config.kv_placement == KVPlacement.ALTERNATE and \
+                    num_new == req.num_uncomputed_tokens:
+                self._num_alternate_admissions += 1
             self.waiting.popleft()
             self.kv.grow(req.request_id, tier, num_new)
             req.status = RequestStatus.RUNNING
@@ -227,8 +230,8 @@ class Scheduler:
             # Bandwidth-aware: the host tier only while the CPU can carry one more row.
             return Tier.HOST if host_ok and self._host_can_carry(req) else None
         if placement == KVPlacement.ALTERNATE and num_new == req.num_uncomputed_tokens:
-            self._num_alternate_admissions += 1
-            placement = KVPlacement.HOST if self._num_alternate_admissions % 2 == 0 \
+            # Every other whole-prompt admission goes to the host (counted once admitted).
+            placement = KVPlacement.HOST if self._num_alternate_admissions % 2 == 1 \
                 else KVPlacement.GPU
         if placement == KVPlacement.HOST and host_ok:
             return Tier.HOST
@@ -291,12 +294,14 @@ class Scheduler:
 
     def _fits(self, req: Request, tier: Tier, num_new: int, watermark: bool) -> bool:
         pool = self.kv.pools[tier]
-        reserve = int(_GPU_ADMISSION_WATERMARK * pool.num_total) if watermark else 0
+        # The reserve keeps room for running decodes to grow; alone, a request may use it all.
+        reserve = int(_GPU_ADMISSION_WATERMARK * pool.num_total) \
+            if watermark and self.running else 0
         return self.kv.num_new_blocks(req.request_id, num_new) + reserve <= pool.num_free
 
     def _scheduled_seq(self, req: Request, num_new: int, tier: Tier) -> ScheduledSeq:
         start = req.num_computed_tokens
-        token_ids = tuple(req.all_ids[start:start + num_new])
+        token_ids = req.token_slice(start, start + num_new)
         return ScheduledSeq(
             request_id=req.request_id,
             token_ids=token_ids,

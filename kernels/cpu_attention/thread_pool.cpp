@@ -77,6 +77,18 @@ bool wait_flag(const int64_t* flag, int64_t value, double timeout_s) {
 
 void set_flag(int64_t* flag, int64_t value) { __atomic_store_n(flag, value, __ATOMIC_RELEASE); }
 
+namespace {
+// Done flags carry step sequence numbers: never move one backwards, so a late job of an old
+// step cannot hide a newer step's completion from its waiter.
+void raise_flag(int64_t* flag, int64_t value) {
+  int64_t current = __atomic_load_n(flag, __ATOMIC_RELAXED);
+  while (current < value &&
+         !__atomic_compare_exchange_n(flag, &current, value, /*weak=*/true, __ATOMIC_RELEASE,
+                                      __ATOMIC_RELAXED)) {
+  }
+}
+}  // namespace
+
 bool Job::is_ready() const {
   return gate_.ready_flag == nullptr || load_acquire(gate_.ready_flag) >= gate_.ready_value;
 }
@@ -121,7 +133,7 @@ void Job::finish_tasks(int count) {
   if (finished != num_tasks_) return;
   // Even a failed job raises its done flag, so a waiter on the flag never hangs; the error
   // itself is reported by wait().
-  if (gate_.done_flag != nullptr) set_flag(gate_.done_flag, gate_.done_value);
+  if (gate_.done_flag != nullptr) raise_flag(gate_.done_flag, gate_.done_value);
   {
     std::lock_guard<std::mutex> lock(mutex_);
     done_.store(true, std::memory_order_release);

@@ -6,7 +6,7 @@ import asyncio
 import random
 
 from apex_grpc.config import KVPlacement, Policy
-from apex_grpc.engine.builder import build_engine
+from apex_grpc.engine.builder import build_engine, build_engine_core
 from apex_grpc.request import SamplingParams, StoppingParams
 from tests.e2e.conftest import tiny_serve_options
 
@@ -14,10 +14,8 @@ from tests.e2e.conftest import tiny_serve_options
 def test_engine_core_random_aborts_under_eviction_pressure_free_both_tiers(tiny_config_path):
     from apex_grpc.request import Request, Tier
 
-    engine = build_engine(tiny_serve_options(tiny_config_path, gpu_kv_blocks=12,
-                                             block_size=4, host_kv_gb=0.001))
-    engine.close()  # drive the core on this thread, deterministically
-    core = engine.core
+    core = build_engine_core(tiny_serve_options(tiny_config_path, gpu_kv_blocks=12,
+                                                block_size=4, host_kv_gb=0.001)).core
     rng = random.Random(3)
     for i in range(48):
         prompt = [rng.randrange(3, 500) for _ in range(rng.randint(2, 30))]
@@ -38,6 +36,7 @@ def test_engine_core_random_aborts_under_eviction_pressure_free_both_tiers(tiny_
     assert stats.evictions_total > 0 and stats.requests_aborted_total > 0
     assert stats.gpu_kv_used_blocks == 0 and stats.host_kv_used_blocks == 0
     assert core.scheduler.kv.used_blocks(Tier.GPU) == core.scheduler.kv.used_blocks(Tier.HOST) == 0
+    core.close()
 
 
 def test_async_engine_cancels_under_forced_host_placement_free_both_tiers(tiny_config_path):

@@ -2,8 +2,9 @@
 
 TritonPagedAttention implements AttentionBackend (attention/base.py) with the constructor of
 TorchPagedAttention. Its `gpu` part stores k/v and attends in place over the paged GPU cache
-(attention/triton_paged.py); the host_prefill and host_decode parts go to a TorchPagedAttention
-it holds (the hybrid backend routes host_decode to the native CPU pool before this is reached).
+(attention/triton_paged.py); host-bound prefills attend with fused SDPA on the device; the
+host_decode part goes to a TorchPagedAttention it holds (the hybrid backend routes host decodes
+to the native CPU pool before this is reached).
 make_gpu_attention_backend() picks it on CUDA when triton imports, else the torch reference.
 
 triton is imported only when a Triton backend is built, so that importing this module never
@@ -15,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 
-from apex_grpc.attention.base import AttentionBackend, AttentionMetadata, PagedSeqBatch
-from apex_grpc.attention.torch_ref import TorchPagedAttention
+from apex_grpc.attention.base import (AttentionBackend, AttentionMetadata, HostPrefillBatch,
+                                      PagedSeqBatch)
+from apex_grpc.attention.torch_ref import TorchPagedAttention, write_kv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,12 +87,14 @@ class TritonPagedAttention:
                 meta: AttentionMetadata) -> torch.Tensor:
         if q.shape[0] != meta.num_tokens:
             raise ValueError(f"q has {q.shape[0]} rows, metadata says {meta.num_tokens}")
-        if meta.host_prefill is not None or meta.host_decode is not None:
-            # The torch backend fills the host parts' rows; the gpu rows are filled below.
-            out = self.host_backend.forward(layer_idx, q, k, v,
-                                            dataclasses.replace(meta, gpu=None))
+        if meta.host_decode is not None:
+            # The torch backend fills the host decode rows; the other rows are filled below.
+            out = self.host_backend.forward(
+                layer_idx, q, k, v, dataclasses.replace(meta, gpu=None, host_prefill=None))
         else:
             out = torch.empty_like(q)
+        if meta.host_prefill is not None:
+            self._host_prefill(layer_idx, meta.host_prefill, q, k, v, out)
         batch = meta.gpu
         if batch is not None and batch.num_tokens > 0:
             split = self._splits.split(batch)
@@ -98,6 +103,25 @@ class TritonPagedAttention:
             self.kernels.store_kv(layer[0], layer[1], batch.slot_mapping, k[rows], v[rows])
             self._attend(q[rows], layer[0], layer[1], batch, split, out[rows])
         return out
+
+    def _host_prefill(self, layer_idx: int, batch: HostPrefillBatch, q: torch.Tensor,
+                      k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        """Prefills bound for the host tier: causal attention over each chunk's own k/v (they
+        have no earlier context) with fused SDPA on the device, k/v written to host slots."""
+        rows = slice(batch.row_start, batch.row_start + batch.num_tokens)
+        write_kv(self.host_kv[layer_idx], batch.host_slot_mapping, k[rows], v[rows])
+        group = q.shape[1] // k.shape[1]
+        row = batch.row_start
+        for query_len in batch.query_lens:
+            seq = slice(row, row + query_len)
+            # [heads, query_len, head_dim]; kv heads repeated for their query-head groups.
+            seq_q = q[seq].transpose(0, 1)
+            seq_k = k[seq].transpose(0, 1).repeat_interleave(group, dim=0)
+            seq_v = v[seq].transpose(0, 1).repeat_interleave(group, dim=0)
+            attn = F.scaled_dot_product_attention(seq_q, seq_k, seq_v, is_causal=True,
+                                                  scale=self.scale)
+            out[seq] = attn.transpose(0, 1)
+            row += query_len
 
     def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 batch: PagedSeqBatch, split: KernelSplit, out: torch.Tensor) -> None:

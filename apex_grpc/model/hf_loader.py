@@ -1,21 +1,30 @@
 """Hugging Face checkpoint directories: config.json (+ generation_config.json) and safetensors.
 
-Tensors are streamed one at a time from memory-mapped safetensors files into the preallocated
-model, so peak host memory stays near one model copy (plus the largest tensor).
+Tensors are read one at a time straight from the safetensors files (no memory map, whose
+resident file pages would count as a second copy of the checkpoint) into the preallocated
+model, so peak host memory stays near one model copy plus the largest tensor.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import struct
+from typing import Any, Callable, Iterator
 
-from safetensors import SafetensorError, safe_open
+import torch
 
 from apex_grpc.config import ConfigError, ModelConfig
 from apex_grpc.model.weights import CheckpointError, CheckpointFileNotFoundError, WeightSink
 
 SINGLE_FILE = "model.safetensors"
+# safetensors dtype names -> torch dtypes.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_MAX_HEADER_BYTES = 100 << 20
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -101,13 +110,56 @@ def safetensors_files(model_dir: str) -> list[str]:
 def load_hf_weights(model_dir: str, sink: WeightSink) -> None:
     """Stream every safetensors tensor the model needs into it, then check none is missing."""
     for path in safetensors_files(model_dir):
-        try:
-            with safe_open(path, framework="pt", device="cpu") as file:
-                for name in file.keys():
-                    if sink.wants(name):
-                        sink.put(name, file.get_tensor(name))
-        except SafetensorError as exc:
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") \
-                from exc
+        for name, tensor in read_safetensors(path, sink.wants):
+            sink.put(name, tensor)
     sink.finish(model_dir)
 
+
+def _safetensors_header(path: str, file, size: int) -> tuple[dict[str, Any], int]:
+    """(tensor entries, offset of the data section), validated against the file size."""
+    head = file.read(8)
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file (no header)")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > min(size - 8, _MAX_HEADER_BYTES):
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file (header of "
+                              f"{header_len} bytes in a {size}-byte file)")
+    try:
+        header = json.loads(file.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({exc})") from exc
+    header.pop("__metadata__", None)
+    data_start = 8 + header_len
+    for name, info in header.items():
+        end = info.get("data_offsets", [0, 0])[1] if isinstance(info, dict) else None
+        if end is None or data_start + end > size:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors file (tensor "
+                                  f"{name} ends past the file's {size} bytes)")
+    return header, data_start
+
+
+def read_safetensors(path: str, wanted: Callable[[str], bool],
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for the wanted tensors of a safetensors file, in file order, each
+    read into its own buffer (the caller copies it into the model and drops it)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        header, data_start = _safetensors_header(path, file, size)
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            if not wanted(name):
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype "
+                                      f"{info.get('dtype')!r}")
+            start, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=dtype)
+            if tensor.numel() * tensor.element_size() != end - start:
+                raise CheckpointError(f"{path}: tensor {name} holds {end - start} bytes, its "
+                                      f"shape {info['shape']} and dtype need "
+                                      f"{tensor.numel() * tensor.element_size()}")
+            file.seek(data_start + start)
+            if tensor.numel() and file.readinto(memoryview(tensor.view(-1).view(torch.uint8)
+                                                           .numpy())) != end - start:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors file")
+            yield name, tensor

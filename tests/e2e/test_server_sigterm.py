@@ -9,28 +9,16 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import grpc
 import pytest
 
 from clients.client import ApexClient, ApexError, RetryPolicy
+from tests.process_logs import read_until
 
 pytest.importorskip("apex_grpc.engine.builder", reason="the engine is not built yet")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _read_until(process: subprocess.Popen, marker: str, lines: list[str]) -> str:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if marker in line:
-            return line
-    raise AssertionError(f"{marker!r} never logged:\n{''.join(lines)}")
 
 
 def test_sigterm_during_streaming_drains_and_exits_zero(tiny_config_path):
@@ -42,7 +30,7 @@ def test_sigterm_during_streaming_drains_and_exits_zero(tiny_config_path):
                                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     lines: list[str] = []
     try:
-        ready = _read_until(process, "apex-grpc ready on 127.0.0.1:", lines)
+        ready = read_until(process, "apex-grpc ready on 127.0.0.1:", lines, timeout_s=120)
         target = "127.0.0.1:" + ready.split("127.0.0.1:")[1].split()[0]
         with ApexClient(target, auth_token="sigterm-secret",
                         retry=RetryPolicy(max_retries=0)) as client:
@@ -50,7 +38,7 @@ def test_sigterm_during_streaming_drains_and_exits_zero(tiny_config_path):
                                                    ignore_eos=True)) for i in range(3)]
             firsts = [next(stream) for stream in streams]
             process.send_signal(signal.SIGTERM)
-            _read_until(process, "event=draining", lines)
+            read_until(process, "event=draining", lines, timeout_s=120)
             with pytest.raises(ApexError) as late:
                 client.generate(text="too late", max_new_tokens=2)
             rests = [list(stream) for stream in streams]

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import types
 
 import grpc
@@ -19,6 +18,7 @@ from apex_grpc import cli
 from apex_grpc.config import KVPlacement, Policy
 from apex_grpc.proto import generation_pb2 as pb
 from apex_grpc.proto import generation_pb2_grpc
+from tests.process_logs import read_until
 
 UNIT_DIR = pathlib.Path(__file__).resolve().parent
 REPO_ROOT = UNIT_DIR.parents[1]
@@ -87,18 +87,6 @@ sys.exit(run_server(settings, lambda: FakeEngine(step_delay_s=0.05)))
 """
 
 
-def _read_until(process: subprocess.Popen, marker: str, lines: list[str]) -> str:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if marker in line:
-            return line
-    raise AssertionError(f"{marker!r} never logged:\n{''.join(lines)}")
-
-
 def test_sigterm_drains_in_flight_streams_and_exits_zero():
     process = subprocess.Popen(
         [sys.executable, "-c", SERVER_SCRIPT.format(unit_dir=str(UNIT_DIR))],
@@ -106,8 +94,8 @@ def test_sigterm_drains_in_flight_streams_and_exits_zero():
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     lines: list[str] = []
     try:
-        listening = _read_until(process, "event=listening", lines)
-        ready = _read_until(process, "apex-grpc ready on 127.0.0.1:", lines)
+        listening = read_until(process, "event=listening", lines, timeout_s=20)
+        ready = read_until(process, "apex-grpc ready on 127.0.0.1:", lines, timeout_s=20)
         assert "event_loop=uvloop" in listening
         assert "model=fake-model device=cpu policy=apex" in ready
         port = int(ready.split("127.0.0.1:")[1].split()[0])
@@ -116,7 +104,7 @@ def test_sigterm_drains_in_flight_streams_and_exits_zero():
             stream = stub.GenerateStream(pb.GenerateRequest(text="q"), timeout=20)
             first = next(stream)
             process.send_signal(signal.SIGTERM)
-            _read_until(process, "event=draining", lines)
+            read_until(process, "event=draining", lines, timeout_s=20)
             with pytest.raises(grpc.RpcError) as late:
                 stub.Generate(pb.GenerateRequest(text="late"), timeout=5)
             rest = list(stream)

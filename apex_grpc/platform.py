@@ -78,6 +78,11 @@ class Event:
             s = stream.cuda_stream if stream is not None else torch.cuda.current_stream()
             self.cuda_event.record(s)
 
+    def wait_host(self) -> None:
+        """Block the calling thread until the event's work is done."""
+        if self.cuda_event is not None:
+            self.cuda_event.synchronize()
+
     def make_current_stream_wait(self) -> None:
         """Work queued on the current stream after this runs waits for the event (no host
         block)."""

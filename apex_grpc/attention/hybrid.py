@@ -31,7 +31,8 @@ _HOST_JOB_TIMEOUT_S = 60.0
 class HybridAttention:
     def __init__(self, gpu_backend: AttentionBackend, host_kv: torch.Tensor,
                  pool: CpuAttentionPool, scale: float, max_host_rows: int, num_heads: int,
-                 num_kv_heads: int, head_dim: int, device: torch.device) -> None:
+                 num_kv_heads: int, head_dim: int, device: torch.device,
+                 copy_stream: Stream) -> None:
         self.gpu_backend = gpu_backend
         self.host_kv = host_kv  # [layers, 2, blocks, kv_heads, block_size, head_dim]
         self.pool = pool
@@ -48,7 +49,8 @@ class HybridAttention:
         # Per layer: [0] ready (staged) and [1] done; values are step sequence numbers.
         self._flags = pinned_empty((2, self.num_layers, 1), torch.int64, device)
         self._flags.zero_()
-        self._copy_stream = Stream(device)
+        # Shared with the KV moves: a layer's ready flag lands after this step's evictions.
+        self._copy_stream = copy_stream
         if device.type == "cuda":
             self._out_device = torch.empty((max_host_rows, num_heads, head_dim), dtype=dtype,
                                            device=device)

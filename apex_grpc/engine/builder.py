@@ -183,7 +183,7 @@ def build_core(config: EngineConfig, model: torch.nn.Module, model_config: Model
         make_device_attention(storage, scale, pool), storage.host, pool, scale,
         config.max_num_seqs,
         model_config.num_attention_heads, model_config.num_key_value_heads,
-        model_config.head_dim, device)
+        model_config.head_dim, device, storage.copy_stream)
     runner = ModelRunner(model, storage, attention, config.block_size, device)
     kv = KVCacheManager(config.block_size, config.num_gpu_blocks, config.num_host_blocks)
     eos = tokenizer.eos_token_ids if tokenizer is not None else model_config.eos_token_ids

@@ -13,8 +13,18 @@ from apex_grpc.kv_cache.manager import KVMove
 from apex_grpc.platform import Event, Stream, pinned_empty
 from apex_grpc.request import Tier
 
-# Blocks per gather in a whole-request move (bounds the temporary: 2 MiB a block for 8B).
-_MOVE_CHUNK_BLOCKS = 32
+
+
+def block_runs(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(src_start, dst_start, length) runs where both block lists count up together, so each
+    run is one contiguous copy per layer and K/V."""
+    runs: list[tuple[int, int, int]] = []
+    for s, d in zip(src, dst):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((s, d, 1))
+    return runs
 
 
 def kv_shape(model: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -40,31 +50,32 @@ class KVStorage:
         return self.gpu if tier == Tier.GPU else self.host
 
     def apply_moves(self, moves: tuple[KVMove, ...]) -> Event | None:
-        """Copy each move's blocks (all layers, K and V) on the copy stream, in chunks so the
-        gathered temporary stays small while GPU memory is short.
+        """Copy each move's blocks (all layers, K and V) on the copy stream: one contiguous
+        copy per layer, K/V and run of consecutive blocks, straight between the tier tensors
+        (the host tier is pinned, so on CUDA every copy is asynchronous and needs no temporary).
 
-        Copies into the host tier finish before this returns (the CPU-side scatter needs the
-        data); copies to the GPU are queued. Returns an event the compute stream must wait on
-        before the forward pass (freed source blocks may be reused by this step), or None when
-        there was nothing to copy.
+        The copy stream is the one the hybrid attention stages host rows on, so CPU jobs of this
+        step see evicted KV in place. Returns an event the compute stream must wait on before
+        the forward pass (freed GPU blocks may be rewritten by this step), or None. Restores
+        free host blocks that this step's CPU-side writes may reuse, so they finish before this
+        returns.
         """
         if not moves:
             return None
         self.copy_stream.wait_current()
+        num_layers = self.gpu.shape[0]
         with self.copy_stream.use():
             for move in moves:
                 src = self.tier_tensor(move.src_tier)
                 dst = self.tier_tensor(move.dst_tier)
-                for start in range(0, len(move.src_blocks), _MOVE_CHUNK_BLOCKS):
-                    end = start + _MOVE_CHUNK_BLOCKS
-                    src_idx = torch.tensor(move.src_blocks[start:end], dtype=torch.long,
-                                           device=src.device)
-                    dst_idx = torch.tensor(move.dst_blocks[start:end], dtype=torch.long,
-                                           device=dst.device)
-                    # [layers, 2, n, kv_heads, block_size, head_dim] gathered, then scattered.
-                    blocks = src.index_select(2, src_idx).to(
-                        dst.device, non_blocking=dst.device.type == "cuda")
-                    dst.index_copy_(2, dst_idx, blocks)
+                for src_start, dst_start, length in block_runs(move.src_blocks, move.dst_blocks):
+                    for layer in range(num_layers):
+                        for kv in range(2):
+                            dst[layer, kv, dst_start:dst_start + length].copy_(
+                                src[layer, kv, src_start:src_start + length],
+                                non_blocking=True)
         done = Event(self.device)
         done.record(self.copy_stream)
+        if any(move.dst_tier == Tier.GPU for move in moves):
+            done.wait_host()
         return done

@@ -329,3 +329,11 @@ def test_parked_requests_are_restored_oldest_first_and_block_new_gpu_admissions(
             # FCFS: nobody new starts on the GPU while an older request is parked.
             assert all(s.num_computed_tokens > 0 for s in plan.gpu_seqs)
     assert num_restores > 0 and sched.num_parks > 0
+
+
+def test_block_runs_pair_consecutive_blocks_for_contiguous_copies():
+    from apex_grpc.kv_cache.storage import block_runs
+
+    assert block_runs((4, 5, 6, 9, 10, 2), (0, 1, 2, 3, 7, 8)) == \
+        [(4, 0, 3), (9, 3, 1), (10, 7, 1), (2, 8, 1)]
+    assert block_runs((), ()) == []

@@ -18,7 +18,8 @@ PROTO_ROOT = ROOT / "protos"
 
 def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "apex/v1").glob("*.proto"))
+    protos = sorted(str(p.relative_to(PROTO_ROOT))
+                    for p in (PROTO_ROOT / "apex/v1").glob("*.proto"))
     tmp = out_dir / "_gen"
     tmp.mkdir(exist_ok=True)
     args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={tmp}", f"--grpc_python_out={tmp}",
@@ -28,7 +29,8 @@ def generate(out_dir: pathlib.Path) -> list[pathlib.Path]:
     written = []
     for src in sorted((tmp / "apex/v1").iterdir()):
         # protoc writes absolute imports (from apex.v1 import x_pb2); make them package-relative.
-        text = re.sub(r"^from apex\.v1 import (\w+)", r"from . import \1", src.read_text(), flags=re.M)
+        text = re.sub(r"^from apex\.v1 import (\w+)", r"from . import \1", src.read_text(),
+                      flags=re.M)
         dst = out_dir / src.name
         dst.write_text(text)
         written.append(dst)

@@ -32,7 +32,8 @@ class NativeCpuPagedAttention:
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         if meta.host_prefill is not None or meta.host_decode is not None:
-            out = self.torch_backend.forward(layer_idx, q, k, v, dataclasses.replace(meta, gpu=None))
+            host_meta = dataclasses.replace(meta, gpu=None)
+            out = self.torch_backend.forward(layer_idx, q, k, v, host_meta)
         else:
             out = torch.empty_like(q)
         batch = meta.gpu

@@ -89,7 +89,8 @@ class EngineCore:
 
     def expire_waiting(self, now: float) -> list[RequestOutput]:
         """Requests whose client deadline passed while queued leave without being prefilled."""
-        expired = [r for r in self.scheduler.waiting if r.deadline is not None and r.deadline <= now]
+        expired = [r for r in self.scheduler.waiting
+                   if r.deadline is not None and r.deadline <= now]
         return [o for r in expired if (o := self.abort(r.request_id)) is not None]
 
     @property

@@ -1,9 +1,9 @@
 """`apex-grpc profile`: measures the performance-model tables on the actual device.
 
 Times the real pieces: a decoder layer's pre_attention/post_attention vs token count (T_lin),
-the GPU tier's attention backend as served (Triton on CUDA) for prefill and decode, the native CpuAttentionPool for CPU
-decode attention over (requests, context tokens), torch copies for the PCIe link, a tiny pool
-round trip for the per-layer sync, and the LM head. Every point gets a share of a time budget,
+the GPU tier's attention backend as served (Triton on CUDA) for prefill and decode, the
+native CpuAttentionPool for CPU decode attention over (requests, context tokens), torch copies
+for the PCIe link, a tiny pool round trip for the per-layer sync, and the LM head. Every point gets a share of a time budget,
 so profiling at server start-up is bounded. apex_grpc/profiles/derive.py builds the shipped
 profiles for hardware we cannot measure here.
 """

@@ -3,7 +3,6 @@ flag-gated jobs, fused append and boundary validation."""
 
 from __future__ import annotations
 
-import math
 import threading
 
 import pytest

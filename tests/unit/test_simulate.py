@@ -14,7 +14,7 @@ from apex_grpc.scheduler.perf_model import PerfModel
 from apex_grpc.scheduler.plan import Strategy
 from apex_grpc.scheduler.scheduler import Scheduler
 from apex_grpc.scheduler.apex_chooser import make_chooser
-from apex_grpc.scheduler.simulate import (Setup, Workload, build_scheduler, main,
+from apex_grpc.scheduler.simulate import (Setup, Workload, main,
                                           simulate,
                                           summarize)
 from tests.unit.perf_fixtures import make_profile

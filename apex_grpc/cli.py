@@ -58,6 +58,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="performance-model profile: a JSON path or shipped name, 'auto' "
                             "(measure at start-up, the default on CUDA) or 'none' (fixed "
                             "per-policy rules, the default on the CPU)")
+    group.add_argument("--cuda-layer-wait", choices=("engine-thread", "host-func"),
+                       default=defaults.cuda_layer_wait,
+                       help="CUDA: who waits for each layer's CPU attention (host-func: a "
+                            "host function on the compute stream)")
     group.add_argument("--tpot-slo-ms", type=float, default=None,
                        help="TPOT target the apex chooser keeps decode steps under")
     group.add_argument("--seed", type=int, default=defaults.seed)
@@ -107,7 +111,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
         max_model_len=args.max_model_len, cpu_attention_threads=args.cpu_attention_threads,
         max_waiting=args.max_waiting, max_step_stretch=args.max_step_stretch,
-        profile=args.profile, tpot_slo_ms=args.tpot_slo_ms, seed=args.seed)
+        profile=args.profile, tpot_slo_ms=args.tpot_slo_ms,
+        cuda_layer_wait=args.cuda_layer_wait, seed=args.seed)
 
 
 def server_settings(args: argparse.Namespace, environ: dict[str, str] | None = None):

@@ -37,5 +37,8 @@ step gpu-tests 150 python3 -m pytest -q -x -p no:cacheprovider \
   tests/e2e/test_hybrid_equivalence.py -k "cuda or triton or not embedded"
 step gpu-attention-bench 60 python3 -m apex_grpc.bench.gpu_attention
 step cpu-attention-bench 90 python3 -m apex_grpc.bench.cpu_attention --quick
-step hybrid-bench 150 python3 -m apex_grpc.bench.hybrid --steps 10
+step hybrid-bench 120 python3 -m apex_grpc.bench.hybrid --steps 10
+# The device-side wait (a CUDA host function holds the stream): compare with the line above.
+step hybrid-bench-host-func 60 python3 -m apex_grpc.bench.hybrid --steps 10 --skip-workload \
+  --cuda-layer-wait host-func
 grep -h '^{' "$OUT"/*.log > "$OUT/figures.jsonl" || true

@@ -6,7 +6,9 @@ appends its layer's new k/v to the host cache and attends over it). Per layer, s
 copies the host rows' q/k/v into preallocated pinned staging buffers and raises that layer's
 ready flag behind the copy (on CUDA the flag itself is copied on the copy stream after the
 data, so the native workers see the data land with no Python in between); wait_host() waits
-natively (GIL released) on the layer's done flag just before the O projection. end_step()
+natively (GIL released) on the layer's done flag just before the O projection, or, with
+device_wait on CUDA, enqueues a host function that holds the compute stream there instead
+(attention/cuda_host_func.py), so the engine thread never waits inside a step. end_step()
 collects the jobs and surfaces any worker error. ASYNC_OVERLAP calls these from forward();
 the NEO pipeline (runner/model_runner.py) drives stage/wait with a skewed layer schedule.
 
@@ -22,6 +24,7 @@ import torch
 
 from apex_grpc.attention.base import AttentionBackend, AttentionMetadata, PagedSeqBatch
 from apex_grpc.attention.cpu_kernel import CpuAttentionPool, JobHandle, set_flag, wait_flag
+from apex_grpc.attention.cuda_host_func import HostFuncWaiter
 from apex_grpc.platform import Stream, pinned_empty
 
 # A host job this late means a hung worker: fail the step (INTERNAL) rather than the server.
@@ -32,7 +35,7 @@ class HybridAttention:
     def __init__(self, gpu_backend: AttentionBackend, host_kv: torch.Tensor,
                  pool: CpuAttentionPool, scale: float, max_host_rows: int, num_heads: int,
                  num_kv_heads: int, head_dim: int, device: torch.device,
-                 copy_stream: Stream) -> None:
+                 copy_stream: Stream, device_wait: bool = False) -> None:
         self.gpu_backend = gpu_backend
         self.host_kv = host_kv  # [layers, 2, blocks, kv_heads, block_size, head_dim]
         self.pool = pool
@@ -55,6 +58,9 @@ class HybridAttention:
             self._out_device = torch.empty((max_host_rows, num_heads, head_dim), dtype=dtype,
                                            device=device)
             self._seq_device = torch.zeros(1, dtype=torch.int64, device=device)
+        # On CUDA with device_wait, the compute stream (not the engine thread) waits per layer.
+        self._host_func = HostFuncWaiter(self._flags[1]) \
+            if device_wait and device.type == "cuda" else None
         self._step_seq = 0
         self._jobs: list[JobHandle] = []
         self._num_rows = 0
@@ -81,6 +87,8 @@ class HybridAttention:
                        for p in range(2)]
         if self.device.type == "cuda":
             self._seq_device.fill_(seq)  # copied into ready flags behind each layer's data
+        if self._host_func is not None:
+            self._host_func.begin_step(seq)
         for layer in range(self.num_layers):
             q_stage, k_stage, v_stage, out_stage = self._views[layer % 2]
             self._jobs.append(self.pool.submit_decode(
@@ -138,10 +146,12 @@ class HybridAttention:
         """The layer's CPU attention output ([n, heads, head_dim]) on the compute device. It
         aliases a buffer that the next layers reuse (on the CPU a staging buffer valid until
         stage_host(layer_idx + 2), on CUDA one device buffer): consume it before moving on."""
-        if not wait_flag(self._flags[1, layer_idx], self._step_seq, _HOST_JOB_TIMEOUT_S):
+        out = self._views[layer_idx % 2][3]
+        if self._host_func is not None:  # the stream waits; the upload is queued behind it
+            self._host_func.enqueue(layer_idx, self._step_seq, torch.cuda.current_stream())
+        elif not wait_flag(self._flags[1, layer_idx], self._step_seq, _HOST_JOB_TIMEOUT_S):
             raise RuntimeError(f"CPU attention for layer {layer_idx} did not finish within "
                                f"{_HOST_JOB_TIMEOUT_S:.0f} s")
-        out = self._views[layer_idx % 2][3]
         if self.device.type != "cuda":
             return out
         dst = self._out_device[:self._num_rows]

@@ -42,12 +42,14 @@ from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan, Strategy
 BLOCK_SIZE = 16
 
 
-def _core(model, cfg, tok, dtype, device, threads: int, **overrides) -> EngineCore:
+def _core(model, cfg, tok, dtype, device, threads: int, device_wait: bool = False,
+          **overrides) -> EngineCore:
     fields = dict(block_size=BLOCK_SIZE, num_gpu_blocks=4096, num_host_blocks=4096,
                   max_num_seqs=64, max_batched_tokens=4096, max_model_len=8192,
                   cpu_attention_threads=threads)
     fields.update(overrides)
-    return build_core(EngineConfig(**fields), model, cfg, tok, dtype, device)
+    return build_core(EngineConfig(**fields), model, cfg, tok, dtype, device,
+                      device_wait=device_wait)
 
 
 def decode_plan(num_gpu: int, num_host: int, ctx: int, strategy: Strategy) -> StepPlan:
@@ -197,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload-output", type=int, default=128)
     parser.add_argument("--workload-gpu-kv-tokens", type=int, default=2048)
     parser.add_argument("--skip-workload", action="store_true")
+    parser.add_argument("--cuda-layer-wait", choices=("engine-thread", "host-func"),
+                        default="engine-thread")
     args = parser.parse_args(argv)
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -205,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     share_cores_with_pool(device, args.threads)
     model, cfg, tok, _ = load_model(None, "dummy", device, dtype, dummy_config=config)
     figures: dict[str, object] = {"device": str(device), "config": config,
-                                  "threads": args.threads}
+                                  "threads": args.threads,
+                                  "cuda_layer_wait": args.cuda_layer_wait}
     blocks = -(-(args.ctx + 1) // BLOCK_SIZE)
-    core = _core(model, cfg, tok, dtype, device, args.threads, policy=Policy.APEX,
+    core = _core(model, cfg, tok, dtype, device, args.threads,
+                 device_wait=args.cuda_layer_wait == "host-func", policy=Policy.APEX,
                  num_gpu_blocks=max(args.gpu_rows, 1) * blocks,
                  num_host_blocks=max(args.host_rows, 1) * blocks)
     figures["handoff_us_p50"] = handoff_us(core, 2000)

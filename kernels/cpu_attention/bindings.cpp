@@ -19,6 +19,18 @@ namespace py = pybind11;
 namespace apex {
 namespace {
 
+// A CUDA host function (cudaHostFn_t, void(void*)) that holds its stream until a flag reaches a
+// value: the hybrid runtime's device-side CPU->GPU wait, enqueued with cudaLaunchHostFunc so
+// the engine thread never blocks per layer. data points at two int64: {flag address, value}.
+// Bounded like every wait here, so a lost job cannot hold the stream forever.
+constexpr double kHostFuncWaitTimeoutS = 60.0;
+
+void host_func_wait(void* data) {
+  const int64_t* record = static_cast<const int64_t*>(data);
+  wait_flag(reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(record[0])), record[1],
+            kHostFuncWaitTimeoutS);
+}
+
 DType dtype_from_code(int code) {
   if (code < 0 || code > 2) throw std::invalid_argument("unknown dtype code " + std::to_string(code));
   return static_cast<DType>(code);
@@ -120,6 +132,10 @@ PYBIND11_MODULE(_cpu_attention, module) {
       },
       py::arg("flag"), py::arg("value"), py::arg("timeout_s"),
       py::call_guard<py::gil_scoped_release>());
+  module.def(
+      "host_func_wait_address",
+      [] { return reinterpret_cast<uintptr_t>(&apex::host_func_wait); },
+      "Address of a cudaHostFn_t that waits until *record[0] >= record[1] (record: 2 int64)");
   module.def(
       "set_flag",
       [](uintptr_t flag, int64_t value) { apex::set_flag(apex::pointer<int64_t>(flag), value); },

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Set up a virtual environment with everything apex-grpc and its tests need, on a fresh machine.
 # Usage: bash scripts/bootstrap.sh   (creates ./.venv; idempotent)
+# APEX_SYSTEM_TORCH=1 lets the venv see the system's packages, e.g. an installed CUDA torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+venv_flags=()
+[ "${APEX_SYSTEM_TORCH:-0}" = 1 ] && venv_flags+=(--system-site-packages)
+[ -x .venv/bin/python ] || "$PY" -m venv "${venv_flags[@]}" .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 # torch first and pinned: a bare 'torch' requirement with no torch installed pulls a CUDA build.

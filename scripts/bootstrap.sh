@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 venv_flags=()
 [ "${APEX_SYSTEM_TORCH:-0}" = 1 ] && venv_flags+=(--system-site-packages)
-[ -x .venv/bin/python ] || "$PY" -m venv "${venv_flags[@]}" .venv
+[ -x .venv/bin/python ] || "$PY" -m venv ${venv_flags[@]+"${venv_flags[@]}"} .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 # torch first and pinned: a bare 'torch' requirement with no torch installed pulls a CUDA build.

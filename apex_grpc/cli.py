@@ -83,6 +83,8 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-concurrent-streams", type=int,
                        default=defaults.max_concurrent_streams)
     group.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    group.add_argument("--max-prompt-len", type=int, default=None,
+                       help="reject longer prompts (INVALID_ARGUMENT); default: the context")
     group.add_argument("--max-queue-time-ms", type=int, default=None,
                        help="give up (RESOURCE_EXHAUSTED) on requests with no output by then")
     group.add_argument("--shutdown-grace", type=float, default=defaults.shutdown_grace_s,
@@ -124,6 +126,7 @@ def server_settings(args: argparse.Namespace, environ: dict[str, str] | None = N
         tls_key=args.tls_key, auth_token=args.auth_token or environ.get(AUTH_TOKEN_ENV) or None,
         max_concurrent_streams=args.max_concurrent_streams,
         max_message_bytes=args.max_message_bytes, max_queue_time_ms=args.max_queue_time_ms,
+        max_prompt_len=args.max_prompt_len,
         shutdown_grace_s=args.shutdown_grace)
 
 

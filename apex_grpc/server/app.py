@@ -47,6 +47,7 @@ class ServerSettings:
     max_concurrent_streams: int = 2048
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_queue_time_ms: int | None = None
+    max_prompt_len: int | None = None  # None: the context limit (max_model_len - 1)
     shutdown_grace_s: float = 10.0
     # How often readiness re-reads engine.is_ready (a dead engine thread turns it false).
     health_poll_s: float = 0.5
@@ -61,6 +62,8 @@ class ServerSettings:
         for name in ("max_concurrent_streams", "max_message_bytes", "health_poll_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_prompt_len is not None and self.max_prompt_len <= 0:
+            raise ValueError(f"--max-prompt-len must be positive, got {self.max_prompt_len}")
         if self.max_queue_time_ms is not None and self.max_queue_time_ms <= 0:
             raise ValueError(f"--max-queue-time-ms must be positive, got {self.max_queue_time_ms}")
         if self.shutdown_grace_s < 0:
@@ -81,7 +84,8 @@ class ApexServer:
         self.settings = settings
         self._engine_factory = engine_factory
         self.state = ServingState(max_concurrent_streams=settings.max_concurrent_streams,
-                                  max_queue_time_ms=settings.max_queue_time_ms)
+                                  max_queue_time_ms=settings.max_queue_time_ms,
+                                  max_prompt_len=settings.max_prompt_len)
         self.metrics = ServerMetrics(lambda: self.state.engine)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None

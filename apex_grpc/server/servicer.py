@@ -39,6 +39,7 @@ class ServingState:
     max_concurrent_streams: int = 2048
     # Upper bound on the wait for a request's first output (queue plus prefill); None = off.
     max_queue_time_ms: int | None = None
+    max_prompt_len: int | None = None  # operator's cap on prompts, below the context limit
     engine: EngineClient | None = None
     validator: RequestValidator | None = None
     draining: bool = False
@@ -52,7 +53,8 @@ class ServingState:
             vocab_size = min(vocab_size, engine.tokenizer.vocab_size)
         limits = ModelLimits(vocab_size=vocab_size,
                              max_model_len=engine.engine_config.max_model_len,
-                             max_stop_strings=engine.engine_config.max_stop_strings)
+                             max_stop_strings=engine.engine_config.max_stop_strings,
+                             max_prompt_len=self.max_prompt_len)
         self.validator = RequestValidator(engine.tokenizer, limits)
         self.engine = engine
 

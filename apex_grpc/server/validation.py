@@ -47,6 +47,7 @@ class ModelLimits:
     vocab_size: int
     max_model_len: int
     max_stop_strings: int = 16
+    max_prompt_len: int | None = None  # an operator's cap below the context limit
 
 
 class RequestValidator:
@@ -89,6 +90,10 @@ class RequestValidator:
         kind = request.WhichOneof("input")
         max_model_len = self.limits.max_model_len
         room = max_model_len - len(prompt_ids)
+        cap = self.limits.max_prompt_len
+        if cap is not None and len(prompt_ids) > cap:
+            raise ValidationError(f"{kind} is {len(prompt_ids)} tokens long; this server "
+                                  f"accepts prompts of at most {cap} tokens (--max-prompt-len)")
         if room < 1:
             raise ValidationError(
                 f"{kind} is {len(prompt_ids)} tokens long; the context (max_model_len) is "

@@ -130,6 +130,14 @@ def test_default_max_new_tokens_is_capped_by_the_room_left():
     assert roomy.stopping.max_new_tokens == DEFAULT_MAX_NEW_TOKENS
 
 
+def test_prompts_over_the_operator_cap_are_rejected_by_name():
+    capped = RequestValidator(FakeTokenizer(), ModelLimits(vocab_size=VOCAB_SIZE,
+                                                           max_model_len=4096, max_prompt_len=5))
+    assert capped.validate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 5)))
+    with pytest.raises(ValidationError, match=r"^token_ids is 6 tokens long.*--max-prompt-len"):
+        capped.validate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 6)))
+
+
 def test_fields_map_onto_engine_params():
     request = pb.GenerateRequest(
         request_id="abc", text="hey", add_special_tokens=False,

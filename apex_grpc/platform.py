@@ -57,10 +57,6 @@ class Stream:
             with torch.cuda.stream(self.cuda_stream):
                 yield
 
-    def wait_event(self, event: Event) -> None:
-        if self.cuda_stream is not None and event.cuda_event is not None:
-            self.cuda_stream.wait_event(event.cuda_event)
-
     def wait_current(self) -> None:
         """Make this stream wait for the work already queued on the current stream."""
         if self.cuda_stream is not None:

@@ -9,23 +9,13 @@ import time
 
 import grpc
 import pytest
+from async_helpers import run, wait_until
 from fake_engine import FakeEngine, serving, target
 
 from apex_grpc.proto import generation_pb2 as pb
 from apex_grpc.proto import generation_pb2_grpc, model_pb2, model_pb2_grpc
 from apex_grpc.server.app import ApexServer, ServerSettings
 from apex_grpc.server.servicer import GenerationServicer, ServingState
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, timeout=30))
-
-
-async def _wait_until(predicate, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def _stub(channel) -> generation_pb2_grpc.GenerationServiceStub:
@@ -81,7 +71,7 @@ def test_token_ids_and_logprobs_only_when_asked():
 async def _held_stream(engine: FakeEngine, stub, request_id: str, **call_kwargs):
     call = stub.GenerateStream(pb.GenerateRequest(request_id=request_id, text="q"), **call_kwargs)
     reader = asyncio.ensure_future(call.read())
-    await _wait_until(lambda: request_id in engine.live)
+    await wait_until(lambda: request_id in engine.live)
     return call, reader
 
 
@@ -91,7 +81,7 @@ def test_client_cancel_closes_the_engine_iterator():
         async with serving(engine) as server, grpc.aio.insecure_channel(target(server)) as ch:
             call, reader = await _held_stream(engine, _stub(ch), "cancel-me")
             call.cancel()
-            await _wait_until(lambda: "cancel-me" in engine.closed_early)
+            await wait_until(lambda: "cancel-me" in engine.closed_early)
             assert not engine.live and server.state.num_active_streams == 0
             with pytest.raises(asyncio.CancelledError):
                 await reader
@@ -111,7 +101,7 @@ def test_client_deadline_aborts_the_engine_request_and_is_passed_on():
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await _stub(ch).Generate(pb.GenerateRequest(request_id="slow", text="q"),
                                          timeout=0.5)
-            await _wait_until(lambda: "slow" in engine.closed_early)
+            await wait_until(lambda: "slow" in engine.closed_early)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         deadline = engine.calls[0].deadline
         assert deadline is not None and before < deadline < before + 0.6
@@ -205,7 +195,7 @@ def test_concurrency_cap_and_duplicate_ids():
             with pytest.raises(grpc.aio.AioRpcError) as capped:
                 await stub.Generate(pb.GenerateRequest(text="two"))
             call.cancel()
-            await _wait_until(lambda: server.state.num_active_streams == 0)
+            await wait_until(lambda: server.state.num_active_streams == 0)
         engine = FakeEngine(hold=asyncio.Event())  # the first one was shut down with its server
         async with serving(engine) as server, grpc.aio.insecure_channel(target(server)) as ch:
             call, reader = await _held_stream(engine, _stub(ch), "same")
@@ -228,7 +218,7 @@ def test_queue_time_limit_gives_up_and_frees_the_request():
                 grpc.aio.insecure_channel(target(server)) as ch:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await _stub(ch).Generate(pb.GenerateRequest(request_id="waits", text="q"))
-            await _wait_until(lambda: "waits" in engine.closed_early)
+            await wait_until(lambda: "waits" in engine.closed_early)
         return info.value
 
     error = run(body())

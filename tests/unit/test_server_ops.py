@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import grpc
+from async_helpers import run, wait_until
 from fake_engine import FakeEngine, serving, target
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -20,17 +21,6 @@ from apex_grpc.server.app import GENERATION_SERVICE, ApexServer, ServerSettings
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, timeout=30))
-
-
-async def _wait_until(predicate, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def _health(channel, service: str) -> int:
@@ -71,9 +61,9 @@ def test_readiness_follows_loading_engine_state_and_drain():
 
             stub = generation_pb2_grpc.GenerationServiceStub(ch)
             in_flight = stub.GenerateStream(pb.GenerateRequest(request_id="busy", text="q"))
-            await _wait_until(lambda: "busy" in engine.live)
+            await wait_until(lambda: "busy" in engine.live)
             stop = asyncio.create_task(server.stop())
-            await _wait_until(lambda: server.state.draining)
+            await wait_until(lambda: server.state.draining)
             assert await _health(ch, GENERATION_SERVICE) == NOT_SERVING
             try:
                 await stub.Generate(pb.GenerateRequest(text="late"))
@@ -96,7 +86,7 @@ def test_streams_outliving_the_grace_end_aborted():
                 grpc.aio.insecure_channel(target(server)) as ch:
             stub = generation_pb2_grpc.GenerationServiceStub(ch)
             in_flight = stub.GenerateStream(pb.GenerateRequest(request_id="stuck", text="q"))
-            await _wait_until(lambda: "stuck" in engine.live)
+            await wait_until(lambda: "stuck" in engine.live)
             stop = asyncio.create_task(server.stop())
             chunks = [chunk async for chunk in in_flight]
             await stop
@@ -133,9 +123,9 @@ def test_metrics_endpoint_serves_engine_and_request_metrics():
                 grpc.aio.insecure_channel(target(server)) as ch:
             stub = generation_pb2_grpc.GenerationServiceStub(ch)
             cancelled = stub.GenerateStream(pb.GenerateRequest(request_id="gone", text="q"))
-            await _wait_until(lambda: "gone" in engine.live)
+            await wait_until(lambda: "gone" in engine.live)
             cancelled.cancel()
-            await _wait_until(lambda: server.state.num_active_streams == 0)
+            await wait_until(lambda: server.state.num_active_streams == 0)
             engine.hold.set()
             await stub.Generate(pb.GenerateRequest(text="q"))
             await stub.Generate(pb.GenerateRequest(text="q",

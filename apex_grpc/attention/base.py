@@ -84,6 +84,8 @@ class AttentionBackend(Protocol):
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         meta: AttentionMetadata,
+        out: torch.Tensor | None = None,  # written in place when given
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        """Store this pass's k/v in the KV cache and return attention for every row."""
+        """Store this pass's k/v in the KV cache and return attention for every row the
+        metadata names (rows it does not name are left as they were in out)."""
         ...

@@ -30,12 +30,12 @@ class NativeCpuPagedAttention:
         self._splits = KernelSplitCache()
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty_like(q)
         if meta.host_prefill is not None or meta.host_decode is not None:
             host_meta = dataclasses.replace(meta, gpu=None)
-            out = self.torch_backend.forward(layer_idx, q, k, v, host_meta)
-        else:
-            out = torch.empty_like(q)
+            self.torch_backend.forward(layer_idx, q, k, v, host_meta, out=out)
         batch = meta.gpu
         if batch is None or batch.num_tokens == 0:
             return out

@@ -84,15 +84,16 @@ class TritonPagedAttention:
         self._splits = KernelSplitCache()
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
         if q.shape[0] != meta.num_tokens:
             raise ValueError(f"q has {q.shape[0]} rows, metadata says {meta.num_tokens}")
+        if out is None:
+            out = torch.empty_like(q)
         if meta.host_decode is not None:
             # The torch backend fills the host decode rows; the other rows are filled below.
-            out = self.host_backend.forward(
-                layer_idx, q, k, v, dataclasses.replace(meta, gpu=None, host_prefill=None))
-        else:
-            out = torch.empty_like(q)
+            self.host_backend.forward(
+                layer_idx, q, k, v, dataclasses.replace(meta, gpu=None, host_prefill=None),
+                out=out)
         if meta.host_prefill is not None:
             self._host_prefill(layer_idx, meta.host_prefill, q, k, v, out)
         batch = meta.gpu

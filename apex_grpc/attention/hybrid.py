@@ -2,18 +2,20 @@
 native CPU pool, overlapped, with no per-layer Python hand-off to the pool.
 
 A step begins with begin_step(meta): one flag-gated CPU job per layer is queued at once (each
-appends its layer's new k/v to the host cache and attends over it). Per layer, stage_host()
-copies the host rows' q/k/v into preallocated pinned staging buffers and raises that layer's
-ready flag behind the copy (on CUDA the flag itself is copied on the copy stream after the
-data, so the native workers see the data land with no Python in between); wait_host() waits
-natively (GIL released) on the layer's done flag just before the O projection, or, with
-device_wait on CUDA, enqueues a host function that holds the compute stream there instead
-(attention/cuda_host_func.py), so the engine thread never waits inside a step. end_step()
-collects the jobs and surfaces any worker error. ASYNC_OVERLAP calls these from forward();
-the NEO pipeline (runner/model_runner.py) drives stage/wait with a skewed layer schedule.
+appends its layer's new k/v to the host cache and attends over it). Per layer, one native call
+(stage_host) copies the host rows' q/k/v into preallocated pinned staging buffers and raises the
+layer's ready flag behind them: on CUDA the copies run on the copy stream after an event of the
+compute stream and the flag is copied from device memory behind the data, so the pool's watcher
+sees the data land with no Python in between. A second native call (wait_host) brings the
+layer's output back just before the O projection: the engine thread waits natively (GIL
+released) on the layer's done flag, or, with device_wait on CUDA, a CUDA host function holds
+the compute stream there instead, so the engine thread enqueues the whole step without waiting.
+The hand-off itself is kernels/cpu_attention/handoff.cpp. end_step() collects the jobs and
+surfaces any worker error. ASYNC_OVERLAP calls these from forward(); the NEO pipeline
+(runner/model_runner.py) drives stage/wait with a skewed layer schedule.
 
 Buffers alternate by layer parity: a job for layer l+2 cannot start before stage_host(l+2),
-which comes after layer l's output was consumed.
+which the compute stream orders after layer l's output was consumed.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import dataclasses
 
 import torch
 
+from apex_grpc import _cpu_attention
 from apex_grpc.attention.base import AttentionBackend, AttentionMetadata, PagedSeqBatch
-from apex_grpc.attention.cpu_kernel import CpuAttentionPool, JobHandle, set_flag, wait_flag
-from apex_grpc.attention.cuda_host_func import HostFuncWaiter
+from apex_grpc.attention.cpu_kernel import CpuAttentionPool, JobHandle, set_flag
+from apex_grpc.attention.cuda_runtime import cuda_runtime_addresses
 from apex_grpc.platform import Stream, pinned_empty
 
 # A host job this late means a hung worker: fail the step (INTERNAL) rather than the server.
@@ -49,23 +52,37 @@ class HybridAttention:
         self._v = pinned_empty((2, max_host_rows, num_kv_heads, head_dim), dtype, device)
         self._out = pinned_empty((2, max_host_rows, num_heads, head_dim), dtype, device)
         self._lse = torch.empty((2, max_host_rows, num_heads), dtype=torch.float32)
+        # The host rows' output on the compute device, for the NEO pipeline's wait_host.
+        self._out_rows = torch.empty((max_host_rows, num_heads, head_dim), dtype=dtype,
+                                     device=device)
         # Per layer: [0] ready (staged) and [1] done; values are step sequence numbers.
         self._flags = pinned_empty((2, self.num_layers, 1), torch.int64, device)
         self._flags.zero_()
-        # Shared with the KV moves: a layer's ready flag lands after this step's evictions.
         self._copy_stream = copy_stream
-        if device.type == "cuda":
-            self._out_device = torch.empty((max_host_rows, num_heads, head_dim), dtype=dtype,
-                                           device=device)
-            self._seq_device = torch.zeros(1, dtype=torch.int64, device=device)
-        # On CUDA with device_wait, the compute stream (not the engine thread) waits per layer.
-        self._host_func = HostFuncWaiter(self._flags[1]) \
-            if device_wait and device.type == "cuda" else None
+        self._on_cuda = device.type == "cuda"
+        # This step's sequence number on the device: copied into each ready flag behind the data.
+        self._seq_device = torch.zeros(1, dtype=torch.int64, device=device) \
+            if self._on_cuda else None
+        staging = [buffer[parity].data_ptr() for parity in range(2)
+                   for buffer in (self._q, self._k, self._v, self._out)]
+        element = self._q.element_size()
+        self._handoff = _cpu_attention.LayerHandoff(
+            num_layers=self.num_layers, max_rows=max_host_rows,
+            q_row_bytes=num_heads * head_dim * element,
+            kv_row_bytes=num_kv_heads * head_dim * element, staging=staging,
+            flags=self._flags.data_ptr(),
+            seq_on_device=self._seq_device.data_ptr() if self._on_cuda else 0,
+            copy_stream=copy_stream.cuda_stream.cuda_stream if self._on_cuda else 0,
+            cuda=cuda_runtime_addresses() if self._on_cuda else [],
+            # The device-side wait needs a CUDA stream to hold; on a CPU it has none.
+            wait_on_device=device_wait and self._on_cuda, timeout_s=_HOST_JOB_TIMEOUT_S)
         self._step_seq = 0
         self._jobs: list[JobHandle] = []
         self._num_rows = 0
-        # This step's staging views per parity, (q, k, v, out): sliced once per step.
-        self._views: list[tuple[torch.Tensor, ...]] = []
+        # This step's GPU-only view of the metadata, and the device tensors the copy stream
+        # reads: held until end_step, when every staging copy has landed.
+        self._gpu_meta: tuple[AttentionMetadata, AttentionMetadata] | None = None
+        self._staged: list[torch.Tensor] = []
 
     @property
     def max_host_rows(self) -> int:
@@ -83,20 +100,20 @@ class HybridAttention:
                              f"{self.max_host_rows} (max_num_seqs)")
         self._step_seq += 1
         seq, n = self._step_seq, host.num_tokens
-        self._views = [(self._q[p, :n], self._k[p, :n], self._v[p, :n], self._out[p, :n])
-                       for p in range(2)]
-        if self.device.type == "cuda":
-            self._seq_device.fill_(seq)  # copied into ready flags behind each layer's data
-        if self._host_func is not None:
-            self._host_func.begin_step(seq)
+        stream = 0
+        if self._on_cuda:
+            self._seq_device.fill_(seq)  # queued before any layer's staging
+            stream = torch.cuda.current_stream().cuda_stream
+        self._handoff.begin_step(seq, n, stream)
         for layer in range(self.num_layers):
-            q_stage, k_stage, v_stage, out_stage = self._views[layer % 2]
+            parity = layer % 2
             self._jobs.append(self.pool.submit_decode(
-                q_stage, self.host_kv[layer, 0], self.host_kv[layer, 1],
-                host.block_tables, host.seq_lens_tensor, out_stage, self._lse[layer % 2, :n],
-                scale=self.scale, new_k=k_stage, new_v=v_stage,
-                slot_mapping=host.slot_mapping, ready_flag=self._flags[0, layer],
-                ready_value=seq, done_flag=self._flags[1, layer], done_value=seq,
+                self._q[parity, :n], self.host_kv[layer, 0], self.host_kv[layer, 1],
+                host.block_tables, host.seq_lens_tensor, self._out[parity, :n],
+                self._lse[parity, :n], scale=self.scale, new_k=self._k[parity, :n],
+                new_v=self._v[parity, :n], slot_mapping=host.slot_mapping,
+                ready_flag=self._flags[0, layer], ready_value=seq,
+                done_flag=self._flags[1, layer], done_value=seq,
                 check_values=layer == 0))  # the metadata is the same for every layer
 
     def end_step(self) -> None:
@@ -108,7 +125,7 @@ class HybridAttention:
             return
         unstaged = [layer for layer in range(len(jobs))
                     if int(self._flags[0, layer]) < self._step_seq]
-        if unstaged and self.device.type == "cuda":
+        if unstaged and self._on_cuda:
             self._copy_stream.cuda_stream.synchronize()  # no copy may land after release
         for layer in unstaged:
             set_flag(self._flags[0, layer], self._step_seq)
@@ -118,45 +135,39 @@ class HybridAttention:
                 self.pool.wait(job)
             except RuntimeError as exc:
                 errors.append(exc)
+        # Every job has run, so every ready flag, and the staging copies ahead of it on the
+        # copy stream, has landed: the copied tensors may go back to the allocator.
+        self._staged.clear()
         if errors:
             raise errors[0]
 
     # -- per layer ----------------------------------------------------------------------------
-    def stage_host(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
-                   v: torch.Tensor) -> None:
-        """Hand host rows' q/k/v ([n, heads, head_dim] on the device) to the layer's job."""
-        q_stage, k_stage, v_stage, _ = self._views[layer_idx % 2]
-        ready = self._flags[0, layer_idx]
-        if self.device.type == "cuda":
-            self._copy_stream.wait_current()
-            with self._copy_stream.use():
-                q_stage.copy_(q, non_blocking=True)
-                k_stage.copy_(k, non_blocking=True)
-                v_stage.copy_(v, non_blocking=True)
-                ready.copy_(self._seq_device, non_blocking=True)  # lands after the data
-            for tensor in (q, k, v):  # the caller may drop them before the copy has read them
-                tensor.record_stream(self._copy_stream.cuda_stream)
-        else:
-            q_stage.copy_(q)
-            k_stage.copy_(k)
-            v_stage.copy_(v)
-            set_flag(ready, self._step_seq)
+    def stage_host(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   row_start: int = 0) -> None:
+        """Hand rows [row_start, row_start + host rows) of q [n, heads, head_dim] and k/v
+        [n, kv_heads, head_dim] (on the compute device; each row's heads contiguous) to the
+        layer's job."""
+        for tensor in (q, k, v):
+            if tensor.stride(2) != 1 or tensor.stride(1) != tensor.shape[2]:
+                raise ValueError(f"host rows need contiguous heads; got strides "
+                                 f"{tuple(tensor.stride())}")
+        element = q.element_size()
+        self._handoff.stage(layer_idx, q.data_ptr(), q.stride(0) * element, k.data_ptr(),
+                            k.stride(0) * element, v.data_ptr(), v.stride(0) * element,
+                            row_start)
+        if self._on_cuda:
+            self._staged += (q, k, v)
 
-    def wait_host(self, layer_idx: int) -> torch.Tensor:
-        """The layer's CPU attention output ([n, heads, head_dim]) on the compute device. It
-        aliases a buffer that the next layers reuse (on the CPU a staging buffer valid until
-        stage_host(layer_idx + 2), on CUDA one device buffer): consume it before moving on."""
-        out = self._views[layer_idx % 2][3]
-        if self._host_func is not None:  # the stream waits; the upload is queued behind it
-            self._host_func.enqueue(layer_idx, self._step_seq, torch.cuda.current_stream())
-        elif not wait_flag(self._flags[1, layer_idx], self._step_seq, _HOST_JOB_TIMEOUT_S):
-            raise RuntimeError(f"CPU attention for layer {layer_idx} did not finish within "
-                               f"{_HOST_JOB_TIMEOUT_S:.0f} s")
-        if self.device.type != "cuda":
-            return out
-        dst = self._out_device[:self._num_rows]
-        dst.copy_(out, non_blocking=True)
-        return dst
+    def wait_host(self, layer_idx: int, out: torch.Tensor | None = None,
+                  row_start: int = 0) -> torch.Tensor:
+        """The layer's CPU attention output, written to rows [row_start, ...) of out (default: a
+        buffer that the next layer reuses; consume it before moving on). On CUDA with
+        device_wait the compute stream, not this thread, waits for it."""
+        if out is None:
+            out = self._out_rows[:self._num_rows]
+        self._handoff.fetch(layer_idx, out.data_ptr() + row_start * out.stride(0)
+                            * out.element_size(), out.stride(0) * out.element_size())
+        return out
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -165,12 +176,15 @@ class HybridAttention:
         host = meta.host_decode
         if host is None:
             return self.gpu_backend.forward(layer_idx, q, k, v, meta)
-        rows = slice(host.row_start, host.row_end)
-        self.stage_host(layer_idx, q[rows], k[rows], v[rows])
+        self.stage_host(layer_idx, q, k, v, host.row_start)
         out = torch.empty_like(q)
         if host.row_start > 0:
-            gpu_meta = dataclasses.replace(meta, num_tokens=host.row_start, host_decode=None)
-            head = slice(0, host.row_start)
-            out[head] = self.gpu_backend.forward(layer_idx, q[head], k[head], v[head], gpu_meta)
-        out[rows] = self.wait_host(layer_idx)
+            self.gpu_backend.forward(layer_idx, q, k, v, self._without_host_rows(meta), out=out)
+        self.wait_host(layer_idx, out, host.row_start)
         return out
+
+    def _without_host_rows(self, meta: AttentionMetadata) -> AttentionMetadata:
+        """The step's metadata for the device backend (host rows left alone), built once."""
+        if self._gpu_meta is None or self._gpu_meta[0] is not meta:
+            self._gpu_meta = (meta, dataclasses.replace(meta, host_decode=None))
+        return self._gpu_meta[1]

@@ -140,10 +140,11 @@ class TorchPagedAttention:
         self.scale = scale
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
         if q.shape[0] != meta.num_tokens:
             raise ValueError(f"q has {q.shape[0]} rows, metadata says {meta.num_tokens}")
-        out = torch.empty_like(q)
+        if out is None:
+            out = torch.empty_like(q)
         if meta.gpu is not None:
             self._paged(self.gpu_kv[layer_idx], meta.gpu, q, k, v, out)
         if meta.host_prefill is not None:

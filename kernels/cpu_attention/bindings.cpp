@@ -12,24 +12,13 @@
 
 #include "common.h"
 #include "decode.h"
+#include "handoff.h"
 #include "thread_pool.h"
 
 namespace py = pybind11;
 
 namespace apex {
 namespace {
-
-// A CUDA host function (cudaHostFn_t, void(void*)) that holds its stream until a flag reaches a
-// value: the hybrid runtime's device-side CPU->GPU wait, enqueued with cudaLaunchHostFunc so
-// the engine thread never blocks per layer. data points at two int64: {flag address, value}.
-// Bounded like every wait here, so a lost job cannot hold the stream forever.
-constexpr double kHostFuncWaitTimeoutS = 60.0;
-
-void host_func_wait(void* data) {
-  const int64_t* record = static_cast<const int64_t*>(data);
-  wait_flag(reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(record[0])), record[1],
-            kHostFuncWaitTimeoutS);
-}
 
 DType dtype_from_code(int code) {
   if (code < 0 || code > 2) throw std::invalid_argument("unknown dtype code " + std::to_string(code));
@@ -105,6 +94,41 @@ class PoolBinding {
   const KernelOps* ops_[3];
 };
 
+// cuda: the addresses of cudaMemcpyAsync, cudaMemcpy2DAsync, cudaEventCreateWithFlags,
+// cudaEventDestroy, cudaEventRecord, cudaStreamWaitEvent and cudaLaunchHostFunc, in that order
+// (empty without CUDA). staging: q, k, v, out of the even parity, then of the odd one.
+std::unique_ptr<LayerHandoff> make_handoff(int num_layers, int max_rows, size_t q_row_bytes,
+                                           size_t kv_row_bytes,
+                                           const std::vector<uintptr_t>& staging,
+                                           uintptr_t flags, uintptr_t seq_on_device,
+                                           uintptr_t copy_stream,
+                                           const std::vector<uintptr_t>& cuda,
+                                           bool wait_on_device, double timeout_s) {
+  if (staging.size() != 8) throw std::invalid_argument("staging must hold 8 addresses");
+  if (!cuda.empty() && cuda.size() != 7)
+    throw std::invalid_argument("cuda must hold 7 function addresses");
+  CudaRuntime runtime;
+  if (!cuda.empty()) {
+    runtime.memcpy_async = reinterpret_cast<CudaRuntime::MemcpyAsync>(cuda[0]);
+    runtime.memcpy2d_async = reinterpret_cast<CudaRuntime::Memcpy2DAsync>(cuda[1]);
+    runtime.event_create_with_flags =
+        reinterpret_cast<CudaRuntime::EventCreateWithFlags>(cuda[2]);
+    runtime.event_destroy = reinterpret_cast<CudaRuntime::EventDestroy>(cuda[3]);
+    runtime.event_record = reinterpret_cast<CudaRuntime::EventRecord>(cuda[4]);
+    runtime.stream_wait_event = reinterpret_cast<CudaRuntime::StreamWaitEvent>(cuda[5]);
+    runtime.launch_host_func = reinterpret_cast<CudaRuntime::LaunchHostFunc>(cuda[6]);
+  }
+  auto buffers = [&](int first) {
+    return StagingBuffers{pointer<void>(staging[first]), pointer<void>(staging[first + 1]),
+                          pointer<void>(staging[first + 2]), pointer<void>(staging[first + 3])};
+  };
+  return std::make_unique<LayerHandoff>(
+      num_layers, max_rows, q_row_bytes, kv_row_bytes, buffers(0), buffers(4),
+      pointer<int64_t>(flags), pointer<const int64_t>(seq_on_device),
+      pointer<void>(copy_stream), runtime,
+      wait_on_device ? LayerWait::kHostFunc : LayerWait::kEngineThread, timeout_s);
+}
+
 }  // namespace
 }  // namespace apex
 
@@ -124,6 +148,31 @@ PYBIND11_MODULE(_cpu_attention, module) {
       .def("isa", &PoolBinding::isa, py::arg("dtype_code"))
       .def("submit_decode", &PoolBinding::submit_decode)
       .def("close", &PoolBinding::close, py::call_guard<py::gil_scoped_release>());
+
+  // Every method releases the GIL: the engine thread may wait here while Python runs.
+  py::class_<apex::LayerHandoff>(module, "LayerHandoff")
+      .def(py::init(&apex::make_handoff), py::arg("num_layers"), py::arg("max_rows"),
+           py::arg("q_row_bytes"), py::arg("kv_row_bytes"), py::arg("staging"),
+           py::arg("flags"), py::arg("seq_on_device"), py::arg("copy_stream"), py::arg("cuda"),
+           py::arg("wait_on_device"), py::arg("timeout_s"))
+      .def("begin_step",
+           [](apex::LayerHandoff& self, int64_t seq, int num_rows, uintptr_t stream) {
+             self.begin_step(seq, num_rows, apex::pointer<void>(stream));
+           },
+           py::call_guard<py::gil_scoped_release>())
+      .def("stage",
+           [](apex::LayerHandoff& self, int layer, uintptr_t q, size_t q_stride, uintptr_t k,
+              size_t k_stride, uintptr_t v, size_t v_stride, int row_start) {
+             self.stage(layer, apex::pointer<const char>(q), q_stride,
+                        apex::pointer<const char>(k), k_stride, apex::pointer<const char>(v),
+                        v_stride, row_start);
+           },
+           py::call_guard<py::gil_scoped_release>())
+      .def("fetch",
+           [](apex::LayerHandoff& self, int layer, uintptr_t dst, size_t dst_stride) {
+             self.fetch(layer, apex::pointer<char>(dst), dst_stride);
+           },
+           py::call_guard<py::gil_scoped_release>());
 
   module.def(
       "wait_flag",

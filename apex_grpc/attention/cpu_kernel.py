@@ -27,6 +27,7 @@ __all__ = [
     "CpuAttentionPool",
     "DecodeSizes",
     "JobHandle",
+    "LayerStaging",
     "append_kv",
     "best_isa",
     "paged_decode_attention",
@@ -42,11 +43,24 @@ class JobHandle:
     native: Any  # _cpu_attention.Job
     out: torch.Tensor  # [num_seqs, num_heads, head_dim]
     lse: torch.Tensor  # [num_seqs, num_heads] float32
-    keepalive: tuple[torch.Tensor, ...]
+    keepalive: tuple[object, ...]
 
     @property
     def done(self) -> bool:
         return self.native.done()
+
+
+@dataclass(frozen=True, slots=True)
+class LayerStaging:
+    """The per-step buffers of the layers of one parity (layer % 2) in submit_decode_layers:
+    q, out [num_seqs, num_heads, head_dim], new_k/new_v [num_seqs, num_kv_heads, head_dim],
+    lse [num_seqs, num_heads] float32."""
+
+    q: torch.Tensor
+    new_k: torch.Tensor
+    new_v: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
 
 
 class CpuAttentionPool:
@@ -130,6 +144,51 @@ class CpuAttentionPool:
                 self._in_flight.popleft()
             self._in_flight.append(handle)
         return handle
+
+    def submit_decode_layers(
+        self,
+        staging: tuple[LayerStaging, LayerStaging],  # layer l uses staging[l % 2]
+        kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim]
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        flags: torch.Tensor,  # [2, num_layers, 1] int64: ready flags, then done flags
+        value: int,
+        *,
+        scale: float | None = None,
+    ) -> list[JobHandle]:
+        """One step of the hybrid runtime in one call: for every layer a decode job (with the
+        append of new_k/new_v) that starts once flags[0, l] >= value and sets flags[1, l] to
+        value when done. The problem is validated once (the layers share their metadata), so
+        a step costs one native call instead of one per layer."""
+        if self._closed:
+            raise RuntimeError("the CPU attention pool is closed")
+        _require_tensor("kv_cache", kv_cache, ndim=6)
+        num_layers = kv_cache.shape[0]
+        _require_tensor("flags", flags, ndim=3, dtype=torch.int64)
+        _require_shape("flags", flags, (2, num_layers, 1))
+        sizes = None
+        for parity, buffers in enumerate(staging):
+            sizes = check_decode(buffers.q, kv_cache[0, 0], kv_cache[0, 1], block_tables,
+                                 seq_lens, buffers.out, buffers.lse, buffers.new_k,
+                                 buffers.new_v, slot_mapping, check_values=parity == 0)
+        scale = _resolve_scale(scale, sizes.head_dim)
+        element = kv_cache.element_size()
+        natives = self._native.submit_decode_layers(
+            num_layers,
+            [tensor.data_ptr() for buffers in staging
+             for tensor in (buffers.q, buffers.new_k, buffers.new_v, buffers.out, buffers.lse)],
+            kv_cache.data_ptr(), kv_cache.stride(0) * element, kv_cache.stride(1) * element,
+            block_tables.data_ptr(), seq_lens.data_ptr(), slot_mapping.data_ptr(),
+            sizes.as_list(), DTYPE_CODES[kv_cache.dtype], scale, flags.data_ptr(), int(value))
+        keepalive = (kv_cache, block_tables, seq_lens, slot_mapping, flags, *staging)
+        handles = [JobHandle(native, staging[layer % 2].out, staging[layer % 2].lse, keepalive)
+                   for layer, native in enumerate(natives)]
+        with self._lock:
+            while self._in_flight and self._in_flight[0].done:
+                self._in_flight.popleft()
+            self._in_flight.extend(handles)
+        return handles
 
     def wait(self, handle: JobHandle) -> tuple[torch.Tensor, torch.Tensor]:
         """Block (GIL released) until the job is done; a worker error raises RuntimeError."""

@@ -26,7 +26,8 @@ import torch
 
 from apex_grpc import _cpu_attention
 from apex_grpc.attention.base import AttentionBackend, AttentionMetadata, PagedSeqBatch
-from apex_grpc.attention.cpu_kernel import CpuAttentionPool, JobHandle, set_flag
+from apex_grpc.attention.cpu_kernel import (CpuAttentionPool, JobHandle, LayerStaging,
+                                            set_flag)
 from apex_grpc.attention.cuda_runtime import cuda_runtime_addresses
 from apex_grpc.platform import Stream, pinned_empty
 
@@ -105,16 +106,11 @@ class HybridAttention:
             self._seq_device.fill_(seq)  # queued before any layer's staging
             stream = torch.cuda.current_stream().cuda_stream
         self._handoff.begin_step(seq, n, stream)
-        for layer in range(self.num_layers):
-            parity = layer % 2
-            self._jobs.append(self.pool.submit_decode(
-                self._q[parity, :n], self.host_kv[layer, 0], self.host_kv[layer, 1],
-                host.block_tables, host.seq_lens_tensor, self._out[parity, :n],
-                self._lse[parity, :n], scale=self.scale, new_k=self._k[parity, :n],
-                new_v=self._v[parity, :n], slot_mapping=host.slot_mapping,
-                ready_flag=self._flags[0, layer], ready_value=seq,
-                done_flag=self._flags[1, layer], done_value=seq,
-                check_values=layer == 0))  # the metadata is the same for every layer
+        staging = tuple(LayerStaging(self._q[p, :n], self._k[p, :n], self._v[p, :n],
+                                     self._out[p, :n], self._lse[p, :n]) for p in range(2))
+        self._jobs = self.pool.submit_decode_layers(
+            staging, self.host_kv, host.block_tables, host.seq_lens_tensor, host.slot_mapping,
+            self._flags, seq, scale=self.scale)
 
     def end_step(self) -> None:
         """Collect this step's jobs. After a failure mid-forward, release the jobs that never

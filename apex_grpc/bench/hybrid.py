@@ -65,38 +65,41 @@ def decode_plan(num_gpu: int, num_host: int, ctx: int, strategy: Strategy) -> St
                     ())
 
 
-def time_plan(core: EngineCore, plan: StepPlan, num_steps: int) -> float:
-    """Median time of executing the plan (forward + sampling); re-running a plan rewrites the
-    same KV slots, so the cache stays the same size."""
-    sampling = {s.request_id: SamplingInput(SamplingParams(), None, None) for s in plan.all_seqs}
-    times = []
+def time_plans(core: EngineCore, plans: dict[str, StepPlan], num_steps: int
+               ) -> dict[str, float]:
+    """Median time (ms) of executing each plan (forward + sampling). The plans take turns step
+    by step, so a drift in the machine's speed (clocks, other load) hits them all alike.
+    Re-running a plan rewrites the same KV slots, so the cache stays the same size."""
+    sampling = {s.request_id: SamplingInput(SamplingParams(), None, None)
+                for plan in plans.values() for s in plan.all_seqs}
+    times: dict[str, list[float]] = {name: [] for name in plans}
     for _ in range(num_steps + 2):
-        start = time.perf_counter()
-        core.runner.execute(plan, sampling)
-        synchronize(core.device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times[2:])
+        for name, plan in plans.items():
+            start = time.perf_counter()
+            core.runner.execute(plan, sampling)
+            synchronize(core.device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(samples[2:]) for name, samples in times.items()}
 
 
 def gpu_vs_hybrid(core: EngineCore, num_gpu: int, num_host: int, ctx: int,
                   num_steps: int) -> dict[str, float]:
     layers = core.runner.attention.num_layers
-    gpu_ms = time_plan(core, decode_plan(num_gpu, 0, ctx, Strategy.GPU_ONLY), num_steps)
-    overlap_ms = time_plan(core, decode_plan(num_gpu, num_host, ctx, Strategy.ASYNC_OVERLAP),
-                           num_steps)
-    pipeline_ms = time_plan(
-        core, decode_plan(num_gpu, num_host, ctx, Strategy.ASYMMETRIC_PIPELINE), num_steps)
-    tiny_ms = time_plan(core, decode_plan(num_gpu, 1, 1, Strategy.ASYNC_OVERLAP), num_steps)
+    ms = time_plans(core, {
+        "gpu": decode_plan(num_gpu, 0, ctx, Strategy.GPU_ONLY),
+        "overlap": decode_plan(num_gpu, num_host, ctx, Strategy.ASYNC_OVERLAP),
+        "pipeline": decode_plan(num_gpu, num_host, ctx, Strategy.ASYMMETRIC_PIPELINE),
+        # The runtime's fixed cost: one host row of tiny context.
+        "tiny": decode_plan(num_gpu, 1, 1, Strategy.ASYNC_OVERLAP)}, num_steps)
     rows = num_gpu + num_host
     return {
-        "gpu_only_step_ms": gpu_ms, "async_overlap_step_ms": overlap_ms,
-        "asymmetric_pipeline_step_ms": pipeline_ms,
-        f"tok_s_gpu_only_G{num_gpu}": num_gpu / gpu_ms * 1e3,
-        f"tok_s_async_overlap_G{num_gpu}_plus_C{num_host}": rows / overlap_ms * 1e3,
-        f"tok_s_asymmetric_pipeline_G{num_gpu}_plus_C{num_host}": rows / pipeline_ms * 1e3,
-        "async_overlap_over_gpu_only": rows / overlap_ms / (num_gpu / gpu_ms),
-        # The runtime's fixed cost: one host row of tiny context, over the GPU-only step.
-        "overhead_us_per_layer": (tiny_ms - gpu_ms) * 1e3 / layers,
+        "gpu_only_step_ms": ms["gpu"], "async_overlap_step_ms": ms["overlap"],
+        "asymmetric_pipeline_step_ms": ms["pipeline"],
+        f"tok_s_gpu_only_G{num_gpu}": num_gpu / ms["gpu"] * 1e3,
+        f"tok_s_async_overlap_G{num_gpu}_plus_C{num_host}": rows / ms["overlap"] * 1e3,
+        f"tok_s_asymmetric_pipeline_G{num_gpu}_plus_C{num_host}": rows / ms["pipeline"] * 1e3,
+        "async_overlap_over_gpu_only": rows / ms["overlap"] / (num_gpu / ms["gpu"]),
+        "overhead_us_per_layer": (ms["tiny"] - ms["gpu"]) * 1e3 / layers,
     }
 
 
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-rows", type=int, default=2)
     parser.add_argument("--host-rows", type=int, default=6)
     parser.add_argument("--ctx", type=int, default=900)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=default_cpu_attention_threads())
     parser.add_argument("--workload-requests", type=int, default=16)
     parser.add_argument("--workload-input", type=int, default=512)

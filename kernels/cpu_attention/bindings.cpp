@@ -87,6 +87,32 @@ class PoolBinding {
     return job;
   }
 
+  // One step's jobs for every layer at once (the hybrid runtime's begin_step): layer l reads
+  // the staging of parity l % 2 (q, new_k, new_v, out, lse: 2 addresses each) and the KV
+  // cache at kv_cache + l * layer_bytes (v at + v_offset_bytes), waits for flags[l] >= value
+  // and raises flags[num_layers + l] to value. The caller validated layer 0's problem.
+  std::vector<std::shared_ptr<Job>> submit_decode_layers(
+      int num_layers, const std::vector<uintptr_t>& staging, uintptr_t kv_cache,
+      size_t layer_bytes, size_t v_offset_bytes, uintptr_t block_tables, uintptr_t seq_lens,
+      uintptr_t slot_mapping, const std::vector<int>& sizes, int dtype_code, float scale,
+      uintptr_t flags, int64_t value) {
+    if (staging.size() != 10) throw std::invalid_argument("staging must hold 10 addresses");
+    std::vector<std::shared_ptr<Job>> jobs;
+    jobs.reserve(num_layers);
+    int64_t* flag = pointer<int64_t>(flags);
+    for (int layer = 0; layer < num_layers; ++layer) {
+      const uintptr_t* parity = staging.data() + (layer % 2) * 5;
+      const uintptr_t k_cache = kv_cache + layer * layer_bytes;
+      jobs.push_back(submit_decode(parity[0], k_cache, k_cache + v_offset_bytes, block_tables,
+                                   seq_lens, parity[3], parity[4], parity[1], parity[2],
+                                   slot_mapping, sizes, dtype_code, scale,
+                                   reinterpret_cast<uintptr_t>(flag + layer), value,
+                                   reinterpret_cast<uintptr_t>(flag + num_layers + layer),
+                                   value));
+    }
+    return jobs;
+  }
+
   void close() { pool_.close(); }
 
  private:
@@ -147,6 +173,7 @@ PYBIND11_MODULE(_cpu_attention, module) {
       .def_property_readonly("num_threads", &PoolBinding::num_threads)
       .def("isa", &PoolBinding::isa, py::arg("dtype_code"))
       .def("submit_decode", &PoolBinding::submit_decode)
+      .def("submit_decode_layers", &PoolBinding::submit_decode_layers)
       .def("close", &PoolBinding::close, py::call_guard<py::gil_scoped_release>());
 
   // Every method releases the GIL: the engine thread may wait here while Python runs.

@@ -19,6 +19,9 @@ namespace {
 constexpr int kTasksPerThread = 4;      // enough tasks that uneven parts still balance
 constexpr int kMinPartTokens = 256;     // below this a split costs more in merging than it saves
 constexpr int kSeqsPerAppendTask = 32;  // appends are tiny copies; batch them
+// Least work per task, in kv-head tokens: waking a worker costs microseconds, so a tiny job
+// (a short context) runs as one task on the worker that found it rather than waking the pool.
+constexpr int64_t kMinTaskHeadTokens = 512;
 
 int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 
@@ -99,7 +102,10 @@ void DecodeJob::plan(int num_threads) {
   for (int seq = 0; seq < p.num_seqs; ++seq) {
     total_blocks += ceil_div(p.seq_lens[seq], p.block_size);
   }
-  const int64_t target_tasks = int64_t(std::max(num_threads, 1)) * kTasksPerThread;
+  const int64_t head_tokens = total_blocks * p.block_size * p.num_kv_heads;
+  const int64_t target_tasks = std::max<int64_t>(
+      1, std::min(int64_t(std::max(num_threads, 1)) * kTasksPerThread,
+                  head_tokens / kMinTaskHeadTokens));
   part_blocks_ = std::max(ceil_div(kMinPartTokens, p.block_size),
                           ceil_div(total_blocks, target_tasks));
   int64_t num_parts_total = 0;

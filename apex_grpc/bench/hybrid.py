@@ -2,8 +2,9 @@
 versus hybrid execution, measured side by side in one process.
 
 Figures (one JSON line at the end):
-- handoff_us_p50: stage a layer's host rows -> native job runs -> done flag seen, through the
-  real HybridAttention path (tiny job), median over many layers.
+- handoff_us_p50: stage a layer's host rows -> native job runs -> done flag seen (on CUDA: ->
+  output back on the device), through the real HybridAttention path (tiny job), median over
+  many layers.
 - overhead_us_per_layer: (decode step with G GPU rows + 1 host row of tiny context) minus
   (G GPU rows alone), per layer: the hybrid runtime's fixed cost.
 - tok_s_*: decode tokens/s of G GPU-resident rows alone (GPU_ONLY), and of G GPU-resident + C
@@ -116,6 +117,7 @@ def handoff_us(core: EngineCore, iterations: int) -> float:
             start = time.perf_counter()
             attention.stage_host(layer, q, k, k)
             attention.wait_host(layer)
+            synchronize(core.device)  # on CUDA: until the output has landed on the device
             samples.append((time.perf_counter() - start) * 1e6)
         attention.end_step()
     return statistics.median(samples)

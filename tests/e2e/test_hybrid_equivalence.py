@@ -30,6 +30,12 @@ MODES = {
                      Strategy.ASYMMETRIC_PIPELINE),
     # A GPU tier far too small for 32 streams: evictions to the host and restores mid-run.
     "apex_evictions": (dict(policy=Policy.APEX, num_gpu_blocks=24), Strategy.ASYNC_OVERLAP),
+    # CUDA only: a CUDA host function holds the compute stream per layer (--cuda-layer-wait
+    # host-func) instead of the engine thread waiting.
+    "apex_host_func": (dict(policy=Policy.APEX, kv_placement=KVPlacement.HOST, device_wait=True),
+                       Strategy.ASYNC_OVERLAP),
+    "neo_host_func": (dict(policy=Policy.NEO, kv_placement=KVPlacement.ALTERNATE,
+                           device_wait=True), Strategy.ASYMMETRIC_PIPELINE),
     # Same pressure without a host tier: preemption by recompute.
     "gpu_only_preempt": (dict(policy=Policy.GPU_ONLY, num_host_blocks=0, num_gpu_blocks=24),
                          Strategy.GPU_ONLY),
@@ -49,8 +55,10 @@ def run_mode(model, model_config, tokenizer, mode: str, prompts, max_new: int,
                   max_num_seqs=NUM_STREAMS, max_batched_tokens=256, max_model_len=256,
                   cpu_attention_threads=1)
     fields.update(overrides)
+    device_wait = fields.pop("device_wait", False)
     config = EngineConfig(**fields)
-    core = build_core(config, model, model_config, tokenizer, torch.float32, torch.device(device))
+    core = build_core(config, model, model_config, tokenizer, torch.float32, torch.device(device),
+                      device_wait=device_wait)
     results = run_to_completion(
         core, prompts, SamplingParams(top_logprobs=0),
         StoppingParams(max_new_tokens=max_new, ignore_eos=True))
@@ -99,6 +107,8 @@ def tiny_gqa_model(request, tmp_path_factory):
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "gpu_only"])
 def test_tiny_gqa_model_same_greedy_tokens_in_every_mode(tiny_gqa_model, mode):
     device, (model, model_config, tokenizer, _) = tiny_gqa_model
+    if device == "cpu" and MODES[mode][0].get("device_wait"):
+        pytest.skip("the host-function wait needs CUDA")
     prompts = make_prompts(model_config.vocab_size, seed=1)
     reference = run_mode(model, model_config, tokenizer, "gpu_only", prompts, 24, device)
     other = run_mode(model, model_config, tokenizer, mode, prompts, 24, device)

@@ -143,10 +143,11 @@ class HybridAttention:
         """Hand rows [row_start, row_start + host rows) of q [n, heads, head_dim] and k/v
         [n, kv_heads, head_dim] (on the compute device; each row's heads contiguous) to the
         layer's job."""
-        for tensor in (q, k, v):
-            if tensor.stride(2) != 1 or tensor.stride(1) != tensor.shape[2]:
-                raise ValueError(f"host rows need contiguous heads; got strides "
-                                 f"{tuple(tensor.stride())}")
+        if layer_idx == 0:  # every layer's rows have the same layout
+            for tensor in (q, k, v):
+                if tensor.stride(2) != 1 or tensor.stride(1) != tensor.shape[2]:
+                    raise ValueError(f"host rows need contiguous heads; got strides "
+                                     f"{tuple(tensor.stride())}")
         element = q.element_size()
         self._handoff.stage(layer_idx, q.data_ptr(), q.stride(0) * element, k.data_ptr(),
                             k.stride(0) * element, v.data_ptr(), v.stride(0) * element,

@@ -4,7 +4,7 @@ versus hybrid execution, measured side by side in one process.
 Figures (one JSON line at the end):
 - handoff_us_p50: stage a layer's host rows -> native job runs -> done flag seen (on CUDA: ->
   output back on the device), through the real HybridAttention path (tiny job), median over
-  many layers.
+  many layers; engine_us_per_layer: what the engine thread spends in those calls.
 - overhead_us_per_layer: (decode step with G GPU rows + 1 host row of tiny context) minus
   (G GPU rows alone), per layer: the hybrid runtime's fixed cost.
 - tok_s_*: decode tokens/s of G GPU-resident rows alone (GPU_ONLY), and of G GPU-resident + C
@@ -104,23 +104,38 @@ def gpu_vs_hybrid(core: EngineCore, num_gpu: int, num_host: int, ctx: int,
     }
 
 
-def handoff_us(core: EngineCore, iterations: int) -> float:
-    """Median stage -> done-flag time of a one-row, one-token host job, per layer."""
+def handoff_figures(core: EngineCore, iterations: int) -> dict[str, float]:
+    """Through the real HybridAttention path with a one-row, one-token host job:
+    handoff_us_p50, the median stage -> done flag time per layer (on CUDA until the output is
+    back on the device); and what the engine thread itself spends per layer: the stage and
+    fetch calls (with the host-function wait, fetch only enqueues) and begin/end of step."""
     attention = core.runner.attention
     host = make_paged_batch(decode_plan(0, 1, 0, Strategy.ASYNC_OVERLAP).host_decode_seqs, 0,
                             BLOCK_SIZE, torch.device("cpu"))
     q, k = _host_rows(core, 1)
-    samples = []
-    for _ in range(max(1, iterations // attention.num_layers)):
+    layers = attention.num_layers
+    handoff, stage, fetch, begin_end = [], [], [], []
+    for _ in range(max(1, iterations // layers)):
+        start = time.perf_counter()
         attention.begin_step(host)
-        for layer in range(attention.num_layers):
-            start = time.perf_counter()
+        step_start = time.perf_counter()
+        for layer in range(layers):
+            staged = time.perf_counter()
             attention.stage_host(layer, q, k, k)
+            fetched = time.perf_counter()
             attention.wait_host(layer)
+            returned = time.perf_counter()
             synchronize(core.device)  # on CUDA: until the output has landed on the device
-            samples.append((time.perf_counter() - start) * 1e6)
+            handoff.append((time.perf_counter() - staged) * 1e6)
+            stage.append((fetched - staged) * 1e6)
+            fetch.append((returned - fetched) * 1e6)
+        end = time.perf_counter()
         attention.end_step()
-    return statistics.median(samples)
+        begin_end.append(((step_start - start) + (time.perf_counter() - end)) * 1e6 / layers)
+    return {"handoff_us_p50": statistics.median(handoff),
+            "engine_us_per_layer": {"stage_call": statistics.median(stage),
+                                    "fetch_call": statistics.median(fetch),
+                                    "begin_and_end_step": statistics.median(begin_end)}}
 
 
 def _host_rows(core: EngineCore, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
                  device_wait=args.cuda_layer_wait == "host-func", policy=Policy.APEX,
                  num_gpu_blocks=max(args.gpu_rows, 1) * blocks,
                  num_host_blocks=max(args.host_rows, 1) * blocks)
-    figures["handoff_us_p50"] = handoff_us(core, 2000)
-    print(f"hand-off (stage -> done flag) p50: {figures['handoff_us_p50']:.1f} us")
+    figures.update(handoff_figures(core, 2000))
+    print(f"hand-off (stage -> done flag) p50: {figures['handoff_us_p50']:.1f} us; engine "
+          f"thread per layer (us): {json.dumps(figures['engine_us_per_layer'])}")
     figures.update(gpu_vs_hybrid(core, args.gpu_rows, args.host_rows, args.ctx, args.steps))
     print(f"G={args.gpu_rows}: {figures['gpu_only_step_ms']:.2f} ms/step; "
           f"G+C={args.gpu_rows}+{args.host_rows} (ctx {args.ctx}): overlap "

@@ -9,7 +9,7 @@ matmuls per layer; the loaders copy each checkpoint tensor into its slice.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +50,9 @@ class RMSNorm(nn.Module):
                                    requires_grad=False)
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # One fused op, not five: eager decoding is bound by how many ops Python launches.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
     def forward(self, x: torch.Tensor,
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +111,14 @@ def _frequency_factors(values: Any, head_dim: int) -> torch.Tensor:
     return factors
 
 
+class RopeAngles(NamedTuple):
+    """cos and sin [n, 1, head_dim // 2] (float32) of a batch's positions: gathered once per
+    forward pass and shared by every layer."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
 class RotaryEmbedding(nn.Module):
     """Rotate-half RoPE with a cos/sin cache precomputed once for every position."""
 
@@ -124,19 +132,18 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cache", angles.cos().float().to(device), persistent=False)
         self.register_buffer("sin_cache", angles.sin().float().to(device), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor,
-                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [n, num_heads, head_dim], k [n, num_kv_heads, head_dim] -> rotated, same dtypes."""
-        cos = self.cos_cache[positions].unsqueeze(1)  # [n, 1, head_dim // 2]
-        sin = self.sin_cache[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    def angles(self, positions: torch.Tensor) -> RopeAngles:
+        """positions [n] -> the cos/sin every layer's rotate() takes."""
+        return RopeAngles(self.cos_cache[positions].unsqueeze(1),
+                          self.sin_cache[positions].unsqueeze(1))
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    x1 = x[..., :half].float()
-    x2 = x[..., half:].float()
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    @staticmethod
+    def rotate(x: torch.Tensor, angles: RopeAngles) -> torch.Tensor:
+        """x [n, heads, head_dim] (any heads: q and k rotate in one call) -> a new rotated
+        tensor of x's dtype, computed in float32."""
+        x1, x2 = x.float().chunk(2, dim=-1)
+        cos, sin = angles
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 class GatedMLP(nn.Module):

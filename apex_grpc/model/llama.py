@@ -16,7 +16,7 @@ from torch import nn
 
 from apex_grpc.attention.base import AttentionBackend, AttentionMetadata
 from apex_grpc.config import ModelConfig
-from apex_grpc.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from apex_grpc.model.layers import GatedMLP, Linear, RMSNorm, RopeAngles, RotaryEmbedding
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -39,18 +39,21 @@ class LlamaDecoderLayer(nn.Module):
         self.rotary = rotary
 
     def pre_attention(
-        self, hidden: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeAngles,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """hidden [n, hidden_size] (residual None on the first layer) ->
-        q [n, num_heads, head_dim], k/v [n, num_kv_heads, head_dim] (RoPE applied), residual."""
+        """hidden [n, hidden_size] (residual None on the first layer), rope of the rows'
+        positions -> q [n, num_heads, head_dim], k/v [n, num_kv_heads, head_dim] (RoPE applied;
+        views with a row stride, each row's heads contiguous), residual."""
         normed, residual = self.input_layernorm(hidden, residual)
         qkv = self.qkv_proj(normed)
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         num_tokens = hidden.shape[0]
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        # q and k are adjacent in the projection: one rotation covers both.
+        qk = qkv[:, :self.q_size + self.kv_size].view(
+            num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = self.rotary.rotate(qk, rope)
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
+        v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads,
+                                                     self.head_dim)
         return q, k, v, residual
 
     def post_attention(self, attn_out: torch.Tensor,
@@ -93,9 +96,10 @@ class LlamaForCausalLM(nn.Module):
                 attn: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [num_tokens] int64 -> hidden [num_tokens, hidden_size]."""
         hidden = self.embed(input_ids)
+        rope = self.rotary.angles(positions)
         residual: torch.Tensor | None = None
         for layer_idx, layer in enumerate(self.layers):
-            q, k, v, residual = layer.pre_attention(hidden, residual, positions)
+            q, k, v, residual = layer.pre_attention(hidden, residual, rope)
             attn_out = attn.forward(layer_idx, q, k, v, meta)
             hidden, residual = layer.post_attention(attn_out, residual)
         assert residual is not None, "a model has at least one layer"

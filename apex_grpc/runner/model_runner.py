@@ -79,20 +79,22 @@ class ModelRunner:
         split = meta.host_decode.row_start
         meta_a = dataclasses.replace(meta, num_tokens=split, host_decode=None)
         layers = self.model.layers
-        pos_a, pos_b = positions[:split], positions[split:]
+        rope = self.model.rotary.angles(positions)
+        rope_a = type(rope)(rope.cos[:split], rope.sin[:split])
+        rope_b = type(rope)(rope.cos[split:], rope.sin[split:])
         hidden_a, residual_a = self.model.embed(input_ids[:split]), None
         hidden_b, residual_b = self.model.embed(input_ids[split:]), None
 
-        q, k, v, residual_b = layers[0].pre_attention(hidden_b, residual_b, pos_b)
+        q, k, v, residual_b = layers[0].pre_attention(hidden_b, residual_b, rope_b)
         self.attention.stage_host(0, q, k, v)
         for i, layer in enumerate(layers):
             if split > 0:  # GPU work for A at layer i overlaps B's CPU attention at layer i
-                q, k, v, residual_a = layer.pre_attention(hidden_a, residual_a, pos_a)
+                q, k, v, residual_a = layer.pre_attention(hidden_a, residual_a, rope_a)
                 attn_a = self.attention.gpu_backend.forward(i, q, k, v, meta_a)
                 hidden_a, residual_a = layer.post_attention(attn_a, residual_a)
             hidden_b, residual_b = layer.post_attention(self.attention.wait_host(i), residual_b)
             if i + 1 < len(layers):
-                q, k, v, residual_b = layers[i + 1].pre_attention(hidden_b, residual_b, pos_b)
+                q, k, v, residual_b = layers[i + 1].pre_attention(hidden_b, residual_b, rope_b)
                 self.attention.stage_host(i + 1, q, k, v)
         out_b = self.model.final_norm(hidden_b, residual_b)
         if split == 0:

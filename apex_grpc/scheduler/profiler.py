@@ -98,10 +98,11 @@ def _linear_table(model, config: ModelConfig, grid: Grid, timer: _Timer) -> Tabl
     for num_tokens in grid.linear_tokens:
         hidden = torch.randn(num_tokens, config.hidden_size, dtype=dtype, device=device)
         residual = torch.randn_like(hidden)
-        positions = torch.arange(num_tokens, device=device) % config.max_position_embeddings
+        rope = model.rotary.angles(
+            torch.arange(num_tokens, device=device) % config.max_position_embeddings)
 
         def run() -> None:
-            q, _, _, res = layer.pre_attention(hidden, residual.clone(), positions)
+            q, _, _, res = layer.pre_attention(hidden, residual.clone(), rope)
             layer.post_attention(q, res)
         with torch.inference_mode():
             times.append(timer.ms(run))

@@ -140,7 +140,8 @@ void DecodeJob::plan(int num_threads) {
   partial_out_.resize(size_t(num_partials) * p.num_heads * p.head_dim);
   partial_lse_.resize(size_t(num_partials) * p.num_heads);
   // An empty batch still runs one (empty) task, so gating and the done flag behave the same.
-  set_num_tasks(std::max(1, num_append_tasks_ + int(tasks_.size())));
+  // A small job wakes no more workers than it has tasks worth a wake-up.
+  set_num_tasks(std::max(1, num_append_tasks_ + int(tasks_.size())), int(target_tasks));
 }
 
 void DecodeJob::run_task(int index, WorkerScratch& scratch) {

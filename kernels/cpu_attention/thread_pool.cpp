@@ -152,7 +152,7 @@ ThreadPool::~ThreadPool() { close(); }
 
 void ThreadPool::submit(std::shared_ptr<Job> job) {
   const bool ready = job->is_ready();
-  const int num_tasks = job->num_tasks_;
+  const int num_workers = job->num_workers_;
   bool need_watcher;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -162,17 +162,17 @@ void ThreadPool::submit(std::shared_ptr<Job> job) {
     need_watcher = !watcher_active_;
   }
   if (ready) {
-    wake_workers(num_tasks);
+    wake_workers(num_workers);
   } else if (need_watcher) {
     work_cv_.notify_one();
   }
 }
 
-void ThreadPool::wake_workers(int num_tasks) {
-  if (num_tasks >= num_threads()) {
+void ThreadPool::wake_workers(int count) {
+  if (count >= num_threads()) {
     work_cv_.notify_all();
   } else {
-    for (int i = 0; i < num_tasks; ++i) work_cv_.notify_one();
+    for (int i = 0; i < count; ++i) work_cv_.notify_one();
   }
 }
 
@@ -213,7 +213,7 @@ void ThreadPool::watch(const std::vector<std::shared_ptr<Job>>& gated, uint64_t 
          queue_version_.load(std::memory_order_acquire) == seen_version) {
     for (const auto& job : gated) {
       if (job->is_ready()) {
-        wake_workers(job->num_tasks_ - 1);  // this worker takes one share itself
+        wake_workers(job->num_workers_ - 1);  // this worker takes one share itself
         return;
       }
     }

@@ -3,6 +3,7 @@
 // another agent (a GPU copy stream) and signal its completion without any Python in between.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -48,8 +49,12 @@ class Job {
   void wait();
 
  protected:
-  // Called once by the derived constructor, before the job is submitted.
-  void set_num_tasks(int num_tasks) { num_tasks_ = num_tasks; }
+  // Called once by the derived constructor, before the job is submitted. num_workers: how
+  // many workers the job's work is worth (each wake-up costs microseconds); default all.
+  void set_num_tasks(int num_tasks, int num_workers = 1 << 30) {
+    num_tasks_ = num_tasks;
+    num_workers_ = std::max(1, std::min(num_tasks, num_workers));
+  }
   virtual void run_task(int index, WorkerScratch& scratch) = 0;
 
  private:
@@ -66,6 +71,7 @@ class Job {
 
   FlagGate gate_;
   int num_tasks_ = 0;
+  int num_workers_ = 1;
   std::atomic<int> next_task_{0};
   std::atomic<int> finished_tasks_{0};
   std::atomic<bool> done_{false};
@@ -93,7 +99,7 @@ class ThreadPool {
   std::shared_ptr<Job> next_runnable_locked(std::vector<std::shared_ptr<Job>>* gated);
   // One idle worker polls the gated jobs' ready flags (no Python, no futex per flag).
   void watch(const std::vector<std::shared_ptr<Job>>& gated, uint64_t seen_version);
-  void wake_workers(int num_tasks);
+  void wake_workers(int count);
 
   std::vector<int> pin_cores_;
   std::vector<std::thread> workers_;

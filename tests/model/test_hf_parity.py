@@ -98,9 +98,9 @@ def test_piecewise_layers_equal_forward(tiny_hf_checkpoint):
         if not piecewise:
             outputs.append(model(input_ids, positions, attn, meta))
             continue
-        hidden, residual = model.embed(input_ids), None
+        hidden, residual, rope = model.embed(input_ids), None, model.rotary.angles(positions)
         for layer_idx, layer in enumerate(model.layers):
-            q, k, v, residual = layer.pre_attention(hidden, residual, positions)
+            q, k, v, residual = layer.pre_attention(hidden, residual, rope)
             hidden, residual = layer.post_attention(attn.forward(layer_idx, q, k, v, meta),
                                                     residual)
         outputs.append(model.final_norm(hidden, residual))

@@ -40,6 +40,8 @@ step() {  # step NAME SECONDS COMMAND...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 grep -m1 "model name" /proc/cpuinfo; nproc
+lscpu | grep -iE "^(thread|core|socket|numa node\(s\))"
+echo "cpu0 siblings: $(cat /sys/devices/system/cpu/cpu0/topology/thread_siblings_list)"
 step build 120 python3 setup.py -q build_ext --inplace --parallel 16
 # The CUDA tests first: the hybrid runtime's native CUDA hand-off must be right before it is
 # timed. The host-function wait (a CUDA host function holds the stream) is among them.
@@ -50,5 +52,9 @@ step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider \
 step hybrid-bench 150 python3 -m apex_grpc.bench.hybrid
 step hybrid-bench-host-func 60 python3 -m apex_grpc.bench.hybrid --skip-workload \
   --cuda-layer-wait host-func
-step gpu-attention-bench 45 python3 -m apex_grpc.bench.gpu_attention
+# A small pool: how much the pool's threads cost the launching thread (the other side of the
+# trade: less CPU attention bandwidth).
+step hybrid-bench-host-func-4-threads 60 python3 -m apex_grpc.bench.hybrid --skip-workload \
+  --cuda-layer-wait host-func --threads 4
+step hybrid-bench-4-threads 60 python3 -m apex_grpc.bench.hybrid --skip-workload --threads 4
 step cpu-attention-bench 60 python3 -m apex_grpc.bench.cpu_attention --quick

@@ -84,6 +84,9 @@ class HybridAttention:
         # reads: held until end_step, when every staging copy has landed.
         self._gpu_meta: tuple[AttentionMetadata, AttentionMetadata] | None = None
         self._staged: list[torch.Tensor] = []
+        self._num_staged = 0
+        # Per host row count: the staging views of both parities, sliced once.
+        self._staging_views: dict[int, tuple[LayerStaging, LayerStaging]] = {}
 
     @property
     def max_host_rows(self) -> int:
@@ -106,8 +109,12 @@ class HybridAttention:
             self._seq_device.fill_(seq)  # queued before any layer's staging
             stream = torch.cuda.current_stream().cuda_stream
         self._handoff.begin_step(seq, n, stream)
-        staging = tuple(LayerStaging(self._q[p, :n], self._k[p, :n], self._v[p, :n],
-                                     self._out[p, :n], self._lse[p, :n]) for p in range(2))
+        staging = self._staging_views.get(n)
+        if staging is None:
+            staging = self._staging_views[n] = tuple(
+                LayerStaging(self._q[p, :n], self._k[p, :n], self._v[p, :n], self._out[p, :n],
+                             self._lse[p, :n]) for p in range(2))
+        self._num_staged = 0
         self._jobs = self.pool.submit_decode_layers(
             staging, self.host_kv, host.block_tables, host.seq_lens_tensor, host.slot_mapping,
             self._flags, seq, scale=self.scale)
@@ -119,8 +126,8 @@ class HybridAttention:
         jobs, self._jobs = self._jobs, []
         if not jobs:
             return
-        unstaged = [layer for layer in range(len(jobs))
-                    if int(self._flags[0, layer]) < self._step_seq]
+        # Layers are staged in order, so the ones never staged are the tail.
+        unstaged = range(self._num_staged, len(jobs))
         if unstaged and self._on_cuda:
             self._copy_stream.cuda_stream.synchronize()  # no copy may land after release
         for layer in unstaged:
@@ -152,6 +159,7 @@ class HybridAttention:
         self._handoff.stage(layer_idx, q.data_ptr(), q.stride(0) * element, k.data_ptr(),
                             k.stride(0) * element, v.data_ptr(), v.stride(0) * element,
                             row_start)
+        self._num_staged += 1
         if self._on_cuda:
             self._staged += (q, k, v)
 

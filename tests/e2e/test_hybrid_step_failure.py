@@ -1,0 +1,40 @@
+"""A hybrid step that fails mid-forward releases the CPU jobs of the layers it never staged:
+the error surfaces, no worker is left waiting, and the next step runs normally."""
+
+from __future__ import annotations
+
+import pytest
+
+from apex_grpc.engine.builder import build_engine_core
+from apex_grpc.runner.model_runner import SamplingInput
+from apex_grpc.request import SamplingParams, Tier
+from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan, Strategy
+
+from conftest import tiny_serve_options
+
+
+def host_decode_plan(block_size: int) -> StepPlan:
+    assert block_size > 5  # one host block holds each sequence's 5 cached tokens + 1 new
+    seqs = tuple(ScheduledSeq(f"h{i}", (7,), 5, (i,), Tier.HOST, True) for i in range(2))
+    return StepPlan(Strategy.ASYNC_OVERLAP, (), (), seqs, ())
+
+
+def test_failure_in_a_middle_layer_releases_the_later_layers_jobs(tiny_config_path,
+                                                                   monkeypatch):
+    core = build_engine_core(tiny_serve_options(tiny_config_path, policy="apex")).core
+    runner = core.runner
+    plan = host_decode_plan(core.config.block_size)
+    sampling = {s.request_id: SamplingInput(SamplingParams(), None, None)
+                for s in plan.all_seqs}
+    reference = runner.execute(plan, sampling).sampled
+
+    layer = runner.model.layers[0]
+    monkeypatch.setattr(layer, "post_attention",
+                        lambda *args: (_ for _ in ()).throw(RuntimeError("injected")))
+    with pytest.raises(RuntimeError, match="injected"):
+        runner.execute(plan, sampling)  # would hang in end_step if a job stayed gated
+    assert not runner.attention._jobs
+
+    monkeypatch.undo()
+    assert runner.execute(plan, sampling).sampled == reference
+    core.close()

@@ -60,8 +60,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                             "per-policy rules, the default on the CPU)")
     group.add_argument("--cuda-layer-wait", choices=("engine-thread", "host-func"),
                        default=defaults.cuda_layer_wait,
-                       help="CUDA: who waits for each layer's CPU attention (host-func: a "
-                            "host function on the compute stream)")
+                       help="CUDA: who waits for each layer's CPU attention (host-func, the "
+                            "default: a host function on the compute stream; engine-thread: "
+                            "the engine thread, natively)")
     group.add_argument("--tpot-slo-ms", type=float, default=None,
                        help="TPOT target the apex chooser keeps decode steps under")
     group.add_argument("--seed", type=int, default=defaults.seed)

@@ -198,8 +198,9 @@ class ServeOptions:
     # per-policy rules), or None for the device's default (auto on CUDA, none on the CPU).
     profile: str | None = None
     tpot_slo_ms: float | None = None
-    # How a layer waits for its host rows' CPU attention on CUDA: "engine-thread" (the engine
-    # thread waits natively, then launches the O projection) or "host-func" (a CUDA host
-    # function holds the compute stream, so the engine thread enqueues whole steps).
-    cuda_layer_wait: str = "engine-thread"
+    # How a layer waits for its host rows' CPU attention on CUDA: "host-func" (a CUDA host
+    # function holds the compute stream, so the engine thread enqueues whole steps) or
+    # "engine-thread" (the engine thread waits natively, then launches the O projection).
+    # host-func measured 1.2-1.5x faster with real host work on an H200 (docs/benchmarks.md).
+    cuda_layer_wait: str = "host-func"
     seed: int = 0

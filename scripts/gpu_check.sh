@@ -50,11 +50,5 @@ step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider \
   tests/e2e/test_hybrid_equivalence.py tests/model/test_torch_ref.py \
   tests/kernels/test_cpu_attention_validation.py
 step hybrid-bench 150 python3 -m apex_grpc.bench.hybrid
-step hybrid-bench-host-func 60 python3 -m apex_grpc.bench.hybrid --skip-workload \
-  --cuda-layer-wait host-func
-# A small pool: how much the pool's threads cost the launching thread (the other side of the
-# trade: less CPU attention bandwidth).
-step hybrid-bench-host-func-4-threads 60 python3 -m apex_grpc.bench.hybrid --skip-workload \
-  --cuda-layer-wait host-func --threads 4
-step hybrid-bench-4-threads 60 python3 -m apex_grpc.bench.hybrid --skip-workload --threads 4
-step cpu-attention-bench 60 python3 -m apex_grpc.bench.cpu_attention --quick
+step hybrid-bench-engine-thread 60 python3 -m apex_grpc.bench.hybrid --skip-workload \
+  --cuda-layer-wait engine-thread

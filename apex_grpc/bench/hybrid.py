@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from apex_grpc.config import EngineConfig, KVPlacement, Policy
+from apex_grpc.config import EngineConfig, KVPlacement, Policy, ServeOptions
 from apex_grpc.engine.builder import (build_core, default_cpu_attention_threads,
                                       share_cores_with_pool)
 from apex_grpc.engine.core import EngineCore
@@ -179,7 +179,7 @@ def split_per_layer(core: EngineCore, num_host: int, ctx: int,
 
 
 def workload(model, cfg, tok, dtype, device, threads, gpu_kv_tokens: int, num_requests: int,
-             input_len: int, output_len: int) -> dict[str, float]:
+             input_len: int, output_len: int, device_wait: bool) -> dict[str, float]:
     """Decode-heavy load under a small GPU KV budget: output tokens/s per configuration."""
     prompts = {f"w{i}": [7 + (i * 31 + j) % 200 for j in range(input_len)]
                for i in range(num_requests)}
@@ -189,7 +189,7 @@ def workload(model, cfg, tok, dtype, device, threads, gpu_kv_tokens: int, num_re
             ("gpu_only", dict(policy=Policy.GPU_ONLY, num_host_blocks=0)),
             ("apex_host", dict(policy=Policy.APEX, kv_placement=KVPlacement.HOST)),
             ("apex_auto", dict(policy=Policy.APEX))):
-        core = _core(model, cfg, tok, dtype, device, threads,
+        core = _core(model, cfg, tok, dtype, device, threads, device_wait,
                      num_gpu_blocks=max(2, gpu_kv_tokens // BLOCK_SIZE), **overrides)
         start = time.perf_counter()
         results = run_to_completion(core, prompts, SamplingParams(), stopping)
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload-gpu-kv-tokens", type=int, default=2048)
     parser.add_argument("--skip-workload", action="store_true")
     parser.add_argument("--cuda-layer-wait", choices=("engine-thread", "host-func"),
-                        default="engine-thread")
+                        default=ServeOptions.cuda_layer_wait)
     args = parser.parse_args(argv)
     device = torch.device(args.device if args.device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     model, cfg, tok, _ = load_model(None, "dummy", device, dtype, dummy_config=config)
     figures: dict[str, object] = {"device": str(device), "config": config,
                                   "threads": args.threads,
-                                  "cuda_layer_wait": args.cuda_layer_wait}
+                                  "cuda_layer_wait": args.cuda_layer_wait
+                                  if device.type == "cuda" else "none (no CUDA)"}
     blocks = -(-(args.ctx + 1) // BLOCK_SIZE)
     core = _core(model, cfg, tok, dtype, device, args.threads,
                  device_wait=args.cuda_layer_wait == "host-func", policy=Policy.APEX,
@@ -251,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_workload:
         figures.update(workload(model, cfg, tok, dtype, device, args.threads,
                                 args.workload_gpu_kv_tokens, args.workload_requests,
-                                args.workload_input, args.workload_output))
+                                args.workload_input, args.workload_output,
+                                args.cuda_layer_wait == "host-func"))
         print(f"workload (GPU KV {args.workload_gpu_kv_tokens} tokens): apex-host / gpu-only "
               f"x{figures['workload_apex_host_over_gpu_only']:.2f}")
     print(json.dumps(figures))

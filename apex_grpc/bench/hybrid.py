@@ -104,7 +104,7 @@ def gpu_vs_hybrid(core: EngineCore, num_gpu: int, num_host: int, ctx: int,
     }
 
 
-def handoff_figures(core: EngineCore, iterations: int) -> dict[str, float]:
+def handoff_figures(core: EngineCore, iterations: int) -> dict[str, object]:
     """Through the real HybridAttention path with a one-row, one-token host job:
     handoff_us_p50, the median stage -> done flag time per layer (on CUDA until the output is
     back on the device); and what the engine thread itself spends per layer: the stage and

@@ -118,6 +118,10 @@ class RopeAngles(NamedTuple):
     cos: torch.Tensor
     sin: torch.Tensor
 
+    def rows(self, rows: slice) -> RopeAngles:
+        """The angles of a sub-batch's rows."""
+        return RopeAngles(self.cos[rows], self.sin[rows])
+
 
 class RotaryEmbedding(nn.Module):
     """Rotate-half RoPE with a cos/sin cache precomputed once for every position."""

@@ -20,8 +20,7 @@ from apex_grpc.model.layers import GatedMLP, Linear, RMSNorm, RopeAngles, Rotary
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -35,8 +34,6 @@ class LlamaDecoderLayer(nn.Module):
         self.o_proj = Linear(self.q_size, hidden, config.o_bias, dtype, device)
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps, dtype, device)
         self.mlp = GatedMLP(hidden, config.intermediate_size, dtype, device)
-        # One cos/sin cache shared by every layer (torch deduplicates shared submodules).
-        self.rotary = rotary
 
     def pre_attention(
         self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeAngles,
@@ -50,7 +47,7 @@ class LlamaDecoderLayer(nn.Module):
         # q and k are adjacent in the projection: one rotation covers both.
         qk = qkv[:, :self.q_size + self.kv_size].view(
             num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = self.rotary.rotate(qk, rope)
+        qk = RotaryEmbedding.rotate(qk, rope)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads,
                                                      self.head_dim)
@@ -77,7 +74,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
                                       config.rope_theta, config.rope_scaling, self.device)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, self.rotary, dtype, self.device)
+            LlamaDecoderLayer(config, dtype, self.device)
             for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(hidden, config.rms_norm_eps, dtype, self.device)
         # Tied models reuse the embedding matrix as the LM head (no separate parameter).

@@ -80,8 +80,7 @@ class ModelRunner:
         meta_a = dataclasses.replace(meta, num_tokens=split, host_decode=None)
         layers = self.model.layers
         rope = self.model.rotary.angles(positions)
-        rope_a = type(rope)(rope.cos[:split], rope.sin[:split])
-        rope_b = type(rope)(rope.cos[split:], rope.sin[split:])
+        rope_a, rope_b = rope.rows(slice(0, split)), rope.rows(slice(split, None))
         hidden_a, residual_a = self.model.embed(input_ids[:split]), None
         hidden_b, residual_b = self.model.embed(input_ids[split:]), None
 

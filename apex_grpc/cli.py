@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from apex_grpc.config import KVPlacement, Policy, ServeOptions
+from apex_grpc.config import CUDA_LAYER_WAITS, KVPlacement, Policy, ServeOptions
 
 AUTH_TOKEN_ENV = "APEX_GRPC_AUTH_TOKEN"
 # Subcommands owned by other modules; each gets the remaining argv untouched.
@@ -58,11 +58,12 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                        help="performance-model profile: a JSON path or shipped name, 'auto' "
                             "(measure at start-up, the default on CUDA) or 'none' (fixed "
                             "per-policy rules, the default on the CPU)")
-    group.add_argument("--cuda-layer-wait", choices=("engine-thread", "host-func"),
+    group.add_argument("--cuda-layer-wait", choices=CUDA_LAYER_WAITS,
                        default=defaults.cuda_layer_wait,
-                       help="CUDA: who waits for each layer's CPU attention (host-func, the "
-                            "default: a host function on the compute stream; engine-thread: "
-                            "the engine thread, natively)")
+                       help="CUDA: who waits for each layer's CPU attention (stream-wait, the "
+                            "default: the compute stream itself, on a pinned flag; host-func: "
+                            "a CUDA host function on the compute stream; engine-thread: the "
+                            "engine thread, natively)")
     group.add_argument("--tpot-slo-ms", type=float, default=None,
                        help="TPOT target the apex chooser keeps decode steps under")
     group.add_argument("--seed", type=int, default=defaults.seed)

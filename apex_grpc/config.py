@@ -22,6 +22,13 @@ class ConfigError(ValueError):
     """A configuration value is missing, inconsistent or unsupported."""
 
 
+# On CUDA, who waits for a layer's CPU attention before its O projection, default first:
+# "stream-wait": the compute stream waits on the pinned done flag (a stream memory wait);
+# "host-func": a CUDA host function holds the compute stream; "engine-thread": the engine
+# thread waits natively, then enqueues the rest of the layer.
+CUDA_LAYER_WAITS = ("stream-wait", "host-func", "engine-thread")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str
@@ -198,9 +205,7 @@ class ServeOptions:
     # per-policy rules), or None for the device's default (auto on CUDA, none on the CPU).
     profile: str | None = None
     tpot_slo_ms: float | None = None
-    # How a layer waits for its host rows' CPU attention on CUDA: "host-func" (a CUDA host
-    # function holds the compute stream, so the engine thread enqueues whole steps) or
-    # "engine-thread" (the engine thread waits natively, then launches the O projection).
-    # host-func measured 1.2-1.5x faster with real host work on an H200 (docs/benchmarks.md).
-    cuda_layer_wait: str = "host-func"
+    # How a layer waits for its host rows' CPU attention on CUDA (CUDA_LAYER_WAITS; the choice
+    # and its measurements: docs/architecture.md, docs/benchmarks.md).
+    cuda_layer_wait: str = CUDA_LAYER_WAITS[0]
     seed: int = 0

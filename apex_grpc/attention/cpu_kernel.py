@@ -53,8 +53,8 @@ class JobHandle:
 @dataclass(frozen=True, slots=True)
 class LayerStaging:
     """The per-step buffers of the layers of one parity (layer % 2) in submit_decode_layers:
-    q, out [num_seqs, num_heads, head_dim], new_k/new_v [num_seqs, num_kv_heads, head_dim],
-    lse [num_seqs, num_heads] float32."""
+    q, out [num_seqs, num_heads, head_dim], new_k/new_v [num_seqs, num_kv_heads, head_dim]
+    (q/new_k/new_v may be views into one q|k|v buffer), lse [num_seqs, num_heads] float32."""
 
     q: torch.Tensor
     new_k: torch.Tensor
@@ -92,7 +92,7 @@ class CpuAttentionPool:
 
     def submit_decode(
         self,
-        q: torch.Tensor,  # [num_seqs, num_heads, head_dim]
+        q: torch.Tensor,  # [num_seqs, num_heads, head_dim]; rows may be strided
         k_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_dim]
         v_cache: torch.Tensor,
         block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
@@ -101,7 +101,7 @@ class CpuAttentionPool:
         lse: torch.Tensor,  # [num_seqs, num_heads] float32
         *,
         scale: float | None = None,
-        new_k: torch.Tensor | None = None,  # [num_seqs, num_kv_heads, head_dim]
+        new_k: torch.Tensor | None = None,  # [num_seqs, num_kv_heads, head_dim]; like q
         new_v: torch.Tensor | None = None,
         slot_mapping: torch.Tensor | None = None,  # [num_seqs] int64
         ready_flag: torch.Tensor | None = None,  # [1] int64: start once ready_flag[0] >= value
@@ -314,10 +314,13 @@ class DecodeSizes:
     block_size: int
     num_blocks: int
     max_blocks_per_seq: int
+    q_row_stride: int  # elements between q's rows
+    new_kv_row_stride: int  # elements between new_k's (and new_v's) rows
 
     def as_list(self) -> list[int]:
         return [self.num_seqs, self.num_heads, self.num_kv_heads, self.head_dim,
-                self.block_size, self.num_blocks, self.max_blocks_per_seq]
+                self.block_size, self.num_blocks, self.max_blocks_per_seq, self.q_row_stride,
+                self.new_kv_row_stride]
 
 
 def _require_tensor(
@@ -333,6 +336,27 @@ def _require_tensor(
         raise TypeError(f"{name} must be {dtype}, got {tensor.dtype}")
     if not tensor.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
+
+
+def _require_rows(name: str, tensor: object, dtype: torch.dtype) -> int:
+    """A [rows, heads, head_dim] tensor whose rows may be strided (a view into a wider
+    buffer, like q/k/v of a fused projection) but each hold their heads contiguously; returns
+    the row stride in elements."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu":
+        raise ValueError(f"{name} is on {tensor.device}; the CPU attention kernel needs CPU tensors")
+    if tensor.dim() != 3:
+        raise ValueError(f"{name} must have 3 dimensions, got shape {tuple(tensor.shape)}")
+    if tensor.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {tensor.dtype}")
+    row = tensor.shape[1] * tensor.shape[2]
+    if tensor.shape[0] == 0 or row == 0:
+        return row
+    if not tensor[0].is_contiguous() or (tensor.shape[0] > 1 and tensor.stride(0) < row):
+        raise ValueError(f"{name} must hold each row's heads contiguously, rows not overlapping; "
+                         f"got strides {tuple(tensor.stride())}")
+    return tensor.stride(0) if tensor.shape[0] > 1 else row
 
 
 def _require_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -411,7 +435,7 @@ def check_decode(
     """Raise TypeError/ValueError naming the first problem; return the problem's sizes."""
     dtype = _check_kv_cache(k_cache, v_cache)
     num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
-    _require_tensor("q", q, ndim=3, dtype=dtype)
+    q_row_stride = _require_rows("q", q, dtype)
     num_seqs, num_heads, q_head_dim = q.shape
     if q_head_dim != head_dim:
         raise ValueError(f"q has head_dim {q_head_dim} but the KV cache has {head_dim}")
@@ -429,10 +453,15 @@ def check_decode(
     appends = (new_k, new_v, slot_mapping)
     if any(t is not None for t in appends) and any(t is None for t in appends):
         raise ValueError("new_k, new_v and slot_mapping must be given together")
+    new_kv_row_stride = num_kv_heads * head_dim
     if slot_mapping is not None:
+        strides = []
         for name, rows in (("new_k", new_k), ("new_v", new_v)):
-            _require_tensor(name, rows, ndim=3, dtype=dtype)
+            strides.append(_require_rows(name, rows, dtype))
             _require_shape(name, rows, (num_seqs, num_kv_heads, head_dim))
+        if strides[0] != strides[1]:
+            raise ValueError(f"new_k and new_v must have the same row stride, got {strides}")
+        new_kv_row_stride = strides[0]
         _require_tensor("slot_mapping", slot_mapping, ndim=1, dtype=torch.int64)
         _require_shape("slot_mapping", slot_mapping, (num_seqs,))
     if check_values:
@@ -441,7 +470,7 @@ def check_decode(
             _check_slots(slot_mapping, num_blocks * block_size)
     max_blocks = block_tables.shape[1]
     return DecodeSizes(num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks,
-                       max_blocks)
+                       max_blocks, q_row_stride, new_kv_row_stride)
 
 
 def check_append(

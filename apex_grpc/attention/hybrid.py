@@ -4,15 +4,16 @@ native CPU pool, overlapped, with no per-layer Python hand-off to the pool.
 A step begins with begin_step(meta): one flag-gated CPU job per layer is queued at once (each
 appends its layer's new k/v to the host cache and attends over it). Per layer, one native call
 (stage_host) copies the host rows' q/k/v into preallocated pinned staging buffers and raises the
-layer's ready flag behind them: on CUDA the copies run on the copy stream after an event of the
-compute stream and the flag is copied from device memory behind the data, so the pool's watcher
-sees the data land with no Python in between. A second native call (wait_host) brings the
-layer's output back just before the O projection: the engine thread waits natively (GIL
-released) on the layer's done flag, or, with device_wait on CUDA, a CUDA host function holds
-the compute stream there instead, so the engine thread enqueues the whole step without waiting.
-The hand-off itself is kernels/cpu_attention/handoff.cpp. end_step() collects the jobs and
-surfaces any worker error. ASYNC_OVERLAP calls these from forward(); the NEO pipeline
-(runner/model_runner.py) drives stage/wait with a skewed layer schedule.
+layer's ready flag behind them: on CUDA the copies and a stream memory write of the flag are
+enqueued on the compute stream, so the pool's watcher sees the data land with no Python in
+between. A second native call (wait_host) brings the layer's output back just before the O
+projection. On CUDA the wait is chosen by `layer_wait` (--cuda-layer-wait): "stream-wait" (the
+compute stream itself waits on the pinned done flag), "host-func" (a CUDA host function holds
+the stream) or "engine-thread" (the engine thread waits natively, GIL released); the first two
+let the engine thread enqueue the whole step without waiting. The hand-off itself is
+kernels/cpu_attention/handoff.cpp. end_step() collects the jobs and surfaces any worker error.
+ASYNC_OVERLAP calls these from forward(); the NEO pipeline (runner/model_runner.py) drives
+stage/wait with a skewed layer schedule.
 
 Buffers alternate by layer parity: a job for layer l+2 cannot start before stage_host(l+2),
 which the compute stream orders after layer l's output was consumed.
@@ -28,29 +29,36 @@ from apex_grpc import _cpu_attention
 from apex_grpc.attention.base import AttentionBackend, AttentionMetadata, PagedSeqBatch
 from apex_grpc.attention.cpu_kernel import (CpuAttentionPool, JobHandle, LayerStaging,
                                             set_flag)
-from apex_grpc.attention.cuda_runtime import cuda_runtime_addresses
-from apex_grpc.platform import Stream, pinned_empty
+from apex_grpc.attention.cuda_runtime import (check_stream_memory_ops, cuda_runtime_addresses,
+                                              device_address_of_host)
+from apex_grpc.config import CUDA_LAYER_WAITS
+from apex_grpc.platform import pinned_empty
 
 # A host job this late means a hung worker: fail the step (INTERNAL) rather than the server.
 _HOST_JOB_TIMEOUT_S = 60.0
+
+# --cuda-layer-wait -> the native LayerWait code (kernels/cpu_attention/handoff.h).
+_LAYER_WAIT_CODES = {"engine-thread": 0, "host-func": 1, "stream-wait": 2}
+assert set(_LAYER_WAIT_CODES) == set(CUDA_LAYER_WAITS)
 
 
 class HybridAttention:
     def __init__(self, gpu_backend: AttentionBackend, host_kv: torch.Tensor,
                  pool: CpuAttentionPool, scale: float, max_host_rows: int, num_heads: int,
                  num_kv_heads: int, head_dim: int, device: torch.device,
-                 copy_stream: Stream, device_wait: bool = False) -> None:
+                 layer_wait: str = CUDA_LAYER_WAITS[0]) -> None:
         self.gpu_backend = gpu_backend
         self.host_kv = host_kv  # [layers, 2, blocks, kv_heads, block_size, head_dim]
         self.pool = pool
         self.scale = scale
         self.device = device
         self.num_layers = host_kv.shape[0]
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         dtype = host_kv.dtype
-        # Sized once from max_num_seqs; nothing is allocated per layer or per step.
-        self._q = pinned_empty((2, max_host_rows, num_heads, head_dim), dtype, device)
-        self._k = pinned_empty((2, max_host_rows, num_kv_heads, head_dim), dtype, device)
-        self._v = pinned_empty((2, max_host_rows, num_kv_heads, head_dim), dtype, device)
+        # Sized once from max_num_seqs; nothing is allocated per layer or per step. Each
+        # staged row is q|k|v, as the fused projection leaves it: one copy per layer.
+        self._qkv = pinned_empty((2, max_host_rows, num_heads + 2 * num_kv_heads, head_dim),
+                                 dtype, device)
         self._out = pinned_empty((2, max_host_rows, num_heads, head_dim), dtype, device)
         self._lse = torch.empty((2, max_host_rows, num_heads), dtype=torch.float32)
         # The host rows' output on the compute device, for the NEO pipeline's wait_host.
@@ -59,38 +67,41 @@ class HybridAttention:
         # Per layer: [0] ready (staged) and [1] done; values are step sequence numbers.
         self._flags = pinned_empty((2, self.num_layers, 1), torch.int64, device)
         self._flags.zero_()
-        self._copy_stream = copy_stream
         self._on_cuda = device.type == "cuda"
-        # This step's sequence number on the device: copied into each ready flag behind the data.
-        self._seq_device = torch.zeros(1, dtype=torch.int64, device=device) \
-            if self._on_cuda else None
+        if layer_wait not in _LAYER_WAIT_CODES:
+            raise ValueError(f"layer_wait must be one of {CUDA_LAYER_WAITS}, got {layer_wait!r}")
+        if self._on_cuda:
+            check_stream_memory_ops(device.index if device.index is not None
+                                    else torch.cuda.current_device())
         staging = [buffer[parity].data_ptr() for parity in range(2)
-                   for buffer in (self._q, self._k, self._v, self._out)]
-        element = self._q.element_size()
+                   for buffer in (self._qkv, self._out)]
+        element = self._qkv.element_size()
+        # Where k and v start within a q|k|v row (stage_host checks its inputs against them).
+        self._k_offset = num_heads * head_dim * element
+        self._v_offset = self._k_offset + num_kv_heads * head_dim * element
         self._handoff = _cpu_attention.LayerHandoff(
             num_layers=self.num_layers, max_rows=max_host_rows,
-            q_row_bytes=num_heads * head_dim * element,
-            kv_row_bytes=num_kv_heads * head_dim * element, staging=staging,
+            qkv_row_bytes=self._qkv[0, 0].numel() * element,
+            out_row_bytes=num_heads * head_dim * element, staging=staging,
             flags=self._flags.data_ptr(),
-            seq_on_device=self._seq_device.data_ptr() if self._on_cuda else 0,
-            copy_stream=copy_stream.cuda_stream.cuda_stream if self._on_cuda else 0,
+            flags_on_device=device_address_of_host(self._flags.data_ptr())
+            if self._on_cuda else 0,
             cuda=cuda_runtime_addresses() if self._on_cuda else [],
-            # The device-side wait needs a CUDA stream to hold; on a CPU it has none.
-            wait_on_device=device_wait and self._on_cuda, timeout_s=_HOST_JOB_TIMEOUT_S)
+            # Without CUDA there is no stream to hold: the engine thread waits.
+            wait=_LAYER_WAIT_CODES[layer_wait] if self._on_cuda else 0,
+            timeout_s=_HOST_JOB_TIMEOUT_S)
         self._step_seq = 0
         self._jobs: list[JobHandle] = []
         self._num_rows = 0
-        # This step's GPU-only view of the metadata, and the device tensors the copy stream
-        # reads: held until end_step, when every staging copy has landed.
+        # This step's GPU-only view of the metadata.
         self._gpu_meta: tuple[AttentionMetadata, AttentionMetadata] | None = None
-        self._staged: list[torch.Tensor] = []
         self._num_staged = 0
         # Per host row count: the staging views of both parities, sliced once.
         self._staging_views: dict[int, tuple[LayerStaging, LayerStaging]] = {}
 
     @property
     def max_host_rows(self) -> int:
-        return self._q.shape[1]
+        return self._qkv.shape[1]
 
     # -- per step -----------------------------------------------------------------------------
     def begin_step(self, host: PagedSeqBatch | None) -> None:
@@ -104,15 +115,13 @@ class HybridAttention:
                              f"{self.max_host_rows} (max_num_seqs)")
         self._step_seq += 1
         seq, n = self._step_seq, host.num_tokens
-        stream = 0
-        if self._on_cuda:
-            self._seq_device.fill_(seq)  # queued before any layer's staging
-            stream = torch.cuda.current_stream().cuda_stream
+        stream = torch.cuda.current_stream().cuda_stream if self._on_cuda else 0
         self._handoff.begin_step(seq, n, stream)
         staging = self._staging_views.get(n)
         if staging is None:
+            heads = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
             staging = self._staging_views[n] = tuple(
-                LayerStaging(self._q[p, :n], self._k[p, :n], self._v[p, :n], self._out[p, :n],
+                LayerStaging(*self._qkv[p, :n].split(heads, dim=1), self._out[p, :n],
                              self._lse[p, :n]) for p in range(2))
         self._num_staged = 0
         self._jobs = self.pool.submit_decode_layers(
@@ -127,10 +136,9 @@ class HybridAttention:
         if not jobs:
             return
         # Layers are staged in order, so the ones never staged are the tail.
-        unstaged = range(self._num_staged, len(jobs))
-        if unstaged and self._on_cuda:
-            self._copy_stream.cuda_stream.synchronize()  # no copy may land after release
-        for layer in unstaged:
+        # (A released job may read a parity buffer that a staged layer's copy still writes:
+        # the failed step's outputs are discarded, and the buffers outlive every job.)
+        for layer in range(self._num_staged, len(jobs)):
             set_flag(self._flags[0, layer], self._step_seq)
         errors = []
         for job in jobs:
@@ -138,9 +146,6 @@ class HybridAttention:
                 self.pool.wait(job)
             except RuntimeError as exc:
                 errors.append(exc)
-        # Every job has run, so every ready flag, and the staging copies ahead of it on the
-        # copy stream, has landed: the copied tensors may go back to the allocator.
-        self._staged.clear()
         if errors:
             raise errors[0]
 
@@ -148,26 +153,23 @@ class HybridAttention:
     def stage_host(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    row_start: int = 0) -> None:
         """Hand rows [row_start, row_start + host rows) of q [n, heads, head_dim] and k/v
-        [n, kv_heads, head_dim] (on the compute device; each row's heads contiguous) to the
-        layer's job."""
-        if layer_idx == 0:  # every layer's rows have the same layout
-            for tensor in (q, k, v):
-                if tensor.stride(2) != 1 or tensor.stride(1) != tensor.shape[2]:
-                    raise ValueError(f"host rows need contiguous heads; got strides "
-                                     f"{tuple(tensor.stride())}")
-        element = q.element_size()
-        self._handoff.stage(layer_idx, q.data_ptr(), q.stride(0) * element, k.data_ptr(),
-                            k.stride(0) * element, v.data_ptr(), v.stride(0) * element,
-                            row_start)
+        [n, kv_heads, head_dim] (on the compute device) to the layer's job. q, k and v must be
+        views of one buffer whose rows hold q|k|v contiguously (LlamaDecoderLayer's
+        pre_attention): one copy moves all three."""
+        q_at = q.data_ptr()
+        if (k.data_ptr() != q_at + self._k_offset or v.data_ptr() != q_at + self._v_offset
+                or not q.stride(0) == k.stride(0) == v.stride(0)
+                or q.stride(1) != self.head_dim or q.stride(2) != 1):
+            raise ValueError("host rows need q, k and v as views of one q|k|v buffer; got "
+                             f"strides {q.stride()}, {k.stride()}, {v.stride()}")
+        self._handoff.stage(layer_idx, q_at, q.stride(0) * q.element_size(), row_start)
         self._num_staged += 1
-        if self._on_cuda:
-            self._staged += (q, k, v)
 
     def wait_host(self, layer_idx: int, out: torch.Tensor | None = None,
                   row_start: int = 0) -> torch.Tensor:
         """The layer's CPU attention output, written to rows [row_start, ...) of out (default: a
-        buffer that the next layer reuses; consume it before moving on). On CUDA with
-        device_wait the compute stream, not this thread, waits for it."""
+        buffer that the next layer reuses; consume it before moving on). On CUDA, unless
+        layer_wait is "engine-thread", the compute stream, not this thread, waits for it."""
         if out is None:
             out = self._out_rows[:self._num_rows]
         self._handoff.fetch(layer_idx, out.data_ptr() + row_start * out.stride(0)

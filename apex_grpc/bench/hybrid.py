@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from apex_grpc.config import EngineConfig, KVPlacement, Policy, ServeOptions
+from apex_grpc.config import CUDA_LAYER_WAITS, EngineConfig, KVPlacement, Policy, ServeOptions
 from apex_grpc.engine.builder import (build_core, default_cpu_attention_threads,
                                       share_cores_with_pool)
 from apex_grpc.engine.core import EngineCore
@@ -43,14 +43,14 @@ from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan, Strategy
 BLOCK_SIZE = 16
 
 
-def _core(model, cfg, tok, dtype, device, threads: int, device_wait: bool = False,
-          **overrides) -> EngineCore:
+def _core(model, cfg, tok, dtype, device, threads: int,
+          cuda_layer_wait: str = CUDA_LAYER_WAITS[0], **overrides) -> EngineCore:
     fields = dict(block_size=BLOCK_SIZE, num_gpu_blocks=4096, num_host_blocks=4096,
                   max_num_seqs=64, max_batched_tokens=4096, max_model_len=8192,
                   cpu_attention_threads=threads)
     fields.update(overrides)
     return build_core(EngineConfig(**fields), model, cfg, tok, dtype, device,
-                      device_wait=device_wait)
+                      cuda_layer_wait=cuda_layer_wait)
 
 
 def decode_plan(num_gpu: int, num_host: int, ctx: int, strategy: Strategy) -> StepPlan:
@@ -108,11 +108,11 @@ def handoff_figures(core: EngineCore, iterations: int) -> dict[str, object]:
     """Through the real HybridAttention path with a one-row, one-token host job:
     handoff_us_p50, the median stage -> done flag time per layer (on CUDA until the output is
     back on the device); and what the engine thread itself spends per layer: the stage and
-    fetch calls (with the host-function wait, fetch only enqueues) and begin/end of step."""
+    fetch calls (unless the engine thread waits, fetch only enqueues) and begin/end of step."""
     attention = core.runner.attention
     host = make_paged_batch(decode_plan(0, 1, 0, Strategy.ASYNC_OVERLAP).host_decode_seqs, 0,
                             BLOCK_SIZE, torch.device("cpu"))
-    q, k = _host_rows(core, 1)
+    q, k, v = _host_rows(core, 1)
     layers = attention.num_layers
     handoff, stage, fetch, begin_end = [], [], [], []
     for _ in range(max(1, iterations // layers)):
@@ -121,7 +121,7 @@ def handoff_figures(core: EngineCore, iterations: int) -> dict[str, object]:
         step_start = time.perf_counter()
         for layer in range(layers):
             staged = time.perf_counter()
-            attention.stage_host(layer, q, k, k)
+            attention.stage_host(layer, q, k, v)
             fetched = time.perf_counter()
             attention.wait_host(layer)
             returned = time.perf_counter()
@@ -138,13 +138,13 @@ def handoff_figures(core: EngineCore, iterations: int) -> dict[str, object]:
                                     "begin_and_end_step": statistics.median(begin_end)}}
 
 
-def _host_rows(core: EngineCore, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _host_rows(core: EngineCore, num_rows: int) -> tuple[torch.Tensor, ...]:
+    """Zero q, k, v of num_rows rows, laid out as the model's projection leaves them."""
     attention = core.runner.attention
-    _, _, num_heads, head_dim = attention._q.shape
-    num_kv_heads = attention._k.shape[2]
-    dtype = attention.host_kv.dtype
-    return (torch.zeros((num_rows, num_heads, head_dim), dtype=dtype, device=core.device),
-            torch.zeros((num_rows, num_kv_heads, head_dim), dtype=dtype, device=core.device))
+    heads = (attention.num_heads, attention.num_kv_heads, attention.num_kv_heads)
+    qkv = torch.zeros((num_rows, sum(heads), attention.head_dim),
+                      dtype=attention.host_kv.dtype, device=core.device)
+    return qkv.split(heads, dim=1)
 
 
 def split_per_layer(core: EngineCore, num_host: int, ctx: int,
@@ -155,13 +155,13 @@ def split_per_layer(core: EngineCore, num_host: int, ctx: int,
     layers = attention.num_layers
     host = make_paged_batch(decode_plan(0, num_host, ctx, Strategy.ASYNC_OVERLAP)
                             .host_decode_seqs, 0, BLOCK_SIZE, torch.device("cpu"))
-    q, k = _host_rows(core, num_host)
+    q, k, v = _host_rows(core, num_host)
     copies, cpu = [], []
     for _ in range(3):
         attention.begin_step(host)
         for layer in range(layers):
             start = time.perf_counter()
-            attention.stage_host(layer, q, k, k)
+            attention.stage_host(layer, q, k, v)
             synchronize(core.device)
             staged = time.perf_counter()
             attention.wait_host(layer)
@@ -179,7 +179,7 @@ def split_per_layer(core: EngineCore, num_host: int, ctx: int,
 
 
 def workload(model, cfg, tok, dtype, device, threads, gpu_kv_tokens: int, num_requests: int,
-             input_len: int, output_len: int, device_wait: bool) -> dict[str, float]:
+             input_len: int, output_len: int, cuda_layer_wait: str) -> dict[str, float]:
     """Decode-heavy load under a small GPU KV budget: output tokens/s per configuration."""
     prompts = {f"w{i}": [7 + (i * 31 + j) % 200 for j in range(input_len)]
                for i in range(num_requests)}
@@ -189,7 +189,7 @@ def workload(model, cfg, tok, dtype, device, threads, gpu_kv_tokens: int, num_re
             ("gpu_only", dict(policy=Policy.GPU_ONLY, num_host_blocks=0)),
             ("apex_host", dict(policy=Policy.APEX, kv_placement=KVPlacement.HOST)),
             ("apex_auto", dict(policy=Policy.APEX))):
-        core = _core(model, cfg, tok, dtype, device, threads, device_wait,
+        core = _core(model, cfg, tok, dtype, device, threads, cuda_layer_wait,
                      num_gpu_blocks=max(2, gpu_kv_tokens // BLOCK_SIZE), **overrides)
         start = time.perf_counter()
         results = run_to_completion(core, prompts, SamplingParams(), stopping)
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload-output", type=int, default=128)
     parser.add_argument("--workload-gpu-kv-tokens", type=int, default=2048)
     parser.add_argument("--skip-workload", action="store_true")
-    parser.add_argument("--cuda-layer-wait", choices=("engine-thread", "host-func"),
+    parser.add_argument("--cuda-layer-wait", choices=CUDA_LAYER_WAITS,
                         default=ServeOptions.cuda_layer_wait)
     args = parser.parse_args(argv)
     device = torch.device(args.device if args.device != "auto" else
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                                   if device.type == "cuda" else "none (no CUDA)"}
     blocks = -(-(args.ctx + 1) // BLOCK_SIZE)
     core = _core(model, cfg, tok, dtype, device, args.threads,
-                 device_wait=args.cuda_layer_wait == "host-func", policy=Policy.APEX,
+                 cuda_layer_wait=args.cuda_layer_wait, policy=Policy.APEX,
                  num_gpu_blocks=max(args.gpu_rows, 1) * blocks,
                  num_host_blocks=max(args.host_rows, 1) * blocks)
     figures.update(handoff_figures(core, 2000))
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         figures.update(workload(model, cfg, tok, dtype, device, args.threads,
                                 args.workload_gpu_kv_tokens, args.workload_requests,
                                 args.workload_input, args.workload_output,
-                                args.cuda_layer_wait == "host-func"))
+                                args.cuda_layer_wait))
         print(f"workload (GPU KV {args.workload_gpu_kv_tokens} tokens): apex-host / gpu-only "
               f"x{figures['workload_apex_host_over_gpu_only']:.2f}")
     print(json.dumps(figures))

@@ -14,7 +14,7 @@ from apex_grpc.attention.cpu_device import NativeCpuPagedAttention
 from apex_grpc.attention.cpu_kernel import CpuAttentionPool
 from apex_grpc.attention.gpu_backend import make_gpu_attention_backend
 from apex_grpc.attention.hybrid import HybridAttention
-from apex_grpc.config import EngineConfig, ModelConfig, Policy, ServeOptions
+from apex_grpc.config import CUDA_LAYER_WAITS, EngineConfig, ModelConfig, Policy, ServeOptions
 from apex_grpc.engine.async_engine import AsyncEngine
 from apex_grpc.engine.core import EngineCore
 from apex_grpc.kv_cache.manager import KVCacheManager
@@ -134,7 +134,7 @@ def build_engine_core(opts: ServeOptions) -> BuiltCore:
         policy=opts.policy, kv_placement=opts.kv_placement, cpu_attention_threads=threads,
         max_waiting=opts.max_waiting, max_step_stretch=opts.max_step_stretch)
     core = build_core(config, model, model_config, tokenizer, dtype, device, perf_model,
-                      opts.tpot_slo_ms, device_wait=opts.cuda_layer_wait == "host-func")
+                      opts.tpot_slo_ms, cuda_layer_wait=opts.cuda_layer_wait)
     return BuiltCore(core, model_config, name, tokenizer, dtype, device)
 
 
@@ -172,7 +172,8 @@ def load_perf_model(opts: ServeOptions, model: torch.nn.Module, model_config: Mo
 def build_core(config: EngineConfig, model: torch.nn.Module, model_config: ModelConfig,
                tokenizer, dtype: torch.dtype, device: torch.device,
                perf_model: PerfModel | None = None,
-               tpot_slo_ms: float | None = None, device_wait: bool = False) -> EngineCore:
+               tpot_slo_ms: float | None = None,
+               cuda_layer_wait: str = CUDA_LAYER_WAITS[0]) -> EngineCore:
     """The synchronous engine over an already loaded model (tests build it directly). Without
     a performance model each policy follows its fixed rule (chooser.SimpleChooser)."""
     storage = KVStorage(model_config, config.block_size, config.num_gpu_blocks,
@@ -183,7 +184,7 @@ def build_core(config: EngineConfig, model: torch.nn.Module, model_config: Model
         make_device_attention(storage, scale, pool), storage.host, pool, scale,
         config.max_num_seqs,
         model_config.num_attention_heads, model_config.num_key_value_heads,
-        model_config.head_dim, device, storage.copy_stream, device_wait)
+        model_config.head_dim, device, cuda_layer_wait)
     runner = ModelRunner(model, storage, attention, config.block_size, device)
     kv = KVCacheManager(config.block_size, config.num_gpu_blocks, config.num_host_blocks)
     eos = tokenizer.eos_token_ids if tokenizer is not None else model_config.eos_token_ids

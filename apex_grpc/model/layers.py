@@ -137,17 +137,22 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", angles.sin().float().to(device), persistent=False)
 
     def angles(self, positions: torch.Tensor) -> RopeAngles:
-        """positions [n] -> the cos/sin every layer's rotate() takes."""
+        """positions [n] -> the cos/sin every layer's rotate_() takes."""
         return RopeAngles(self.cos_cache[positions].unsqueeze(1),
                           self.sin_cache[positions].unsqueeze(1))
 
     @staticmethod
-    def rotate(x: torch.Tensor, angles: RopeAngles) -> torch.Tensor:
-        """x [n, heads, head_dim] (any heads: q and k rotate in one call) -> a new rotated
-        tensor of x's dtype, computed in float32."""
-        x1, x2 = x.float().chunk(2, dim=-1)
+    def rotate_(x: torch.Tensor, angles: RopeAngles) -> None:
+        """Rotate x [n, heads, head_dim] (any heads: q and k rotate in one call; any row
+        stride) in place, computed in float32. In place keeps q, k and v in the projection's
+        one buffer (the hybrid hand-off copies a row of all three at once) and saves the
+        launches of a concatenation and a cast."""
+        # A float32 copy: the halves are read after x's first half is overwritten.
+        x1, x2 = x.to(torch.float32, copy=True).chunk(2, dim=-1)
         cos, sin = angles
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        half = x.shape[-1] // 2
+        torch.sub(x1 * cos, x2 * sin, out=x[..., :half])
+        torch.add(x2 * cos, x1 * sin, out=x[..., half:])
 
 
 class GatedMLP(nn.Module):

@@ -39,18 +39,15 @@ class LlamaDecoderLayer(nn.Module):
         self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: RopeAngles,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden [n, hidden_size] (residual None on the first layer), rope of the rows'
-        positions -> q [n, num_heads, head_dim], k/v [n, num_kv_heads, head_dim] (RoPE applied;
-        views with a row stride, each row's heads contiguous), residual."""
+        positions -> q [n, num_heads, head_dim], k/v [n, num_kv_heads, head_dim] (RoPE applied),
+        residual. q, k and v are views of one buffer: each row holds q|k|v contiguously."""
         normed, residual = self.input_layernorm(hidden, residual)
         qkv = self.qkv_proj(normed)
         num_tokens = hidden.shape[0]
+        heads = qkv.view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         # q and k are adjacent in the projection: one rotation covers both.
-        qk = qkv[:, :self.q_size + self.kv_size].view(
-            num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = RotaryEmbedding.rotate(qk, rope)
-        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
-        v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, self.num_kv_heads,
-                                                     self.head_dim)
+        RotaryEmbedding.rotate_(heads[:, :self.num_heads + self.num_kv_heads], rope)
+        q, k, v = heads.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
         return q, k, v, residual
 
     def post_attention(self, attn_out: torch.Tensor,

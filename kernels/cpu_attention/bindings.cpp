@@ -55,11 +55,11 @@ class PoolBinding {
   std::shared_ptr<Job> submit_decode(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache,
                                      uintptr_t block_tables, uintptr_t seq_lens, uintptr_t out,
                                      uintptr_t lse, uintptr_t new_k, uintptr_t new_v,
-                                     uintptr_t slot_mapping, const std::vector<int>& sizes,
+                                     uintptr_t slot_mapping, const std::vector<int64_t>& sizes,
                                      int dtype_code, float scale, uintptr_t ready_flag,
                                      int64_t ready_value, uintptr_t done_flag,
                                      int64_t done_value) {
-    if (sizes.size() != 7) throw std::invalid_argument("sizes must hold 7 integers");
+    if (sizes.size() != 9) throw std::invalid_argument("sizes must hold 9 integers");
     DecodeProblem problem;
     problem.q = pointer<const void>(q);
     problem.k_cache = pointer<void>(k_cache);
@@ -71,13 +71,15 @@ class PoolBinding {
     problem.new_k = pointer<const void>(new_k);
     problem.new_v = pointer<const void>(new_v);
     problem.slot_mapping = pointer<const int64_t>(slot_mapping);
-    problem.num_seqs = sizes[0];
-    problem.num_heads = sizes[1];
-    problem.num_kv_heads = sizes[2];
-    problem.head_dim = sizes[3];
-    problem.block_size = sizes[4];
-    problem.num_blocks = sizes[5];
-    problem.max_blocks_per_seq = sizes[6];
+    problem.num_seqs = int(sizes[0]);
+    problem.num_heads = int(sizes[1]);
+    problem.num_kv_heads = int(sizes[2]);
+    problem.head_dim = int(sizes[3]);
+    problem.block_size = int(sizes[4]);
+    problem.num_blocks = int(sizes[5]);
+    problem.max_blocks_per_seq = int(sizes[6]);
+    problem.q_row_stride = sizes[7];
+    problem.new_kv_row_stride = sizes[8];
     problem.dtype = dtype_from_code(dtype_code);
     problem.scale = scale;
     FlagGate gate{pointer<const int64_t>(ready_flag), ready_value, pointer<int64_t>(done_flag),
@@ -94,7 +96,7 @@ class PoolBinding {
   std::vector<std::shared_ptr<Job>> submit_decode_layers(
       int num_layers, const std::vector<uintptr_t>& staging, uintptr_t kv_cache,
       size_t layer_bytes, size_t v_offset_bytes, uintptr_t block_tables, uintptr_t seq_lens,
-      uintptr_t slot_mapping, const std::vector<int>& sizes, int dtype_code, float scale,
+      uintptr_t slot_mapping, const std::vector<int64_t>& sizes, int dtype_code, float scale,
       uintptr_t flags, int64_t value) {
     if (staging.size() != 10) throw std::invalid_argument("staging must hold 10 addresses");
     std::vector<std::shared_ptr<Job>> jobs;
@@ -120,39 +122,33 @@ class PoolBinding {
   const KernelOps* ops_[3];
 };
 
-// cuda: the addresses of cudaMemcpyAsync, cudaMemcpy2DAsync, cudaEventCreateWithFlags,
-// cudaEventDestroy, cudaEventRecord, cudaStreamWaitEvent and cudaLaunchHostFunc, in that order
-// (empty without CUDA). staging: q, k, v, out of the even parity, then of the odd one.
-std::unique_ptr<LayerHandoff> make_handoff(int num_layers, int max_rows, size_t q_row_bytes,
-                                           size_t kv_row_bytes,
+// cuda: the addresses of cudaMemcpy2DAsync, cudaLaunchHostFunc, cuStreamWriteValue64 and
+// cuStreamWaitValue64, in that order (empty without CUDA); wait: a LayerWait code. staging:
+// qkv and out of the even parity, then of the odd one.
+std::unique_ptr<LayerHandoff> make_handoff(int num_layers, int max_rows, size_t qkv_row_bytes,
+                                           size_t out_row_bytes,
                                            const std::vector<uintptr_t>& staging,
-                                           uintptr_t flags, uintptr_t seq_on_device,
-                                           uintptr_t copy_stream,
-                                           const std::vector<uintptr_t>& cuda,
-                                           bool wait_on_device, double timeout_s) {
-  if (staging.size() != 8) throw std::invalid_argument("staging must hold 8 addresses");
-  if (!cuda.empty() && cuda.size() != 7)
-    throw std::invalid_argument("cuda must hold 7 function addresses");
+                                           uintptr_t flags, uint64_t flags_on_device,
+                                           const std::vector<uintptr_t>& cuda, int wait,
+                                           double timeout_s) {
+  if (staging.size() != 4) throw std::invalid_argument("staging must hold 4 addresses");
+  if (!cuda.empty() && cuda.size() != 4)
+    throw std::invalid_argument("cuda must hold 4 function addresses");
+  if (wait < int(LayerWait::kEngineThread) || wait > int(LayerWait::kStreamWait))
+    throw std::invalid_argument("unknown layer wait " + std::to_string(wait));
   CudaRuntime runtime;
   if (!cuda.empty()) {
-    runtime.memcpy_async = reinterpret_cast<CudaRuntime::MemcpyAsync>(cuda[0]);
-    runtime.memcpy2d_async = reinterpret_cast<CudaRuntime::Memcpy2DAsync>(cuda[1]);
-    runtime.event_create_with_flags =
-        reinterpret_cast<CudaRuntime::EventCreateWithFlags>(cuda[2]);
-    runtime.event_destroy = reinterpret_cast<CudaRuntime::EventDestroy>(cuda[3]);
-    runtime.event_record = reinterpret_cast<CudaRuntime::EventRecord>(cuda[4]);
-    runtime.stream_wait_event = reinterpret_cast<CudaRuntime::StreamWaitEvent>(cuda[5]);
-    runtime.launch_host_func = reinterpret_cast<CudaRuntime::LaunchHostFunc>(cuda[6]);
+    runtime.memcpy2d_async = reinterpret_cast<CudaRuntime::Memcpy2DAsync>(cuda[0]);
+    runtime.launch_host_func = reinterpret_cast<CudaRuntime::LaunchHostFunc>(cuda[1]);
+    runtime.stream_write_value64 = reinterpret_cast<CudaRuntime::StreamValue64>(cuda[2]);
+    runtime.stream_wait_value64 = reinterpret_cast<CudaRuntime::StreamValue64>(cuda[3]);
   }
   auto buffers = [&](int first) {
-    return StagingBuffers{pointer<void>(staging[first]), pointer<void>(staging[first + 1]),
-                          pointer<void>(staging[first + 2]), pointer<void>(staging[first + 3])};
+    return StagingBuffers{pointer<void>(staging[first]), pointer<void>(staging[first + 1])};
   };
-  return std::make_unique<LayerHandoff>(
-      num_layers, max_rows, q_row_bytes, kv_row_bytes, buffers(0), buffers(4),
-      pointer<int64_t>(flags), pointer<const int64_t>(seq_on_device),
-      pointer<void>(copy_stream), runtime,
-      wait_on_device ? LayerWait::kHostFunc : LayerWait::kEngineThread, timeout_s);
+  return std::make_unique<LayerHandoff>(num_layers, max_rows, qkv_row_bytes, out_row_bytes,
+                                        buffers(0), buffers(2), pointer<int64_t>(flags),
+                                        flags_on_device, runtime, LayerWait(wait), timeout_s);
 }
 
 }  // namespace
@@ -179,20 +175,18 @@ PYBIND11_MODULE(_cpu_attention, module) {
   // Every method releases the GIL: the engine thread may wait here while Python runs.
   py::class_<apex::LayerHandoff>(module, "LayerHandoff")
       .def(py::init(&apex::make_handoff), py::arg("num_layers"), py::arg("max_rows"),
-           py::arg("q_row_bytes"), py::arg("kv_row_bytes"), py::arg("staging"),
-           py::arg("flags"), py::arg("seq_on_device"), py::arg("copy_stream"), py::arg("cuda"),
-           py::arg("wait_on_device"), py::arg("timeout_s"))
+           py::arg("qkv_row_bytes"), py::arg("out_row_bytes"), py::arg("staging"),
+           py::arg("flags"), py::arg("flags_on_device"), py::arg("cuda"), py::arg("wait"),
+           py::arg("timeout_s"))
       .def("begin_step",
            [](apex::LayerHandoff& self, int64_t seq, int num_rows, uintptr_t stream) {
              self.begin_step(seq, num_rows, apex::pointer<void>(stream));
            },
            py::call_guard<py::gil_scoped_release>())
       .def("stage",
-           [](apex::LayerHandoff& self, int layer, uintptr_t q, size_t q_stride, uintptr_t k,
-              size_t k_stride, uintptr_t v, size_t v_stride, int row_start) {
-             self.stage(layer, apex::pointer<const char>(q), q_stride,
-                        apex::pointer<const char>(k), k_stride, apex::pointer<const char>(v),
-                        v_stride, row_start);
+           [](apex::LayerHandoff& self, int layer, uintptr_t qkv, size_t qkv_stride,
+              int row_start) {
+             self.stage(layer, apex::pointer<const char>(qkv), qkv_stride, row_start);
            },
            py::call_guard<py::gil_scoped_release>())
       .def("fetch",

@@ -27,8 +27,8 @@ int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 
 // Copies one row per kv head of token `row` into cache slot `slot`.
 void write_slot(void* k_cache, void* v_cache, const void* k, const void* v, int64_t row,
-                int64_t slot, int num_kv_heads, int head_dim, int block_size, int num_blocks,
-                DType dtype) {
+                int64_t row_stride, int64_t slot, int num_kv_heads, int head_dim,
+                int block_size, int num_blocks, DType dtype) {
   const int64_t num_slots = int64_t(num_blocks) * block_size;
   if (slot < 0 || slot >= num_slots) {
     throw std::invalid_argument("slot_mapping[" + std::to_string(row) + "] = " +
@@ -41,11 +41,11 @@ void write_slot(void* k_cache, void* v_cache, const void* k, const void* v, int6
   const int64_t offset = slot % block_size;
   for (int head = 0; head < num_kv_heads; ++head) {
     const int64_t cache_row = (block * num_kv_heads + head) * block_size + offset;
-    const int64_t source_row = row * num_kv_heads + head;
+    const int64_t source = (row * row_stride + int64_t(head) * head_dim) * element;
     std::memcpy(static_cast<char*>(k_cache) + cache_row * row_bytes,
-                static_cast<const char*>(k) + source_row * row_bytes, row_bytes);
+                static_cast<const char*>(k) + source, row_bytes);
     std::memcpy(static_cast<char*>(v_cache) + cache_row * row_bytes,
-                static_cast<const char*>(v) + source_row * row_bytes, row_bytes);
+                static_cast<const char*>(v) + source, row_bytes);
   }
 }
 
@@ -63,8 +63,8 @@ void append_kv(void* k_cache, void* v_cache, const int64_t* slot_mapping, const 
                const void* v, int num_tokens, int num_kv_heads, int head_dim, int block_size,
                int num_blocks, DType dtype) {
   for (int row = 0; row < num_tokens; ++row) {
-    write_slot(k_cache, v_cache, k, v, row, slot_mapping[row], num_kv_heads, head_dim,
-               block_size, num_blocks, dtype);
+    write_slot(k_cache, v_cache, k, v, row, int64_t(num_kv_heads) * head_dim, slot_mapping[row],
+               num_kv_heads, head_dim, block_size, num_blocks, dtype);
   }
 }
 
@@ -84,6 +84,10 @@ void DecodeJob::check_problem() const {
   }
   if (p.num_heads % p.num_kv_heads != 0) {
     throw std::invalid_argument("decode attention: num_heads must be a multiple of num_kv_heads");
+  }
+  if (p.q_row_stride < int64_t(p.num_heads) * p.head_dim ||
+      (p.new_k != nullptr && p.new_kv_row_stride < int64_t(p.num_kv_heads) * p.head_dim)) {
+    throw std::invalid_argument("decode attention: a row stride is shorter than its row");
   }
   const int64_t capacity = int64_t(p.max_blocks_per_seq) * p.block_size;
   for (int seq = 0; seq < p.num_seqs; ++seq) {
@@ -154,8 +158,9 @@ void DecodeJob::run_task(int index, WorkerScratch& scratch) {
     } count_on_exit{appended_tasks_};
     const int end_seq = std::min(p.num_seqs, (index + 1) * kSeqsPerAppendTask);
     for (int seq = index * kSeqsPerAppendTask; seq < end_seq; ++seq) {
-      write_slot(p.k_cache, p.v_cache, p.new_k, p.new_v, seq, p.slot_mapping[seq],
-                 p.num_kv_heads, p.head_dim, p.block_size, p.num_blocks, p.dtype);
+      write_slot(p.k_cache, p.v_cache, p.new_k, p.new_v, seq, p.new_kv_row_stride,
+                 p.slot_mapping[seq], p.num_kv_heads, p.head_dim, p.block_size, p.num_blocks,
+                 p.dtype);
     }
     return;
   }
@@ -190,8 +195,9 @@ DecodeJob::TaskState DecodeJob::start_task(const Task& task, int num_kv_heads,
   state.scores = state.alpha + rows;  // [group, block_size], one kv head at a time
   state.merge_scratch = state.scores + size_t(group) * p.block_size;
 
-  const int64_t q_row = int64_t(task.seq) * p.num_heads + int64_t(task.first_kv_head) * group;
-  const char* q_raw = static_cast<const char*>(p.q) + q_row * dim * element;
+  const int64_t q_offset =
+      int64_t(task.seq) * p.q_row_stride + int64_t(task.first_kv_head) * group * dim;
+  const char* q_raw = static_cast<const char*>(p.q) + q_offset * element;
   for (int head = 0; head < num_kv_heads; ++head) {
     ops_->prepare_q(q_raw + int64_t(head) * group * dim * element, group, dim,
                     state.prepared_q + head * state.prepared_floats);

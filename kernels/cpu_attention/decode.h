@@ -14,14 +14,15 @@ namespace apex {
 
 // One layer's decode problem; every pointer is borrowed from tensors the caller keeps alive.
 struct DecodeProblem {
-  const void* q = nullptr;           // [num_seqs, num_heads, head_dim]
+  const void* q = nullptr;           // [num_seqs, num_heads, head_dim], rows q_row_stride apart
   void* k_cache = nullptr;           // [num_blocks, num_kv_heads, block_size, head_dim]
   void* v_cache = nullptr;           // same as k_cache
   const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks_per_seq]
   const int32_t* seq_lens = nullptr;      // [num_seqs], context length including the new token
   void* out = nullptr;               // [num_seqs, num_heads, head_dim], q's dtype
   float* lse = nullptr;              // [num_seqs, num_heads]
-  const void* new_k = nullptr;       // optional [num_seqs, num_kv_heads, head_dim]
+  const void* new_k = nullptr;       // optional [num_seqs, num_kv_heads, head_dim], rows
+                                     // new_kv_row_stride apart
   const void* new_v = nullptr;       // optional, like new_k
   const int64_t* slot_mapping = nullptr;  // optional [num_seqs] cache slot of each new token
   int num_seqs = 0;
@@ -31,6 +32,10 @@ struct DecodeProblem {
   int block_size = 0;
   int num_blocks = 0;
   int max_blocks_per_seq = 0;
+  // Elements between consecutive rows (>= the row's heads x head_dim): q, k and v may be
+  // views into one wider buffer, as a fused projection leaves them.
+  int64_t q_row_stride = 0;
+  int64_t new_kv_row_stride = 0;
   DType dtype = DType::kFloat32;
   float scale = 1.0f;
 };

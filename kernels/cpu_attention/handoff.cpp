@@ -10,10 +10,15 @@
 namespace apex {
 namespace {
 
-// cudaMemcpyKind and cudaEventDisableTiming values of the CUDA runtime API.
+// cudaMemcpyKind values of the CUDA runtime API.
 constexpr int kHostToDevice = 1;
 constexpr int kDeviceToHost = 2;
-constexpr unsigned int kEventDisableTiming = 0x02;
+// CU_STREAM_WRITE_VALUE_DEFAULT (the write is preceded by a memory fence) and
+// CU_STREAM_WAIT_VALUE_GEQ (wait until (int64_t)(*flag - value) >= 0) of the driver API.
+constexpr unsigned int kWriteValueDefault = 0x0;
+constexpr unsigned int kWaitValueGeq = 0x0;
+
+uint64_t flag_offset(int layer) { return uint64_t(layer) * sizeof(int64_t); }
 
 // Same bound as the engine thread's wait, so a lost job cannot hold the stream forever.
 constexpr double kHostFuncWaitTimeoutS = 60.0;
@@ -33,39 +38,33 @@ void host_func_wait(void* data) {
             kHostFuncWaitTimeoutS);
 }
 
-LayerHandoff::LayerHandoff(int num_layers, int max_rows, size_t q_row_bytes,
-                           size_t kv_row_bytes, StagingBuffers even, StagingBuffers odd,
-                           int64_t* flags, const int64_t* seq_on_device, void* copy_stream,
-                           const CudaRuntime& cuda, LayerWait wait, double timeout_s)
+LayerHandoff::LayerHandoff(int num_layers, int max_rows, size_t qkv_row_bytes,
+                           size_t out_row_bytes, StagingBuffers even, StagingBuffers odd,
+                           int64_t* flags, uint64_t flags_on_device, const CudaRuntime& cuda,
+                           LayerWait wait, double timeout_s)
     : num_layers_(num_layers),
       max_rows_(max_rows),
-      q_row_bytes_(q_row_bytes),
-      kv_row_bytes_(kv_row_bytes),
+      qkv_row_bytes_(qkv_row_bytes),
+      out_row_bytes_(out_row_bytes),
       staging_{even, odd},
       ready_flags_(flags),
       done_flags_(flags + num_layers),
-      seq_on_device_(seq_on_device),
-      copy_stream_(copy_stream),
+      ready_flags_on_device_(flags_on_device),
+      done_flags_on_device_(flags_on_device + uint64_t(num_layers) * sizeof(int64_t)),
       cuda_(cuda),
+      on_cuda_(cuda.memcpy2d_async != nullptr),
       wait_(wait),
       timeout_s_(timeout_s),
       wait_records_(size_t(2) * num_layers * 2, 0) {
   if (num_layers < 1 || max_rows < 1) throw std::invalid_argument("empty hand-off");
-  if (copy_stream_ != nullptr) {
-    if (cuda_.memcpy_async == nullptr || cuda_.memcpy2d_async == nullptr ||
-        cuda_.event_create_with_flags == nullptr || cuda_.event_destroy == nullptr ||
-        cuda_.event_record == nullptr || cuda_.stream_wait_event == nullptr ||
-        cuda_.launch_host_func == nullptr || seq_on_device_ == nullptr)
-      throw std::invalid_argument("a CUDA hand-off needs every CUDA runtime entry point");
-    check(cuda_.event_create_with_flags(&staged_event_, kEventDisableTiming),
-          "cudaEventCreateWithFlags");
-  } else if (wait_ == LayerWait::kHostFunc) {
-    throw std::invalid_argument("the host-function wait needs CUDA");
+  if (on_cuda_) {
+    if (cuda_.launch_host_func == nullptr || cuda_.stream_write_value64 == nullptr ||
+        cuda_.stream_wait_value64 == nullptr || flags_on_device == 0)
+      throw std::invalid_argument("a CUDA hand-off needs every CUDA entry point and the "
+                                  "flags' device address");
+  } else if (wait_ != LayerWait::kEngineThread) {
+    throw std::invalid_argument("the host-function and stream waits need CUDA");
   }
-}
-
-LayerHandoff::~LayerHandoff() {
-  if (staged_event_ != nullptr) cuda_.event_destroy(staged_event_);
 }
 
 void LayerHandoff::check(int status, const char* what) const {
@@ -88,50 +87,42 @@ void LayerHandoff::begin_step(int64_t seq, int num_rows, void* compute_stream) {
   }
 }
 
-void LayerHandoff::stage(int layer, const char* q, size_t q_stride, const char* k,
-                         size_t k_stride, const char* v, size_t v_stride, int row_start) {
+void LayerHandoff::stage(int layer, const char* qkv, size_t qkv_stride, int row_start) {
   if (layer < 0 || layer >= num_layers_) throw std::out_of_range("layer out of range");
-  const StagingBuffers& to = staging(layer);
-  const size_t start = size_t(row_start);
-  q += start * q_stride;
-  k += start * k_stride;
-  v += start * v_stride;
-  if (copy_stream_ == nullptr) {
-    copy_rows(static_cast<char*>(to.q), q_row_bytes_, q, q_stride, q_row_bytes_, num_rows_);
-    copy_rows(static_cast<char*>(to.k), kv_row_bytes_, k, k_stride, kv_row_bytes_, num_rows_);
-    copy_rows(static_cast<char*>(to.v), kv_row_bytes_, v, v_stride, kv_row_bytes_, num_rows_);
+  char* to = static_cast<char*>(staging(layer).qkv);
+  qkv += size_t(row_start) * qkv_stride;
+  if (!on_cuda_) {
+    copy_rows(to, qkv_row_bytes_, qkv, qkv_stride, qkv_row_bytes_, num_rows_);
     set_flag(ready_flags_ + layer, seq_);
     return;
   }
-  // The copy stream starts once the compute stream has produced this layer's q/k/v.
-  check(cuda_.event_record(staged_event_, compute_stream_), "cudaEventRecord");
-  check(cuda_.stream_wait_event(copy_stream_, staged_event_, 0), "cudaStreamWaitEvent");
-  check(cuda_.memcpy2d_async(to.q, q_row_bytes_, q, q_stride, q_row_bytes_, num_rows_,
-                             kDeviceToHost, copy_stream_), "cudaMemcpy2DAsync(q)");
-  check(cuda_.memcpy2d_async(to.k, kv_row_bytes_, k, k_stride, kv_row_bytes_, num_rows_,
-                             kDeviceToHost, copy_stream_), "cudaMemcpy2DAsync(k)");
-  check(cuda_.memcpy2d_async(to.v, kv_row_bytes_, v, v_stride, kv_row_bytes_, num_rows_,
-                             kDeviceToHost, copy_stream_), "cudaMemcpy2DAsync(v)");
-  // In stream order, so the flag lands only after the data.
-  check(cuda_.memcpy_async(ready_flags_ + layer, seq_on_device_, sizeof(int64_t),
-                           kDeviceToHost, copy_stream_), "cudaMemcpyAsync(ready flag)");
+  check(cuda_.memcpy2d_async(to, qkv_row_bytes_, qkv, qkv_stride, qkv_row_bytes_, num_rows_,
+                             kDeviceToHost, compute_stream_), "cudaMemcpy2DAsync(qkv)");
+  // In stream order and behind a system-wide fence, so the flag lands only after the data.
+  check(cuda_.stream_write_value64(compute_stream_, ready_flags_on_device_ + flag_offset(layer),
+                                   uint64_t(seq_), kWriteValueDefault),
+        "cuStreamWriteValue64(ready flag)");
 }
 
 void LayerHandoff::fetch(int layer, char* dst, size_t dst_stride) {
   if (layer < 0 || layer >= num_layers_) throw std::out_of_range("layer out of range");
   const char* out = static_cast<const char*>(staging(layer).out);
-  if (wait_ == LayerWait::kHostFunc) {
+  if (wait_ == LayerWait::kStreamWait) {
+    check(cuda_.stream_wait_value64(compute_stream_, done_flags_on_device_ + flag_offset(layer),
+                                    uint64_t(seq_), kWaitValueGeq),
+          "cuStreamWaitValue64(done flag)");
+  } else if (wait_ == LayerWait::kHostFunc) {
     int64_t* record = wait_records_.data() + (size_t(seq_ % 2) * num_layers_ + layer) * 2;
     check(cuda_.launch_host_func(compute_stream_, &host_func_wait, record), "cudaLaunchHostFunc");
   } else if (!wait_flag(done_flags_ + layer, seq_, timeout_s_)) {
     throw std::runtime_error("CPU attention for layer " + std::to_string(layer) +
                              " did not finish within " + std::to_string(int(timeout_s_)) + " s");
   }
-  if (copy_stream_ == nullptr) {
-    copy_rows(dst, dst_stride, out, q_row_bytes_, q_row_bytes_, num_rows_);
+  if (!on_cuda_) {
+    copy_rows(dst, dst_stride, out, out_row_bytes_, out_row_bytes_, num_rows_);
     return;
   }
-  check(cuda_.memcpy2d_async(dst, dst_stride, out, q_row_bytes_, q_row_bytes_, num_rows_,
+  check(cuda_.memcpy2d_async(dst, dst_stride, out, out_row_bytes_, out_row_bytes_, num_rows_,
                              kHostToDevice, compute_stream_), "cudaMemcpy2DAsync(out)");
 }
 

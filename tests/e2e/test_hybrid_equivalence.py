@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from apex_grpc.config import EngineConfig, KVPlacement, Policy
+from apex_grpc.config import CUDA_LAYER_WAITS, EngineConfig, KVPlacement, Policy
 from apex_grpc.engine.builder import build_core
 from apex_grpc.engine.offline import run_to_completion
 from apex_grpc.model.loader import load_model
@@ -30,12 +30,16 @@ MODES = {
                      Strategy.ASYMMETRIC_PIPELINE),
     # A GPU tier far too small for 32 streams: evictions to the host and restores mid-run.
     "apex_evictions": (dict(policy=Policy.APEX, num_gpu_blocks=24), Strategy.ASYNC_OVERLAP),
-    # CUDA only: a CUDA host function holds the compute stream per layer (--cuda-layer-wait
-    # host-func) instead of the engine thread waiting.
-    "apex_host_func": (dict(policy=Policy.APEX, kv_placement=KVPlacement.HOST, device_wait=True),
-                       Strategy.ASYNC_OVERLAP),
+    # CUDA only: the other CPU -> GPU waits (--cuda-layer-wait; the default, stream-wait, runs
+    # in every mode above). On a CPU the engine thread always waits, so they add nothing there.
+    "apex_host_func": (dict(policy=Policy.APEX, kv_placement=KVPlacement.HOST,
+                            cuda_layer_wait="host-func"), Strategy.ASYNC_OVERLAP),
     "neo_host_func": (dict(policy=Policy.NEO, kv_placement=KVPlacement.ALTERNATE,
-                           device_wait=True), Strategy.ASYMMETRIC_PIPELINE),
+                           cuda_layer_wait="host-func"), Strategy.ASYMMETRIC_PIPELINE),
+    "apex_engine_thread": (dict(policy=Policy.APEX, kv_placement=KVPlacement.HOST,
+                                cuda_layer_wait="engine-thread"), Strategy.ASYNC_OVERLAP),
+    "neo_engine_thread": (dict(policy=Policy.NEO, kv_placement=KVPlacement.ALTERNATE,
+                               cuda_layer_wait="engine-thread"), Strategy.ASYMMETRIC_PIPELINE),
     # Same pressure without a host tier: preemption by recompute.
     "gpu_only_preempt": (dict(policy=Policy.GPU_ONLY, num_host_blocks=0, num_gpu_blocks=24),
                          Strategy.GPU_ONLY),
@@ -55,10 +59,10 @@ def run_mode(model, model_config, tokenizer, mode: str, prompts, max_new: int,
                   max_num_seqs=NUM_STREAMS, max_batched_tokens=256, max_model_len=256,
                   cpu_attention_threads=1)
     fields.update(overrides)
-    device_wait = fields.pop("device_wait", False)
+    layer_wait = fields.pop("cuda_layer_wait", CUDA_LAYER_WAITS[0])
     config = EngineConfig(**fields)
     core = build_core(config, model, model_config, tokenizer, torch.float32, torch.device(device),
-                      device_wait=device_wait)
+                      cuda_layer_wait=layer_wait)
     results = run_to_completion(
         core, prompts, SamplingParams(top_logprobs=0),
         StoppingParams(max_new_tokens=max_new, ignore_eos=True))
@@ -107,8 +111,8 @@ def tiny_gqa_model(request, tmp_path_factory):
 @pytest.mark.parametrize("mode", [m for m in MODES if m != "gpu_only"])
 def test_tiny_gqa_model_same_greedy_tokens_in_every_mode(tiny_gqa_model, mode):
     device, (model, model_config, tokenizer, _) = tiny_gqa_model
-    if device == "cpu" and MODES[mode][0].get("device_wait"):
-        pytest.skip("the host-function wait needs CUDA")
+    if device == "cpu" and "cuda_layer_wait" in MODES[mode][0]:
+        pytest.skip("the CPU -> GPU wait choice needs CUDA")
     prompts = make_prompts(model_config.vocab_size, seed=1)
     reference = run_mode(model, model_config, tokenizer, "gpu_only", prompts, 24, device)
     other = run_mode(model, model_config, tokenizer, mode, prompts, 24, device)

@@ -149,6 +149,27 @@ def test_fused_append_equals_append_then_attend(pool, dtype):
     assert_close_to_reference(out, lse, separate)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_q_and_new_kv_as_views_of_one_qkv_buffer_equal_contiguous_ones(pool, dtype):
+    """The hybrid runtime stages q|k|v rows as the fused projection leaves them: the kernel
+    reads q, new_k and new_v as row-strided views of that one buffer."""
+    case, new_k, new_v, slot_mapping = appended_case(dtype)
+    contiguous = PagedCase(case.q, case.k_cache.clone(), case.v_cache.clone(),
+                           case.block_tables, case.seq_lens)
+    q_heads, kv_heads = case.q.shape[1], new_k.shape[1]
+    qkv = torch.cat((case.q, new_k, new_v), dim=1)
+    q, k, v = qkv.split((q_heads, kv_heads, kv_heads), dim=1)
+    assert not q.is_contiguous()
+    strided = PagedCase(q, case.k_cache.clone(), case.v_cache.clone(), case.block_tables,
+                        case.seq_lens)
+    out, lse = run(pool, strided, new_k=k, new_v=v, slot_mapping=slot_mapping)
+    expected_out, expected_lse = run(pool, contiguous, new_k=new_k, new_v=new_v,
+                                     slot_mapping=slot_mapping)
+    assert torch.equal(strided.k_cache, contiguous.k_cache)
+    assert torch.equal(strided.v_cache, contiguous.v_cache)
+    assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
+
+
 def test_jobs_from_many_threads_equal_sequential_results(pool):
     cases = [make_case([7 * i + 1, 300 + i], num_heads=8, num_kv_heads=2, head_dim=64,
                        dtype=torch.bfloat16, seed=i) for i in range(12)]

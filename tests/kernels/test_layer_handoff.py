@@ -1,7 +1,8 @@
 """The native per-layer hand-off of the hybrid runtime (kernels/cpu_attention/handoff.cpp):
 staging copies row-strided q/k/v and raises the ready flag behind them; fetch waits for the
 done flag and copies the output rows out. On a CPU the copies are memcpy; on CUDA they go
-through the CUDA runtime torch loaded, and the host-function wait holds the compute stream."""
+through the CUDA runtime torch loaded, the ready flag is a stream memory write, and the
+stream-wait and host-function waits hold the compute stream."""
 
 from __future__ import annotations
 
@@ -14,44 +15,43 @@ import torch
 
 from apex_grpc import _cpu_attention
 from apex_grpc.attention.cpu_kernel import set_flag
-from apex_grpc.platform import Stream, pinned_empty
+from apex_grpc.platform import pinned_empty
 
 HEADS, KV_HEADS, HEAD_DIM = 2, 1, 8
 
 
+QKV_HEADS = HEADS + 2 * KV_HEADS
+
+
 @dataclass
 class Buffers:
-    q: torch.Tensor  # [parity, rows, heads, head_dim], like HybridAttention's staging
-    k: torch.Tensor
-    v: torch.Tensor
-    out: torch.Tensor
+    qkv: torch.Tensor  # [parity, rows, q|k|v heads, head_dim], like HybridAttention's staging
+    out: torch.Tensor  # [parity, rows, heads, head_dim]
     flags: torch.Tensor  # [ready | done, layers, 1]
-    seq_device: torch.Tensor | None
-    copy_stream: Stream
+
+
+# The native LayerWait codes.
+ENGINE_THREAD, HOST_FUNC, STREAM_WAIT = 0, 1, 2
 
 
 def make_handoff(num_layers: int, rows: int, device: torch.device = torch.device("cpu"),
-                 wait_on_device: bool = False, timeout_s: float = 5.0):
+                 wait: int = ENGINE_THREAD, timeout_s: float = 5.0):
     def staging(heads: int) -> torch.Tensor:
         return pinned_empty((2, rows, heads, HEAD_DIM), torch.float32, device).zero_()
 
     on_cuda = device.type == "cuda"
-    buffers = Buffers(staging(HEADS), staging(KV_HEADS), staging(KV_HEADS), staging(HEADS),
-                      pinned_empty((2, num_layers, 1), torch.int64, device).zero_(),
-                      torch.zeros(1, dtype=torch.int64, device=device) if on_cuda else None,
-                      Stream(device))
+    buffers = Buffers(staging(QKV_HEADS), staging(HEADS),
+                      pinned_empty((2, num_layers, 1), torch.int64, device).zero_())
     if on_cuda:
-        from apex_grpc.attention.cuda_runtime import cuda_runtime_addresses
+        from apex_grpc.attention.cuda_runtime import (cuda_runtime_addresses,
+                                                      device_address_of_host)
     handoff = _cpu_attention.LayerHandoff(
-        num_layers=num_layers, max_rows=rows, q_row_bytes=HEADS * HEAD_DIM * 4,
-        kv_row_bytes=KV_HEADS * HEAD_DIM * 4,
-        staging=[b[p].data_ptr() for p in range(2)
-                 for b in (buffers.q, buffers.k, buffers.v, buffers.out)],
+        num_layers=num_layers, max_rows=rows, qkv_row_bytes=QKV_HEADS * HEAD_DIM * 4,
+        out_row_bytes=HEADS * HEAD_DIM * 4,
+        staging=[b[p].data_ptr() for p in range(2) for b in (buffers.qkv, buffers.out)],
         flags=buffers.flags.data_ptr(),
-        seq_on_device=buffers.seq_device.data_ptr() if on_cuda else 0,
-        copy_stream=buffers.copy_stream.cuda_stream.cuda_stream if on_cuda else 0,
-        cuda=cuda_runtime_addresses() if on_cuda else [], wait_on_device=wait_on_device,
-        timeout_s=timeout_s)
+        flags_on_device=device_address_of_host(buffers.flags.data_ptr()) if on_cuda else 0,
+        cuda=cuda_runtime_addresses() if on_cuda else [], wait=wait, timeout_s=timeout_s)
     return handoff, buffers
 
 
@@ -69,19 +69,14 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def test_stage_copies_the_host_rows_then_raises_the_ready_flag(device):
     device = torch.device(device)
     handoff, buffers = make_handoff(num_layers=3, rows=2, device=device)
-    q, k, v = (strided_rows(5, h, device) for h in (HEADS, KV_HEADS, KV_HEADS))
-    if buffers.seq_device is not None:
-        buffers.seq_device.fill_(7)
+    qkv = strided_rows(5, QKV_HEADS, device)
     stream = torch.cuda.current_stream().cuda_stream if device.type == "cuda" else 0
     handoff.begin_step(7, 2, stream)
-    handoff.stage(1, q.data_ptr(), q.stride(0) * 4, k.data_ptr(), k.stride(0) * 4,
-                  v.data_ptr(), v.stride(0) * 4, 3)  # rows 3 and 4
+    handoff.stage(1, qkv.data_ptr(), qkv.stride(0) * 4, 3)  # rows 3 and 4
     assert _cpu_attention.wait_flag(buffers.flags[0, 1].data_ptr(), 7, 5.0)
     assert int(buffers.flags[0, 0]) == 0 and int(buffers.flags[0, 2]) == 0
-    torch.testing.assert_close(buffers.q[1], q[3:5].cpu(), rtol=0, atol=0)  # layer 1: odd
-    torch.testing.assert_close(buffers.k[1], k[3:5].cpu(), rtol=0, atol=0)
-    torch.testing.assert_close(buffers.v[1], v[3:5].cpu(), rtol=0, atol=0)
-    assert not bool(buffers.q[0].any()), "the even parity's staging was written"
+    torch.testing.assert_close(buffers.qkv[1], qkv[3:5].cpu(), rtol=0, atol=0)  # layer 1: odd
+    assert not bool(buffers.qkv[0].any()), "the even parity's staging was written"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -124,26 +119,38 @@ def test_bad_arguments_are_refused():
     handoff.begin_step(1, 2, 0)
     with pytest.raises(IndexError):
         handoff.fetch(2, 0, 0)
-    with pytest.raises(ValueError, match="needs CUDA"):
-        make_handoff(num_layers=1, rows=1, wait_on_device=True)
+    for wait in (HOST_FUNC, STREAM_WAIT):
+        with pytest.raises(ValueError, match="need CUDA"):
+            make_handoff(num_layers=1, rows=1, wait=wait)
+    with pytest.raises(ValueError, match="unknown layer wait"):
+        make_handoff(num_layers=1, rows=1, wait=3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_host_function_holds_the_cuda_stream_until_the_flag_is_raised():
+@pytest.mark.parametrize("wait", [HOST_FUNC, STREAM_WAIT], ids=["host-func", "stream-wait"])
+def test_the_device_side_wait_holds_the_cuda_stream_until_the_flag_is_raised(wait):
     handoff, buffers = make_handoff(num_layers=1, rows=1, device=torch.device("cuda"),
-                                    wait_on_device=True)
+                                    wait=wait)
     stream = torch.cuda.current_stream()
-    handoff.begin_step(1, 1, stream.cuda_stream)
+    handoff.begin_step(2, 1, stream.cuda_stream)
+    set_flag(buffers.flags[1, 0], 1)  # an older step's completion must not release the wait
     buffers.out[0].fill_(3.0)  # what the CPU job would have written
     dst = torch.zeros((1, HEADS, HEAD_DIM), device="cuda")
     handoff.fetch(0, dst.data_ptr(), dst.stride(0) * 4)
     marker = torch.zeros(1, device="cuda")
-    marker.fill_(1.0)  # queued behind the host function and the upload
+    marker.fill_(1.0)  # queued behind the wait and the upload
     done = torch.cuda.Event()
     done.record(stream)
     time.sleep(0.2)
-    assert not done.query(), "the stream ran past the host function before the flag was set"
-    set_flag(buffers.flags[1, 0], 1)
-    done.synchronize()
+    try:
+        assert not done.query(), "the stream ran past the wait before the flag was set"
+        set_flag(buffers.flags[1, 0], 2)
+        deadline = time.monotonic() + 10.0
+        while not done.query():  # polled: a broken wait fails the test instead of hanging it
+            assert time.monotonic() < deadline, "the flag was raised but the stream still waits"
+            time.sleep(0.001)
+    finally:
+        set_flag(buffers.flags[1, 0], 1 << 40)  # never leave a stream waiting behind
+        torch.cuda.synchronize()
     assert marker.item() == 1.0
     assert bool((dst == 3.0).all())

@@ -12,6 +12,7 @@ contiguous; slot = block_id * block_size + offset (apex_grpc/attention/base.py).
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import math
 import os
 import threading
@@ -25,6 +26,7 @@ from apex_grpc import _cpu_attention as _native
 
 __all__ = [
     "CpuAttentionPool",
+    "DecodeLayers",
     "DecodeSizes",
     "JobHandle",
     "LayerStaging",
@@ -52,7 +54,7 @@ class JobHandle:
 
 @dataclass(frozen=True, slots=True)
 class LayerStaging:
-    """The per-step buffers of the layers of one parity (layer % 2) in submit_decode_layers:
+    """The per-step buffers of the layers of one parity (layer % 2) in prepare_decode_layers:
     q, out [num_seqs, num_heads, head_dim], new_k/new_v [num_seqs, num_kv_heads, head_dim]
     (q/new_k/new_v may be views into one q|k|v buffer), lse [num_seqs, num_heads] float32."""
 
@@ -139,56 +141,40 @@ class CpuAttentionPool:
         )
         keepalive = tuple(t for t in (*tensors, *appends, *flags) if t is not None)
         handle = JobHandle(native_job, out, lse, keepalive)
-        with self._lock:
-            while self._in_flight and self._in_flight[0].done:
-                self._in_flight.popleft()
-            self._in_flight.append(handle)
+        self._track([handle])
         return handle
 
-    def submit_decode_layers(
-        self,
-        staging: tuple[LayerStaging, LayerStaging],  # layer l uses staging[l % 2]
-        kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim]
-        block_tables: torch.Tensor,
-        seq_lens: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        flags: torch.Tensor,  # [2, num_layers, 1] int64: ready flags, then done flags
-        value: int,
-        *,
-        scale: float | None = None,
-    ) -> list[JobHandle]:
-        """One step of the hybrid runtime in one call: for every layer a decode job (with the
-        append of new_k/new_v) that starts once flags[0, l] >= value and sets flags[1, l] to
-        value when done. The problem is validated once (the layers share their metadata), so
-        a step costs one native call instead of one per layer."""
-        if self._closed:
-            raise RuntimeError("the CPU attention pool is closed")
-        _require_tensor("kv_cache", kv_cache, ndim=6)
-        num_layers = kv_cache.shape[0]
-        _require_tensor("flags", flags, ndim=3, dtype=torch.int64)
-        _require_shape("flags", flags, (2, num_layers, 1))
-        sizes = None
-        for parity, buffers in enumerate(staging):
-            sizes = check_decode(buffers.q, kv_cache[0, 0], kv_cache[0, 1], block_tables,
-                                 seq_lens, buffers.out, buffers.lse, buffers.new_k,
-                                 buffers.new_v, slot_mapping, check_values=parity == 0)
-        scale = _resolve_scale(scale, sizes.head_dim)
-        element = kv_cache.element_size()
-        natives = self._native.submit_decode_layers(
-            num_layers,
-            [tensor.data_ptr() for buffers in staging
-             for tensor in (buffers.q, buffers.new_k, buffers.new_v, buffers.out, buffers.lse)],
-            kv_cache.data_ptr(), kv_cache.stride(0) * element, kv_cache.stride(1) * element,
-            block_tables.data_ptr(), seq_lens.data_ptr(), slot_mapping.data_ptr(),
-            sizes.as_list(), DTYPE_CODES[kv_cache.dtype], scale, flags.data_ptr(), int(value))
-        keepalive = (kv_cache, block_tables, seq_lens, slot_mapping, flags, *staging)
-        handles = [JobHandle(native, staging[layer % 2].out, staging[layer % 2].lse, keepalive)
-                   for layer, native in enumerate(natives)]
+    def _track(self, handles: list[JobHandle]) -> None:
+        """Keep submitted jobs' tensors alive until they are done, even if the caller drops
+        the handles."""
         with self._lock:
             while self._in_flight and self._in_flight[0].done:
                 self._in_flight.popleft()
             self._in_flight.extend(handles)
-        return handles
+
+    def prepare_decode_layers(
+        self,
+        staging: tuple[LayerStaging, LayerStaging],  # layer l uses staging[l % 2]
+        kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim]
+        flags: torch.Tensor,  # [2, num_layers, 1] int64: ready flags, then done flags
+        *,
+        scale: float | None = None,
+    ) -> DecodeLayers:
+        """The hybrid runtime's step submission with what stays the same from step to step
+        (staging buffers, KV cache, flags) validated here, once; see DecodeLayers.submit."""
+        _require_tensor("kv_cache", kv_cache, ndim=6)
+        num_layers = kv_cache.shape[0]
+        _require_tensor("flags", flags, ndim=3, dtype=torch.int64)
+        _require_shape("flags", flags, (2, num_layers, 1))
+        sizes = [check_decode_buffers(buffers.q, kv_cache[0, 0], kv_cache[0, 1], buffers.out,
+                                      buffers.lse, buffers.new_k, buffers.new_v)
+                 for buffers in staging]
+        if sizes[0] != sizes[1]:
+            raise ValueError(f"the two staging parities differ: {sizes[0]} vs {sizes[1]}")
+        if staging[0].new_k is None:
+            raise ValueError("the staging needs new_k/new_v: every layer appends its new token")
+        return DecodeLayers(self, staging, kv_cache, flags, sizes[0],
+                            _resolve_scale(scale, sizes[0].head_dim))
 
     def wait(self, handle: JobHandle) -> tuple[torch.Tensor, torch.Tensor]:
         """Block (GIL released) until the job is done; a worker error raises RuntimeError."""
@@ -298,6 +284,53 @@ def paged_decode_attention(
     pool = pool if pool is not None else _get_default_pool()
     return pool.decode(q, k_cache, v_cache, block_tables, seq_lens, scale=scale)
 
+
+
+class DecodeLayers:
+    """One hybrid step's decode jobs, a job per layer, submitted in one native call: made by
+    CpuAttentionPool.prepare_decode_layers, which validated everything but the step's
+    metadata."""
+
+    def __init__(self, pool: CpuAttentionPool, staging: tuple[LayerStaging, LayerStaging],
+                 kv_cache: torch.Tensor, flags: torch.Tensor, sizes: DecodeSizes,
+                 scale: float) -> None:
+        self._pool = pool
+        self._staging = staging
+        self._kv_cache = kv_cache
+        self._flags = flags
+        self._sizes = sizes
+        self._scale = scale
+        element = kv_cache.element_size()
+        self._addresses = [tensor.data_ptr() for buffers in staging
+                           for tensor in (buffers.q, buffers.new_k, buffers.new_v, buffers.out,
+                                          buffers.lse)]
+        self._layer_bytes = kv_cache.stride(0) * element
+        self._v_offset_bytes = kv_cache.stride(1) * element
+
+    def submit(self, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+               slot_mapping: torch.Tensor, value: int) -> list[JobHandle]:
+        """For every layer l a decode job (appending new_k/new_v first) that starts once
+        flags[0, l] >= value and sets flags[1, l] to value when done. Only the metadata's
+        structure is checked here; the native side refuses bad lengths before queueing any
+        job (ValueError) and bad block ids or slots when a job runs (RuntimeError at wait),
+        so bad metadata never reads outside the cache."""
+        pool = self._pool
+        if pool._closed:
+            raise RuntimeError("the CPU attention pool is closed")
+        sizes = check_decode_metadata(self._sizes, block_tables, seq_lens, slot_mapping,
+                                      check_values=False)
+        natives = pool._native.submit_decode_layers(
+            self._kv_cache.shape[0], self._addresses, self._kv_cache.data_ptr(),
+            self._layer_bytes, self._v_offset_bytes, block_tables.data_ptr(),
+            seq_lens.data_ptr(), slot_mapping.data_ptr(), sizes.as_list(),
+            DTYPE_CODES[self._kv_cache.dtype], self._scale, self._flags.data_ptr(), int(value))
+        keepalive = (self._kv_cache, block_tables, seq_lens, slot_mapping, self._flags,
+                     *self._staging)
+        staging = self._staging
+        handles = [JobHandle(native, staging[layer % 2].out, staging[layer % 2].lse, keepalive)
+                   for layer, native in enumerate(natives)]
+        pool._track(handles)
+        return handles
 
 
 # ---- validation at the boundary --------------------------------------------------------------
@@ -433,6 +466,24 @@ def check_decode(
     check_values: bool = True,
 ) -> DecodeSizes:
     """Raise TypeError/ValueError naming the first problem; return the problem's sizes."""
+    if (new_k is None) != (slot_mapping is None):
+        raise ValueError("new_k, new_v and slot_mapping must be given together")
+    sizes = check_decode_buffers(q, k_cache, v_cache, out, lse, new_k, new_v)
+    return check_decode_metadata(sizes, block_tables, seq_lens, slot_mapping,
+                                 check_values=check_values)
+
+
+def check_decode_buffers(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    new_k: torch.Tensor | None,
+    new_v: torch.Tensor | None,
+) -> DecodeSizes:
+    """The part of check_decode that does not depend on the step's metadata; the sizes it
+    returns have max_blocks_per_seq 0 until check_decode_metadata fills it in."""
     dtype = _check_kv_cache(k_cache, v_cache)
     num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
     q_row_stride = _require_rows("q", q, dtype)
@@ -441,20 +492,14 @@ def check_decode(
         raise ValueError(f"q has head_dim {q_head_dim} but the KV cache has {head_dim}")
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
-    _require_tensor("block_tables", block_tables, ndim=2, dtype=torch.int32)
-    if block_tables.shape[0] != num_seqs:
-        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
-    _require_tensor("seq_lens", seq_lens, ndim=1, dtype=torch.int32)
-    _require_shape("seq_lens", seq_lens, (num_seqs,))
     _require_tensor("out", out, ndim=3, dtype=dtype)
     _require_shape("out", out, tuple(q.shape))
     _require_tensor("lse", lse, ndim=2, dtype=torch.float32)
     _require_shape("lse", lse, (num_seqs, num_heads))
-    appends = (new_k, new_v, slot_mapping)
-    if any(t is not None for t in appends) and any(t is None for t in appends):
+    if (new_k is None) != (new_v is None):
         raise ValueError("new_k, new_v and slot_mapping must be given together")
     new_kv_row_stride = num_kv_heads * head_dim
-    if slot_mapping is not None:
+    if new_k is not None:
         strides = []
         for name, rows in (("new_k", new_k), ("new_v", new_v)):
             strides.append(_require_rows(name, rows, dtype))
@@ -462,15 +507,33 @@ def check_decode(
         if strides[0] != strides[1]:
             raise ValueError(f"new_k and new_v must have the same row stride, got {strides}")
         new_kv_row_stride = strides[0]
+    return DecodeSizes(num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks, 0,
+                       q_row_stride, new_kv_row_stride)
+
+
+def check_decode_metadata(
+    sizes: DecodeSizes,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    slot_mapping: torch.Tensor | None,
+    *,
+    check_values: bool = True,
+) -> DecodeSizes:
+    """The step's block tables, lengths and (with an append) slots against checked buffers."""
+    num_seqs = sizes.num_seqs
+    _require_tensor("block_tables", block_tables, ndim=2, dtype=torch.int32)
+    if block_tables.shape[0] != num_seqs:
+        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {num_seqs} sequences")
+    _require_tensor("seq_lens", seq_lens, ndim=1, dtype=torch.int32)
+    _require_shape("seq_lens", seq_lens, (num_seqs,))
+    if slot_mapping is not None:
         _require_tensor("slot_mapping", slot_mapping, ndim=1, dtype=torch.int64)
         _require_shape("slot_mapping", slot_mapping, (num_seqs,))
     if check_values:
-        _check_lengths_and_tables(block_tables, seq_lens, block_size, num_blocks)
+        _check_lengths_and_tables(block_tables, seq_lens, sizes.block_size, sizes.num_blocks)
         if slot_mapping is not None:
-            _check_slots(slot_mapping, num_blocks * block_size)
-    max_blocks = block_tables.shape[1]
-    return DecodeSizes(num_seqs, num_heads, num_kv_heads, head_dim, block_size, num_blocks,
-                       max_blocks, q_row_stride, new_kv_row_stride)
+            _check_slots(slot_mapping, sizes.num_blocks * sizes.block_size)
+    return dataclasses.replace(sizes, max_blocks_per_seq=block_tables.shape[1])
 
 
 def check_append(

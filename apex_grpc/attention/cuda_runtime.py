@@ -7,10 +7,10 @@ from __future__ import annotations
 import ctypes
 import functools
 
-# The order LayerHandoff expects: (library, symbol). The stream memory operations are the
-# driver API's v2 entry points (available by default since CUDA 11.7).
-ENTRY_POINTS = (("cudart", "cudaMemcpy2DAsync"), ("cudart", "cudaLaunchHostFunc"),
-                ("cuda", "cuStreamWriteValue64_v2"), ("cuda", "cuStreamWaitValue64_v2"))
+# The order LayerHandoff expects: (library, symbol). The stream wait is the driver API's v2
+# entry point, resolved only when that wait is used.
+ENTRY_POINTS = (("cudart", "cudaMemcpyAsync"), ("cudart", "cudaMemcpy2DAsync"),
+                ("cudart", "cudaLaunchHostFunc"), ("cuda", "cuStreamWaitValue64_v2"))
 
 # CUdevice_attribute: 64-bit values in cuStreamWriteValue64/cuStreamWaitValue64.
 _CAN_USE_64_BIT_STREAM_MEM_OPS = 122
@@ -28,9 +28,10 @@ def _library(name: str) -> ctypes.CDLL:
     return ctypes.CDLL(paths[0])
 
 
-def cuda_runtime_addresses() -> list[int]:
-    """Addresses of ENTRY_POINTS, in order."""
+def cuda_runtime_addresses(stream_wait: bool = False) -> list[int]:
+    """Addresses of ENTRY_POINTS, in order; the driver's stream wait is 0 unless asked for."""
     return [ctypes.cast(getattr(_library(library), symbol), ctypes.c_void_p).value
+            if library == "cudart" or stream_wait else 0
             for library, symbol in ENTRY_POINTS]
 
 
@@ -41,7 +42,7 @@ def _check(status: int, what: str) -> None:
 
 def device_address_of_host(pointer: int) -> int:
     """The device address of pinned host memory (the same value under unified addressing),
-    for stream memory operations on it."""
+    for a stream memory wait on it."""
     address = ctypes.c_void_p()
     _check(_library("cudart").cudaHostGetDevicePointer(ctypes.byref(address),
                                                        ctypes.c_void_p(pointer), 0),
@@ -49,15 +50,18 @@ def device_address_of_host(pointer: int) -> int:
     return address.value
 
 
-def check_stream_memory_ops(device_index: int) -> None:
-    """Raise unless the device takes 64-bit stream memory writes and waits (the hand-off's
-    ready flags always use them)."""
+def stream_memory_ops_supported(device_index: int) -> bool:
+    """Whether the device takes 64-bit stream memory waits (the stream-wait layer wait)."""
     driver = _library("cuda")
     device = ctypes.c_int()
     _check(driver.cuDeviceGet(ctypes.byref(device), device_index), "cuDeviceGet")
     supported = ctypes.c_int()
     _check(driver.cuDeviceGetAttribute(ctypes.byref(supported), _CAN_USE_64_BIT_STREAM_MEM_OPS,
                                        device), "cuDeviceGetAttribute")
-    if not supported.value:
+    return bool(supported.value)
+
+
+def check_stream_memory_ops(device_index: int) -> None:
+    if not stream_memory_ops_supported(device_index):
         raise RuntimeError(f"CUDA device {device_index} does not support 64-bit stream memory "
-                           "operations, which the hybrid runtime's hand-off needs")
+                           "operations: use --cuda-layer-wait host-func or engine-thread")

@@ -4,13 +4,13 @@ native CPU pool, overlapped, with no per-layer Python hand-off to the pool.
 A step begins with begin_step(meta): one flag-gated CPU job per layer is queued at once (each
 appends its layer's new k/v to the host cache and attends over it). Per layer, one native call
 (stage_host) copies the host rows' q/k/v into preallocated pinned staging buffers and raises the
-layer's ready flag behind them: on CUDA the copies and a stream memory write of the flag are
-enqueued on the compute stream, so the pool's watcher sees the data land with no Python in
-between. A second native call (wait_host) brings the layer's output back just before the O
-projection. On CUDA the wait is chosen by `layer_wait` (--cuda-layer-wait): "stream-wait" (the
-compute stream itself waits on the pinned done flag), "host-func" (a CUDA host function holds
-the stream) or "engine-thread" (the engine thread waits natively, GIL released); the first two
-let the engine thread enqueue the whole step without waiting. The hand-off itself is
+layer's ready flag behind them: on CUDA the copy and the flag's (a copy of the step's
+sequence number from device memory) are enqueued on the compute stream, so the pool's watcher
+sees the data land with no Python in between. A second native call (wait_host) brings the layer's output back just before the O
+projection. On CUDA the wait is chosen by `layer_wait` (--cuda-layer-wait, config.py):
+"host-func" (a CUDA host function holds the stream), "stream-wait" (the compute stream itself
+waits on the pinned done flag) or "engine-thread" (the engine thread waits natively, GIL
+released); the first two let the engine thread enqueue the whole step without waiting. The hand-off itself is
 kernels/cpu_attention/handoff.cpp. end_step() collects the jobs and surfaces any worker error.
 ASYNC_OVERLAP calls these from forward(); the NEO pipeline (runner/model_runner.py) drives
 stage/wait with a skewed layer schedule.
@@ -27,8 +27,8 @@ import torch
 
 from apex_grpc import _cpu_attention
 from apex_grpc.attention.base import AttentionBackend, AttentionMetadata, PagedSeqBatch
-from apex_grpc.attention.cpu_kernel import (CpuAttentionPool, JobHandle, LayerStaging,
-                                            set_flag)
+from apex_grpc.attention.cpu_kernel import (CpuAttentionPool, DecodeLayers, JobHandle,
+                                            LayerStaging, set_flag)
 from apex_grpc.attention.cuda_runtime import (check_stream_memory_ops, cuda_runtime_addresses,
                                               device_address_of_host)
 from apex_grpc.config import CUDA_LAYER_WAITS
@@ -70,9 +70,14 @@ class HybridAttention:
         self._on_cuda = device.type == "cuda"
         if layer_wait not in _LAYER_WAIT_CODES:
             raise ValueError(f"layer_wait must be one of {CUDA_LAYER_WAITS}, got {layer_wait!r}")
-        if self._on_cuda:
+        stream_wait = self._on_cuda and layer_wait == "stream-wait"
+        if stream_wait:
             check_stream_memory_ops(device.index if device.index is not None
                                     else torch.cuda.current_device())
+        # This step's sequence number on the device: copied into each ready flag behind the
+        # layer's rows.
+        self._seq_device = torch.zeros(1, dtype=torch.int64, device=device) \
+            if self._on_cuda else None
         staging = [buffer[parity].data_ptr() for parity in range(2)
                    for buffer in (self._qkv, self._out)]
         element = self._qkv.element_size()
@@ -84,9 +89,10 @@ class HybridAttention:
             qkv_row_bytes=self._qkv[0, 0].numel() * element,
             out_row_bytes=num_heads * head_dim * element, staging=staging,
             flags=self._flags.data_ptr(),
-            flags_on_device=device_address_of_host(self._flags.data_ptr())
-            if self._on_cuda else 0,
-            cuda=cuda_runtime_addresses() if self._on_cuda else [],
+            seq_on_device=self._seq_device.data_ptr() if self._on_cuda else 0,
+            done_flags_on_device=device_address_of_host(self._flags.data_ptr())
+            + self._flags[1].data_ptr() - self._flags.data_ptr() if stream_wait else 0,
+            cuda=cuda_runtime_addresses(stream_wait) if self._on_cuda else [],
             # Without CUDA there is no stream to hold: the engine thread waits.
             wait=_LAYER_WAIT_CODES[layer_wait] if self._on_cuda else 0,
             timeout_s=_HOST_JOB_TIMEOUT_S)
@@ -96,8 +102,8 @@ class HybridAttention:
         # This step's GPU-only view of the metadata.
         self._gpu_meta: tuple[AttentionMetadata, AttentionMetadata] | None = None
         self._num_staged = 0
-        # Per host row count: the staging views of both parities, sliced once.
-        self._staging_views: dict[int, tuple[LayerStaging, LayerStaging]] = {}
+        # Per host row count: the step submission over staging views sliced to it, built once.
+        self._submissions: dict[int, DecodeLayers] = {}
 
     @property
     def max_host_rows(self) -> int:
@@ -115,18 +121,21 @@ class HybridAttention:
                              f"{self.max_host_rows} (max_num_seqs)")
         self._step_seq += 1
         seq, n = self._step_seq, host.num_tokens
-        stream = torch.cuda.current_stream().cuda_stream if self._on_cuda else 0
+        stream = 0
+        if self._on_cuda:
+            self._seq_device.fill_(seq)  # queued before any layer's staging
+            stream = torch.cuda.current_stream().cuda_stream
         self._handoff.begin_step(seq, n, stream)
-        staging = self._staging_views.get(n)
-        if staging is None:
+        submission = self._submissions.get(n)
+        if submission is None:
             heads = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
-            staging = self._staging_views[n] = tuple(
-                LayerStaging(*self._qkv[p, :n].split(heads, dim=1), self._out[p, :n],
-                             self._lse[p, :n]) for p in range(2))
+            staging = tuple(LayerStaging(*self._qkv[p, :n].split(heads, dim=1), self._out[p, :n],
+                                         self._lse[p, :n]) for p in range(2))
+            submission = self._submissions[n] = self.pool.prepare_decode_layers(
+                staging, self.host_kv, self._flags, scale=self.scale)
         self._num_staged = 0
-        self._jobs = self.pool.submit_decode_layers(
-            staging, self.host_kv, host.block_tables, host.seq_lens_tensor, host.slot_mapping,
-            self._flags, seq, scale=self.scale)
+        self._jobs = submission.submit(host.block_tables, host.seq_lens_tensor,
+                                       host.slot_mapping, seq)
 
     def end_step(self) -> None:
         """Collect this step's jobs. After a failure mid-forward, release the jobs that never

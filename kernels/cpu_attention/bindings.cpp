@@ -59,6 +59,51 @@ class PoolBinding {
                                      int dtype_code, float scale, uintptr_t ready_flag,
                                      int64_t ready_value, uintptr_t done_flag,
                                      int64_t done_value) {
+    auto job = make_decode_job(q, k_cache, v_cache, block_tables, seq_lens, out, lse, new_k,
+                               new_v, slot_mapping, sizes, dtype_code, scale, ready_flag,
+                               ready_value, done_flag, done_value);
+    pool_.submit(job);
+    return job;
+  }
+
+  // One step's jobs for every layer at once (the hybrid runtime's begin_step): layer l reads
+  // the staging of parity l % 2 (q, new_k, new_v, out, lse: 2 addresses each) and the KV
+  // cache at kv_cache + l * layer_bytes (v at + v_offset_bytes), waits for flags[l] >= value
+  // and raises flags[num_layers + l] to value. The caller validated layer 0's problem. Every
+  // job is built (and checked) before any is queued, so a refused step queues nothing.
+  std::vector<std::shared_ptr<Job>> submit_decode_layers(
+      int num_layers, const std::vector<uintptr_t>& staging, uintptr_t kv_cache,
+      size_t layer_bytes, size_t v_offset_bytes, uintptr_t block_tables, uintptr_t seq_lens,
+      uintptr_t slot_mapping, const std::vector<int64_t>& sizes, int dtype_code, float scale,
+      uintptr_t flags, int64_t value) {
+    if (staging.size() != 10) throw std::invalid_argument("staging must hold 10 addresses");
+    std::vector<std::shared_ptr<Job>> jobs;
+    jobs.reserve(num_layers);
+    int64_t* flag = pointer<int64_t>(flags);
+    for (int layer = 0; layer < num_layers; ++layer) {
+      const uintptr_t* parity = staging.data() + (layer % 2) * 5;
+      const uintptr_t k_cache = kv_cache + layer * layer_bytes;
+      jobs.push_back(make_decode_job(parity[0], k_cache, k_cache + v_offset_bytes,
+                                     block_tables, seq_lens, parity[3], parity[4], parity[1],
+                                     parity[2], slot_mapping, sizes, dtype_code, scale,
+                                     reinterpret_cast<uintptr_t>(flag + layer), value,
+                                     reinterpret_cast<uintptr_t>(flag + num_layers + layer),
+                                     value));
+    }
+    pool_.submit_all(jobs);
+    return jobs;
+  }
+
+  void close() { pool_.close(); }
+
+ private:
+  std::shared_ptr<Job> make_decode_job(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache,
+                                       uintptr_t block_tables, uintptr_t seq_lens,
+                                       uintptr_t out, uintptr_t lse, uintptr_t new_k,
+                                       uintptr_t new_v, uintptr_t slot_mapping,
+                                       const std::vector<int64_t>& sizes, int dtype_code,
+                                       float scale, uintptr_t ready_flag, int64_t ready_value,
+                                       uintptr_t done_flag, int64_t done_value) {
     if (sizes.size() != 9) throw std::invalid_argument("sizes must hold 9 integers");
     DecodeProblem problem;
     problem.q = pointer<const void>(q);
@@ -84,51 +129,22 @@ class PoolBinding {
     problem.scale = scale;
     FlagGate gate{pointer<const int64_t>(ready_flag), ready_value, pointer<int64_t>(done_flag),
                   done_value};
-    auto job = std::make_shared<DecodeJob>(problem, ops_[dtype_code], pool_.num_threads(), gate);
-    pool_.submit(job);
-    return job;
+    return std::make_shared<DecodeJob>(problem, ops_[dtype_code], pool_.num_threads(), gate);
   }
 
-  // One step's jobs for every layer at once (the hybrid runtime's begin_step): layer l reads
-  // the staging of parity l % 2 (q, new_k, new_v, out, lse: 2 addresses each) and the KV
-  // cache at kv_cache + l * layer_bytes (v at + v_offset_bytes), waits for flags[l] >= value
-  // and raises flags[num_layers + l] to value. The caller validated layer 0's problem.
-  std::vector<std::shared_ptr<Job>> submit_decode_layers(
-      int num_layers, const std::vector<uintptr_t>& staging, uintptr_t kv_cache,
-      size_t layer_bytes, size_t v_offset_bytes, uintptr_t block_tables, uintptr_t seq_lens,
-      uintptr_t slot_mapping, const std::vector<int64_t>& sizes, int dtype_code, float scale,
-      uintptr_t flags, int64_t value) {
-    if (staging.size() != 10) throw std::invalid_argument("staging must hold 10 addresses");
-    std::vector<std::shared_ptr<Job>> jobs;
-    jobs.reserve(num_layers);
-    int64_t* flag = pointer<int64_t>(flags);
-    for (int layer = 0; layer < num_layers; ++layer) {
-      const uintptr_t* parity = staging.data() + (layer % 2) * 5;
-      const uintptr_t k_cache = kv_cache + layer * layer_bytes;
-      jobs.push_back(submit_decode(parity[0], k_cache, k_cache + v_offset_bytes, block_tables,
-                                   seq_lens, parity[3], parity[4], parity[1], parity[2],
-                                   slot_mapping, sizes, dtype_code, scale,
-                                   reinterpret_cast<uintptr_t>(flag + layer), value,
-                                   reinterpret_cast<uintptr_t>(flag + num_layers + layer),
-                                   value));
-    }
-    return jobs;
-  }
-
-  void close() { pool_.close(); }
-
- private:
   ThreadPool pool_;
   const KernelOps* ops_[3];
 };
 
-// cuda: the addresses of cudaMemcpy2DAsync, cudaLaunchHostFunc, cuStreamWriteValue64 and
-// cuStreamWaitValue64, in that order (empty without CUDA); wait: a LayerWait code. staging:
+// cuda: the addresses of cudaMemcpyAsync, cudaMemcpy2DAsync, cudaLaunchHostFunc and
+// cuStreamWaitValue64 (0 unless the stream wait is used), in that order (empty without CUDA);
+// wait: a LayerWait code. staging:
 // qkv and out of the even parity, then of the odd one.
 std::unique_ptr<LayerHandoff> make_handoff(int num_layers, int max_rows, size_t qkv_row_bytes,
                                            size_t out_row_bytes,
                                            const std::vector<uintptr_t>& staging,
-                                           uintptr_t flags, uint64_t flags_on_device,
+                                           uintptr_t flags, uintptr_t seq_on_device,
+                                           uint64_t done_flags_on_device,
                                            const std::vector<uintptr_t>& cuda, int wait,
                                            double timeout_s) {
   if (staging.size() != 4) throw std::invalid_argument("staging must hold 4 addresses");
@@ -138,17 +154,19 @@ std::unique_ptr<LayerHandoff> make_handoff(int num_layers, int max_rows, size_t 
     throw std::invalid_argument("unknown layer wait " + std::to_string(wait));
   CudaRuntime runtime;
   if (!cuda.empty()) {
-    runtime.memcpy2d_async = reinterpret_cast<CudaRuntime::Memcpy2DAsync>(cuda[0]);
-    runtime.launch_host_func = reinterpret_cast<CudaRuntime::LaunchHostFunc>(cuda[1]);
-    runtime.stream_write_value64 = reinterpret_cast<CudaRuntime::StreamValue64>(cuda[2]);
-    runtime.stream_wait_value64 = reinterpret_cast<CudaRuntime::StreamValue64>(cuda[3]);
+    runtime.memcpy_async = reinterpret_cast<CudaRuntime::MemcpyAsync>(cuda[0]);
+    runtime.memcpy2d_async = reinterpret_cast<CudaRuntime::Memcpy2DAsync>(cuda[1]);
+    runtime.launch_host_func = reinterpret_cast<CudaRuntime::LaunchHostFunc>(cuda[2]);
+    runtime.stream_wait_value64 = reinterpret_cast<CudaRuntime::StreamWaitValue64>(cuda[3]);
   }
   auto buffers = [&](int first) {
     return StagingBuffers{pointer<void>(staging[first]), pointer<void>(staging[first + 1])};
   };
   return std::make_unique<LayerHandoff>(num_layers, max_rows, qkv_row_bytes, out_row_bytes,
                                         buffers(0), buffers(2), pointer<int64_t>(flags),
-                                        flags_on_device, runtime, LayerWait(wait), timeout_s);
+                                        pointer<const int64_t>(seq_on_device),
+                                        done_flags_on_device, runtime, LayerWait(wait),
+                                        timeout_s);
 }
 
 }  // namespace
@@ -176,7 +194,8 @@ PYBIND11_MODULE(_cpu_attention, module) {
   py::class_<apex::LayerHandoff>(module, "LayerHandoff")
       .def(py::init(&apex::make_handoff), py::arg("num_layers"), py::arg("max_rows"),
            py::arg("qkv_row_bytes"), py::arg("out_row_bytes"), py::arg("staging"),
-           py::arg("flags"), py::arg("flags_on_device"), py::arg("cuda"), py::arg("wait"),
+           py::arg("flags"), py::arg("seq_on_device"), py::arg("done_flags_on_device"),
+           py::arg("cuda"), py::arg("wait"),
            py::arg("timeout_s"))
       .def("begin_step",
            [](apex::LayerHandoff& self, int64_t seq, int num_rows, uintptr_t stream) {

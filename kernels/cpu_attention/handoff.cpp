@@ -13,9 +13,7 @@ namespace {
 // cudaMemcpyKind values of the CUDA runtime API.
 constexpr int kHostToDevice = 1;
 constexpr int kDeviceToHost = 2;
-// CU_STREAM_WRITE_VALUE_DEFAULT (the write is preceded by a memory fence) and
-// CU_STREAM_WAIT_VALUE_GEQ (wait until (int64_t)(*flag - value) >= 0) of the driver API.
-constexpr unsigned int kWriteValueDefault = 0x0;
+// CU_STREAM_WAIT_VALUE_GEQ of the driver API: wait until (int64_t)(*flag - value) >= 0.
 constexpr unsigned int kWaitValueGeq = 0x0;
 
 uint64_t flag_offset(int layer) { return uint64_t(layer) * sizeof(int64_t); }
@@ -40,7 +38,8 @@ void host_func_wait(void* data) {
 
 LayerHandoff::LayerHandoff(int num_layers, int max_rows, size_t qkv_row_bytes,
                            size_t out_row_bytes, StagingBuffers even, StagingBuffers odd,
-                           int64_t* flags, uint64_t flags_on_device, const CudaRuntime& cuda,
+                           int64_t* flags, const int64_t* seq_on_device,
+                           uint64_t done_flags_on_device, const CudaRuntime& cuda,
                            LayerWait wait, double timeout_s)
     : num_layers_(num_layers),
       max_rows_(max_rows),
@@ -49,8 +48,8 @@ LayerHandoff::LayerHandoff(int num_layers, int max_rows, size_t qkv_row_bytes,
       staging_{even, odd},
       ready_flags_(flags),
       done_flags_(flags + num_layers),
-      ready_flags_on_device_(flags_on_device),
-      done_flags_on_device_(flags_on_device + uint64_t(num_layers) * sizeof(int64_t)),
+      seq_on_device_(seq_on_device),
+      done_flags_on_device_(done_flags_on_device),
       cuda_(cuda),
       on_cuda_(cuda.memcpy2d_async != nullptr),
       wait_(wait),
@@ -58,9 +57,13 @@ LayerHandoff::LayerHandoff(int num_layers, int max_rows, size_t qkv_row_bytes,
       wait_records_(size_t(2) * num_layers * 2, 0) {
   if (num_layers < 1 || max_rows < 1) throw std::invalid_argument("empty hand-off");
   if (on_cuda_) {
-    if (cuda_.launch_host_func == nullptr || cuda_.stream_write_value64 == nullptr ||
-        cuda_.stream_wait_value64 == nullptr || flags_on_device == 0)
-      throw std::invalid_argument("a CUDA hand-off needs every CUDA entry point and the "
+    if (cuda_.memcpy_async == nullptr || cuda_.launch_host_func == nullptr ||
+        seq_on_device_ == nullptr)
+      throw std::invalid_argument("a CUDA hand-off needs the CUDA runtime's entry points and "
+                                  "the device sequence number");
+    if (wait_ == LayerWait::kStreamWait &&
+        (cuda_.stream_wait_value64 == nullptr || done_flags_on_device_ == 0))
+      throw std::invalid_argument("the stream wait needs cuStreamWaitValue64 and the done "
                                   "flags' device address");
   } else if (wait_ != LayerWait::kEngineThread) {
     throw std::invalid_argument("the host-function and stream waits need CUDA");
@@ -98,10 +101,9 @@ void LayerHandoff::stage(int layer, const char* qkv, size_t qkv_stride, int row_
   }
   check(cuda_.memcpy2d_async(to, qkv_row_bytes_, qkv, qkv_stride, qkv_row_bytes_, num_rows_,
                              kDeviceToHost, compute_stream_), "cudaMemcpy2DAsync(qkv)");
-  // In stream order and behind a system-wide fence, so the flag lands only after the data.
-  check(cuda_.stream_write_value64(compute_stream_, ready_flags_on_device_ + flag_offset(layer),
-                                   uint64_t(seq_), kWriteValueDefault),
-        "cuStreamWriteValue64(ready flag)");
+  // In stream order, so the flag lands only after the data.
+  check(cuda_.memcpy_async(ready_flags_ + layer, seq_on_device_, sizeof(int64_t), kDeviceToHost,
+                           compute_stream_), "cudaMemcpyAsync(ready flag)");
 }
 
 void LayerHandoff::fetch(int layer, char* dst, size_t dst_stride) {

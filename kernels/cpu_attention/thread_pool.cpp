@@ -150,22 +150,28 @@ ThreadPool::ThreadPool(int num_threads, std::vector<int> pin_cores)
 
 ThreadPool::~ThreadPool() { close(); }
 
-void ThreadPool::submit(std::shared_ptr<Job> job) {
-  const bool ready = job->is_ready();
-  const int num_workers = job->num_workers_;
+void ThreadPool::submit_all(std::vector<std::shared_ptr<Job>> jobs) {
+  int ready_workers = 0;
+  bool any_gated = false;
+  for (const auto& job : jobs) {
+    if (job->is_ready()) {
+      ready_workers += job->num_workers_;
+    } else {
+      any_gated = true;
+    }
+  }
   bool need_watcher;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (stopping_.load()) throw std::runtime_error("the CPU attention pool is closed");
-    queue_.push_back(std::move(job));
+    for (auto& job : jobs) queue_.push_back(std::move(job));
     queue_version_.fetch_add(1, std::memory_order_release);
     need_watcher = !watcher_active_;
   }
-  if (ready) {
-    wake_workers(num_workers);
-  } else if (need_watcher) {
-    work_cv_.notify_one();
-  }
+  if (ready_workers > 0) wake_workers(ready_workers);
+  // An idle worker becomes the watcher of the gated jobs (one that is already watching sees
+  // the version change and re-scans).
+  if (any_gated && need_watcher) work_cv_.notify_one();
 }
 
 void ThreadPool::wake_workers(int count) {

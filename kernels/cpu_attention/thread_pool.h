@@ -89,7 +89,9 @@ class ThreadPool {
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   int num_threads() const { return int(workers_.size()); }
-  void submit(std::shared_ptr<Job> job);
+  void submit(std::shared_ptr<Job> job) { submit_all({std::move(job)}); }
+  // Queues every job under one lock with one round of wake-ups (a step's jobs at once).
+  void submit_all(std::vector<std::shared_ptr<Job>> jobs);
   // Stops the workers; jobs not yet started finish with an error (and set their done flags).
   void close();
 

@@ -1,8 +1,8 @@
 """The native per-layer hand-off of the hybrid runtime (kernels/cpu_attention/handoff.cpp):
 staging copies row-strided q/k/v and raises the ready flag behind them; fetch waits for the
 done flag and copies the output rows out. On a CPU the copies are memcpy; on CUDA they go
-through the CUDA runtime torch loaded, the ready flag is a stream memory write, and the
-stream-wait and host-function waits hold the compute stream."""
+through the CUDA runtime torch loaded, and the host-function and stream waits hold the
+compute stream."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ class Buffers:
     qkv: torch.Tensor  # [parity, rows, q|k|v heads, head_dim], like HybridAttention's staging
     out: torch.Tensor  # [parity, rows, heads, head_dim]
     flags: torch.Tensor  # [ready | done, layers, 1]
+    seq_device: torch.Tensor | None  # the step's sequence number, on CUDA
 
 
 # The native LayerWait codes.
@@ -41,17 +42,25 @@ def make_handoff(num_layers: int, rows: int, device: torch.device = torch.device
 
     on_cuda = device.type == "cuda"
     buffers = Buffers(staging(QKV_HEADS), staging(HEADS),
-                      pinned_empty((2, num_layers, 1), torch.int64, device).zero_())
+                      pinned_empty((2, num_layers, 1), torch.int64, device).zero_(),
+                      torch.zeros(1, dtype=torch.int64, device=device) if on_cuda else None)
+    stream_wait = on_cuda and wait == STREAM_WAIT
     if on_cuda:
         from apex_grpc.attention.cuda_runtime import (cuda_runtime_addresses,
-                                                      device_address_of_host)
+                                                      device_address_of_host,
+                                                      stream_memory_ops_supported)
+        if stream_wait and not stream_memory_ops_supported(torch.cuda.current_device()):
+            pytest.skip("this GPU lacks 64-bit stream memory operations")
     handoff = _cpu_attention.LayerHandoff(
         num_layers=num_layers, max_rows=rows, qkv_row_bytes=QKV_HEADS * HEAD_DIM * 4,
         out_row_bytes=HEADS * HEAD_DIM * 4,
         staging=[b[p].data_ptr() for p in range(2) for b in (buffers.qkv, buffers.out)],
         flags=buffers.flags.data_ptr(),
-        flags_on_device=device_address_of_host(buffers.flags.data_ptr()) if on_cuda else 0,
-        cuda=cuda_runtime_addresses() if on_cuda else [], wait=wait, timeout_s=timeout_s)
+        seq_on_device=buffers.seq_device.data_ptr() if on_cuda else 0,
+        done_flags_on_device=device_address_of_host(buffers.flags.data_ptr())
+        + buffers.flags[1].data_ptr() - buffers.flags.data_ptr() if stream_wait else 0,
+        cuda=cuda_runtime_addresses(stream_wait) if on_cuda else [], wait=wait,
+        timeout_s=timeout_s)
     return handoff, buffers
 
 
@@ -70,6 +79,8 @@ def test_stage_copies_the_host_rows_then_raises_the_ready_flag(device):
     device = torch.device(device)
     handoff, buffers = make_handoff(num_layers=3, rows=2, device=device)
     qkv = strided_rows(5, QKV_HEADS, device)
+    if buffers.seq_device is not None:
+        buffers.seq_device.fill_(7)
     stream = torch.cuda.current_stream().cuda_stream if device.type == "cuda" else 0
     handoff.begin_step(7, 2, stream)
     handoff.stage(1, qkv.data_ptr(), qkv.stride(0) * 4, 3)  # rows 3 and 4
@@ -128,7 +139,7 @@ def test_bad_arguments_are_refused():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("wait", [HOST_FUNC, STREAM_WAIT], ids=["host-func", "stream-wait"])
-def test_the_device_side_wait_holds_the_cuda_stream_until_the_flag_is_raised(wait):
+def test_a_device_side_wait_holds_later_cuda_work_until_the_flag_is_raised(wait):
     handoff, buffers = make_handoff(num_layers=1, rows=1, device=torch.device("cuda"),
                                     wait=wait)
     stream = torch.cuda.current_stream()

@@ -1,6 +1,6 @@
-"""submit_decode_layers: a whole step's flag-gated jobs in one native call give exactly what
-one submit_decode per layer gives, start only when their layer's ready flag is raised, and
-refuse bad input before anything runs."""
+"""DecodeLayers (CpuAttentionPool.prepare_decode_layers): a whole step's flag-gated jobs in
+one native call give exactly what one submit_decode per layer gives, start only when their
+layer's ready flag is raised, and bad input is refused before any job is queued."""
 
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ def test_one_call_equals_one_submit_per_layer_and_waits_for_each_ready_flag(pool
         expected.append((out, lse))
 
     flags = torch.zeros((2, LAYERS, 1), dtype=torch.int64)
-    jobs = pool.submit_decode_layers(staging, kv, block_tables, seq_lens, slots, flags, 7)
+    jobs = pool.prepare_decode_layers(staging, kv, flags).submit(block_tables, seq_lens, slots,
+                                                                 7)
     assert len(jobs) == LAYERS
     set_flag(flags[0, 1], 7)
     pool.wait(jobs[1])
@@ -66,7 +67,8 @@ def test_one_call_equals_one_submit_per_layer_and_waits_for_each_ready_flag(pool
 @pytest.mark.parametrize("problem, match", [
     ("flags", "flags must have shape"),
     ("kv", "kv_cache must be contiguous"),
-    ("seq_lens", "seq_lens"),
+    ("seq_lens", r"seq_lens\[1\] = 0"),
+    ("block_tables", "block_tables has 2 rows for 3 sequences"),
     ("odd_staging", "out must have shape"),
 ])
 def test_bad_input_is_refused_before_any_job_runs(pool, problem, match):
@@ -78,8 +80,18 @@ def test_bad_input_is_refused_before_any_job_runs(pool, problem, match):
         kv = kv.transpose(0, 1)
     elif problem == "seq_lens":
         seq_lens = torch.tensor([5, 0, 9], dtype=torch.int32)
+    elif problem == "block_tables":
+        block_tables = block_tables[:2]
     else:
         staging = (staging[0], LayerStaging(staging[1].q, staging[1].new_k, staging[1].new_v,
                                             staging[1].out[:2], staging[1].lse))
     with pytest.raises((ValueError, TypeError), match=match):
-        pool.submit_decode_layers(staging, kv, block_tables, seq_lens, slots, flags, 1)
+        pool.prepare_decode_layers(staging, kv, flags).submit(block_tables, seq_lens, slots, 1)
+    # The pool still serves the next step.
+    kv, block_tables, seq_lens, slots, staging = step_inputs(2)
+    flags = torch.zeros((2, LAYERS, 1), dtype=torch.int64)
+    flags[0].fill_(1)
+    for job in pool.prepare_decode_layers(staging, kv, flags).submit(block_tables, seq_lens,
+                                                                     slots, 1):
+        pool.wait(job)
+    assert bool((flags[1] == 1).all())

@@ -60,10 +60,11 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
                             "per-policy rules, the default on the CPU)")
     group.add_argument("--cuda-layer-wait", choices=CUDA_LAYER_WAITS,
                        default=defaults.cuda_layer_wait,
-                       help="CUDA: who waits for each layer's CPU attention (host-func, the "
-                            "default: a CUDA host function on the compute stream; stream-wait: "
-                            "the compute stream itself, on a pinned flag; engine-thread: the "
-                            "engine thread, natively)")
+                       help="CUDA: who waits for each layer's CPU attention (stream-wait: "
+                            "the compute stream itself, on a pinned flag; host-func: a CUDA "
+                            "host function on the compute stream; engine-thread: the engine "
+                            "thread, natively; auto, the default: stream-wait where the GPU "
+                            "supports it, else host-func)")
     group.add_argument("--tpot-slo-ms", type=float, default=None,
                        help="TPOT target the apex chooser keeps decode steps under")
     group.add_argument("--seed", type=int, default=defaults.seed)

@@ -23,11 +23,11 @@ class ConfigError(ValueError):
 
 
 # On CUDA, who waits for a layer's CPU attention before its O projection, default first:
-# "host-func": a CUDA host function holds the compute stream; "stream-wait": the compute
-# stream waits on the pinned done flag (a stream memory wait; needs the device's 64-bit stream
-# memory operations); "engine-thread": the engine thread waits natively, then enqueues the rest
-# of the layer.
-CUDA_LAYER_WAITS = ("host-func", "stream-wait", "engine-thread")
+# "auto": stream-wait where the device has 64-bit stream memory operations, else host-func;
+# "stream-wait": the compute stream waits on the pinned done flag (a stream memory wait);
+# "host-func": a CUDA host function holds the compute stream; "engine-thread": the engine
+# thread waits natively, then enqueues the rest of the layer. Measurements: docs/benchmarks.md.
+CUDA_LAYER_WAITS = ("auto", "stream-wait", "host-func", "engine-thread")
 
 
 @dataclass(frozen=True)

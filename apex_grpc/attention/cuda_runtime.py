@@ -7,10 +7,11 @@ from __future__ import annotations
 import ctypes
 import functools
 
-# The order LayerHandoff expects: (library, symbol). The stream wait is the driver API's v2
-# entry point, resolved only when that wait is used.
+# The order LayerHandoff expects: (library, symbol). The stream memory operations are the
+# driver API's v2 entry points, resolved only where the device supports them.
 ENTRY_POINTS = (("cudart", "cudaMemcpyAsync"), ("cudart", "cudaMemcpy2DAsync"),
-                ("cudart", "cudaLaunchHostFunc"), ("cuda", "cuStreamWaitValue64_v2"))
+                ("cudart", "cudaLaunchHostFunc"), ("cuda", "cuStreamWaitValue64_v2"),
+                ("cuda", "cuStreamWriteValue64_v2"))
 
 # CUdevice_attribute: 64-bit values in cuStreamWriteValue64/cuStreamWaitValue64.
 _CAN_USE_64_BIT_STREAM_MEM_OPS = 122
@@ -28,10 +29,11 @@ def _library(name: str) -> ctypes.CDLL:
     return ctypes.CDLL(paths[0])
 
 
-def cuda_runtime_addresses(stream_wait: bool = False) -> list[int]:
-    """Addresses of ENTRY_POINTS, in order; the driver's stream wait is 0 unless asked for."""
+def cuda_runtime_addresses(memory_ops: bool) -> list[int]:
+    """Addresses of ENTRY_POINTS, in order; the driver's stream memory operations are 0
+    unless memory_ops."""
     return [ctypes.cast(getattr(_library(library), symbol), ctypes.c_void_p).value
-            if library == "cudart" or stream_wait else 0
+            if library == "cudart" or memory_ops else 0
             for library, symbol in ENTRY_POINTS]
 
 
@@ -42,7 +44,7 @@ def _check(status: int, what: str) -> None:
 
 def device_address_of_host(pointer: int) -> int:
     """The device address of pinned host memory (the same value under unified addressing),
-    for a stream memory wait on it."""
+    for stream memory operations on it."""
     address = ctypes.c_void_p()
     _check(_library("cudart").cudaHostGetDevicePointer(ctypes.byref(address),
                                                        ctypes.c_void_p(pointer), 0),
@@ -51,7 +53,7 @@ def device_address_of_host(pointer: int) -> int:
 
 
 def stream_memory_ops_supported(device_index: int) -> bool:
-    """Whether the device takes 64-bit stream memory waits (the stream-wait layer wait)."""
+    """Whether the device takes 64-bit stream memory writes and waits."""
     driver = _library("cuda")
     device = ctypes.c_int()
     _check(driver.cuDeviceGet(ctypes.byref(device), device_index), "cuDeviceGet")

@@ -4,12 +4,12 @@ native CPU pool, overlapped, with no per-layer Python hand-off to the pool.
 A step begins with begin_step(meta): one flag-gated CPU job per layer is queued at once (each
 appends its layer's new k/v to the host cache and attends over it). Per layer, one native call
 (stage_host) copies the host rows' q/k/v into preallocated pinned staging buffers and raises the
-layer's ready flag behind them: on CUDA the copy and the flag's (a copy of the step's
-sequence number from device memory) are enqueued on the compute stream, so the pool's watcher
-sees the data land with no Python in between. A second native call (wait_host) brings the layer's output back just before the O
+layer's ready flag behind them: on CUDA the copy and the flag (a stream memory write, or where
+the device lacks those, a copy of the step's sequence number from device memory) are enqueued
+on the compute stream, so the pool's watcher sees the data land with no Python in between. A second native call (wait_host) brings the layer's output back just before the O
 projection. On CUDA the wait is chosen by `layer_wait` (--cuda-layer-wait, config.py):
-"host-func" (a CUDA host function holds the stream), "stream-wait" (the compute stream itself
-waits on the pinned done flag) or "engine-thread" (the engine thread waits natively, GIL
+"stream-wait" (the compute stream itself waits on the pinned done flag), "host-func" (a CUDA
+host function holds the stream) or "engine-thread" (the engine thread waits natively, GIL
 released); the first two let the engine thread enqueue the whole step without waiting. The hand-off itself is
 kernels/cpu_attention/handoff.cpp. end_step() collects the jobs and surfaces any worker error.
 ASYNC_OVERLAP calls these from forward(); the NEO pipeline (runner/model_runner.py) drives
@@ -30,16 +30,18 @@ from apex_grpc.attention.base import AttentionBackend, AttentionMetadata, PagedS
 from apex_grpc.attention.cpu_kernel import (CpuAttentionPool, DecodeLayers, JobHandle,
                                             LayerStaging, set_flag)
 from apex_grpc.attention.cuda_runtime import (check_stream_memory_ops, cuda_runtime_addresses,
-                                              device_address_of_host)
+                                              device_address_of_host,
+                                              stream_memory_ops_supported)
 from apex_grpc.config import CUDA_LAYER_WAITS
 from apex_grpc.platform import pinned_empty
 
 # A host job this late means a hung worker: fail the step (INTERNAL) rather than the server.
 _HOST_JOB_TIMEOUT_S = 60.0
 
-# --cuda-layer-wait -> the native LayerWait code (kernels/cpu_attention/handoff.h).
+# --cuda-layer-wait (after "auto" is resolved) -> the native LayerWait code
+# (kernels/cpu_attention/handoff.h).
 _LAYER_WAIT_CODES = {"engine-thread": 0, "host-func": 1, "stream-wait": 2}
-assert set(_LAYER_WAIT_CODES) == set(CUDA_LAYER_WAITS)
+assert set(_LAYER_WAIT_CODES) | {"auto"} == set(CUDA_LAYER_WAITS)
 
 
 class HybridAttention:
@@ -68,16 +70,21 @@ class HybridAttention:
         self._flags = pinned_empty((2, self.num_layers, 1), torch.int64, device)
         self._flags.zero_()
         self._on_cuda = device.type == "cuda"
-        if layer_wait not in _LAYER_WAIT_CODES:
+        if layer_wait not in CUDA_LAYER_WAITS:
             raise ValueError(f"layer_wait must be one of {CUDA_LAYER_WAITS}, got {layer_wait!r}")
-        stream_wait = self._on_cuda and layer_wait == "stream-wait"
-        if stream_wait:
-            check_stream_memory_ops(device.index if device.index is not None
-                                    else torch.cuda.current_device())
-        # This step's sequence number on the device: copied into each ready flag behind the
-        # layer's rows.
+        device_index = (device.index if device.index is not None
+                        else torch.cuda.current_device()) if self._on_cuda else 0
+        memory_ops = self._on_cuda and stream_memory_ops_supported(device_index)
+        if layer_wait == "auto":
+            layer_wait = "stream-wait" if memory_ops else "host-func"
+        elif self._on_cuda and layer_wait == "stream-wait":
+            check_stream_memory_ops(device_index)
+        # Without CUDA there is no stream to hold: the engine thread waits.
+        self.layer_wait = layer_wait if self._on_cuda else "engine-thread"
+        # Without stream memory operations each ready flag is a copy of this step's sequence
+        # number, kept on the device, behind the layer's rows.
         self._seq_device = torch.zeros(1, dtype=torch.int64, device=device) \
-            if self._on_cuda else None
+            if self._on_cuda and not memory_ops else None
         staging = [buffer[parity].data_ptr() for parity in range(2)
                    for buffer in (self._qkv, self._out)]
         element = self._qkv.element_size()
@@ -89,12 +96,10 @@ class HybridAttention:
             qkv_row_bytes=self._qkv[0, 0].numel() * element,
             out_row_bytes=num_heads * head_dim * element, staging=staging,
             flags=self._flags.data_ptr(),
-            seq_on_device=self._seq_device.data_ptr() if self._on_cuda else 0,
-            done_flags_on_device=device_address_of_host(self._flags.data_ptr())
-            + self._flags[1].data_ptr() - self._flags.data_ptr() if stream_wait else 0,
-            cuda=cuda_runtime_addresses(stream_wait) if self._on_cuda else [],
-            # Without CUDA there is no stream to hold: the engine thread waits.
-            wait=_LAYER_WAIT_CODES[layer_wait] if self._on_cuda else 0,
+            seq_on_device=self._seq_device.data_ptr() if self._seq_device is not None else 0,
+            flags_on_device=device_address_of_host(self._flags.data_ptr()) if memory_ops else 0,
+            cuda=cuda_runtime_addresses(memory_ops) if self._on_cuda else [],
+            wait=_LAYER_WAIT_CODES[self.layer_wait],
             timeout_s=_HOST_JOB_TIMEOUT_S)
         self._step_seq = 0
         self._jobs: list[JobHandle] = []
@@ -121,10 +126,9 @@ class HybridAttention:
                              f"{self.max_host_rows} (max_num_seqs)")
         self._step_seq += 1
         seq, n = self._step_seq, host.num_tokens
-        stream = 0
-        if self._on_cuda:
+        stream = torch.cuda.current_stream().cuda_stream if self._on_cuda else 0
+        if self._seq_device is not None:
             self._seq_device.fill_(seq)  # queued before any layer's staging
-            stream = torch.cuda.current_stream().cuda_stream
         self._handoff.begin_step(seq, n, stream)
         submission = self._submissions.get(n)
         if submission is None:
@@ -164,9 +168,11 @@ class HybridAttention:
         """Hand rows [row_start, row_start + host rows) of q [n, heads, head_dim] and k/v
         [n, kv_heads, head_dim] (on the compute device) to the layer's job. q, k and v must be
         views of one buffer whose rows hold q|k|v contiguously (LlamaDecoderLayer's
-        pre_attention): one copy moves all three."""
+        pre_attention): one copy moves all three. Checked on layer 0: every layer of a step
+        comes from the same projection layout."""
         q_at = q.data_ptr()
-        if (k.data_ptr() != q_at + self._k_offset or v.data_ptr() != q_at + self._v_offset
+        if layer_idx == 0 and (
+                k.data_ptr() != q_at + self._k_offset or v.data_ptr() != q_at + self._v_offset
                 or not q.stride(0) == k.stride(0) == v.stride(0)
                 or q.stride(1) != self.head_dim or q.stride(2) != 1):
             raise ValueError("host rows need q, k and v as views of one q|k|v buffer; got "

@@ -228,15 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     config = args.dummy_config or ("llama-3.1-8b" if device.type == "cuda" else "smollm2-135m")
     share_cores_with_pool(device, args.threads)
     model, cfg, tok, _ = load_model(None, "dummy", device, dtype, dummy_config=config)
-    figures: dict[str, object] = {"device": str(device), "config": config,
-                                  "threads": args.threads,
-                                  "cuda_layer_wait": args.cuda_layer_wait
-                                  if device.type == "cuda" else "none (no CUDA)"}
     blocks = -(-(args.ctx + 1) // BLOCK_SIZE)
     core = _core(model, cfg, tok, dtype, device, args.threads,
                  cuda_layer_wait=args.cuda_layer_wait, policy=Policy.APEX,
                  num_gpu_blocks=max(args.gpu_rows, 1) * blocks,
                  num_host_blocks=max(args.host_rows, 1) * blocks)
+    figures: dict[str, object] = {"device": str(device), "config": config,
+                                  "threads": args.threads,
+                                  # "auto" resolved; without CUDA the engine thread waits
+                                  "cuda_layer_wait": core.runner.attention.layer_wait}
     figures.update(handoff_figures(core, 2000))
     print(f"hand-off (stage -> done flag) p50: {figures['handoff_us_p50']:.1f} us; engine "
           f"thread per layer (us): {json.dumps(figures['engine_us_per_layer'])}")

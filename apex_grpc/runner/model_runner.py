@@ -53,21 +53,24 @@ class ModelRunner:
         if plan.is_empty:
             return StepResult({}, {})
         batch = build_input_batch(plan, self.block_size, self.device)
+        # The host jobs are collected only after sampling is enqueued (and has synchronised):
+        # collecting them right after the forward would stall this thread until the CPU's last
+        # layer, while the device sits idle waiting for the sampling launches.
         try:
             self.attention.begin_step(batch.meta.host_decode)
             if plan.strategy == Strategy.ASYMMETRIC_PIPELINE and batch.meta.host_decode is not None:
                 hidden = self._forward_pipelined(batch.input_ids, batch.positions, batch.meta)
             else:
                 hidden = self.model(batch.input_ids, batch.positions, self.attention, batch.meta)
+            if not batch.sample_request_ids:
+                synchronize(self.device)
+                return StepResult({}, {})
+            logits = self.model.compute_logits(hidden[batch.sample_rows])
+            inputs = [sampling[rid] for rid in batch.sample_request_ids]
+            out = self.sampler(logits, [i.params for i in inputs], [i.generator for i in inputs],
+                               [i.prior_token_ids or [] for i in inputs])
         finally:
             self.attention.end_step()
-        if not batch.sample_request_ids:
-            synchronize(self.device)
-            return StepResult({}, {})
-        logits = self.model.compute_logits(hidden[batch.sample_rows])
-        inputs = [sampling[rid] for rid in batch.sample_request_ids]
-        out = self.sampler(logits, [i.params for i in inputs], [i.generator for i in inputs],
-                           [i.prior_token_ids or [] for i in inputs])
         sampled = dict(zip(batch.sample_request_ids, out.token_ids))
         logprobs = {rid: lp for rid, lp in zip(batch.sample_request_ids, out.logprobs)
                     if lp is not None}

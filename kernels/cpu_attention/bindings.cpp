@@ -136,20 +136,20 @@ class PoolBinding {
   const KernelOps* ops_[3];
 };
 
-// cuda: the addresses of cudaMemcpyAsync, cudaMemcpy2DAsync, cudaLaunchHostFunc and
-// cuStreamWaitValue64 (0 unless the stream wait is used), in that order (empty without CUDA);
-// wait: a LayerWait code. staging:
+// cuda: the addresses of cudaMemcpyAsync, cudaMemcpy2DAsync, cudaLaunchHostFunc,
+// cuStreamWaitValue64 and cuStreamWriteValue64 (the last two 0 without stream memory
+// operations), in that order (empty without CUDA); wait: a LayerWait code. staging:
 // qkv and out of the even parity, then of the odd one.
 std::unique_ptr<LayerHandoff> make_handoff(int num_layers, int max_rows, size_t qkv_row_bytes,
                                            size_t out_row_bytes,
                                            const std::vector<uintptr_t>& staging,
                                            uintptr_t flags, uintptr_t seq_on_device,
-                                           uint64_t done_flags_on_device,
+                                           uint64_t flags_on_device,
                                            const std::vector<uintptr_t>& cuda, int wait,
                                            double timeout_s) {
   if (staging.size() != 4) throw std::invalid_argument("staging must hold 4 addresses");
-  if (!cuda.empty() && cuda.size() != 4)
-    throw std::invalid_argument("cuda must hold 4 function addresses");
+  if (!cuda.empty() && cuda.size() != 5)
+    throw std::invalid_argument("cuda must hold 5 function addresses");
   if (wait < int(LayerWait::kEngineThread) || wait > int(LayerWait::kStreamWait))
     throw std::invalid_argument("unknown layer wait " + std::to_string(wait));
   CudaRuntime runtime;
@@ -157,7 +157,8 @@ std::unique_ptr<LayerHandoff> make_handoff(int num_layers, int max_rows, size_t 
     runtime.memcpy_async = reinterpret_cast<CudaRuntime::MemcpyAsync>(cuda[0]);
     runtime.memcpy2d_async = reinterpret_cast<CudaRuntime::Memcpy2DAsync>(cuda[1]);
     runtime.launch_host_func = reinterpret_cast<CudaRuntime::LaunchHostFunc>(cuda[2]);
-    runtime.stream_wait_value64 = reinterpret_cast<CudaRuntime::StreamWaitValue64>(cuda[3]);
+    runtime.stream_wait_value64 = reinterpret_cast<CudaRuntime::StreamValue64>(cuda[3]);
+    runtime.stream_write_value64 = reinterpret_cast<CudaRuntime::StreamValue64>(cuda[4]);
   }
   auto buffers = [&](int first) {
     return StagingBuffers{pointer<void>(staging[first]), pointer<void>(staging[first + 1])};
@@ -165,7 +166,7 @@ std::unique_ptr<LayerHandoff> make_handoff(int num_layers, int max_rows, size_t 
   return std::make_unique<LayerHandoff>(num_layers, max_rows, qkv_row_bytes, out_row_bytes,
                                         buffers(0), buffers(2), pointer<int64_t>(flags),
                                         pointer<const int64_t>(seq_on_device),
-                                        done_flags_on_device, runtime, LayerWait(wait),
+                                        flags_on_device, runtime, LayerWait(wait),
                                         timeout_s);
 }
 
@@ -194,7 +195,7 @@ PYBIND11_MODULE(_cpu_attention, module) {
   py::class_<apex::LayerHandoff>(module, "LayerHandoff")
       .def(py::init(&apex::make_handoff), py::arg("num_layers"), py::arg("max_rows"),
            py::arg("qkv_row_bytes"), py::arg("out_row_bytes"), py::arg("staging"),
-           py::arg("flags"), py::arg("seq_on_device"), py::arg("done_flags_on_device"),
+           py::arg("flags"), py::arg("seq_on_device"), py::arg("flags_on_device"),
            py::arg("cuda"), py::arg("wait"),
            py::arg("timeout_s"))
       .def("begin_step",

@@ -13,8 +13,10 @@ namespace {
 // cudaMemcpyKind values of the CUDA runtime API.
 constexpr int kHostToDevice = 1;
 constexpr int kDeviceToHost = 2;
-// CU_STREAM_WAIT_VALUE_GEQ of the driver API: wait until (int64_t)(*flag - value) >= 0.
+// Driver API flags: CU_STREAM_WAIT_VALUE_GEQ (wait until (int64_t)(*flag - value) >= 0) and
+// CU_STREAM_WRITE_VALUE_DEFAULT (the write is preceded by a system-wide memory fence).
 constexpr unsigned int kWaitValueGeq = 0x0;
+constexpr unsigned int kWriteValueDefault = 0x0;
 
 uint64_t flag_offset(int layer) { return uint64_t(layer) * sizeof(int64_t); }
 
@@ -39,7 +41,7 @@ void host_func_wait(void* data) {
 LayerHandoff::LayerHandoff(int num_layers, int max_rows, size_t qkv_row_bytes,
                            size_t out_row_bytes, StagingBuffers even, StagingBuffers odd,
                            int64_t* flags, const int64_t* seq_on_device,
-                           uint64_t done_flags_on_device, const CudaRuntime& cuda,
+                           uint64_t flags_on_device, const CudaRuntime& cuda,
                            LayerWait wait, double timeout_s)
     : num_layers_(num_layers),
       max_rows_(max_rows),
@@ -49,7 +51,8 @@ LayerHandoff::LayerHandoff(int num_layers, int max_rows, size_t qkv_row_bytes,
       ready_flags_(flags),
       done_flags_(flags + num_layers),
       seq_on_device_(seq_on_device),
-      done_flags_on_device_(done_flags_on_device),
+      ready_flags_on_device_(flags_on_device),
+      done_flags_on_device_(flags_on_device + uint64_t(num_layers) * sizeof(int64_t)),
       cuda_(cuda),
       on_cuda_(cuda.memcpy2d_async != nullptr),
       wait_(wait),
@@ -57,14 +60,16 @@ LayerHandoff::LayerHandoff(int num_layers, int max_rows, size_t qkv_row_bytes,
       wait_records_(size_t(2) * num_layers * 2, 0) {
   if (num_layers < 1 || max_rows < 1) throw std::invalid_argument("empty hand-off");
   if (on_cuda_) {
+    const bool memory_ops = cuda_.stream_wait_value64 != nullptr &&
+                            cuda_.stream_write_value64 != nullptr && flags_on_device != 0;
     if (cuda_.memcpy_async == nullptr || cuda_.launch_host_func == nullptr ||
-        seq_on_device_ == nullptr)
+        (!memory_ops && seq_on_device_ == nullptr))
       throw std::invalid_argument("a CUDA hand-off needs the CUDA runtime's entry points and "
-                                  "the device sequence number");
-    if (wait_ == LayerWait::kStreamWait &&
-        (cuda_.stream_wait_value64 == nullptr || done_flags_on_device_ == 0))
-      throw std::invalid_argument("the stream wait needs cuStreamWaitValue64 and the done "
-                                  "flags' device address");
+                                  "either stream memory operations or the device sequence "
+                                  "number");
+    if (!memory_ops) cuda_.stream_wait_value64 = cuda_.stream_write_value64 = nullptr;
+    if (wait_ == LayerWait::kStreamWait && !memory_ops)
+      throw std::invalid_argument("the stream wait needs stream memory operations");
   } else if (wait_ != LayerWait::kEngineThread) {
     throw std::invalid_argument("the host-function and stream waits need CUDA");
   }
@@ -101,9 +106,16 @@ void LayerHandoff::stage(int layer, const char* qkv, size_t qkv_stride, int row_
   }
   check(cuda_.memcpy2d_async(to, qkv_row_bytes_, qkv, qkv_stride, qkv_row_bytes_, num_rows_,
                              kDeviceToHost, compute_stream_), "cudaMemcpy2DAsync(qkv)");
-  // In stream order, so the flag lands only after the data.
-  check(cuda_.memcpy_async(ready_flags_ + layer, seq_on_device_, sizeof(int64_t), kDeviceToHost,
-                           compute_stream_), "cudaMemcpyAsync(ready flag)");
+  // In stream order, so the flag lands only after the data (the memory write is also preceded
+  // by a system-wide fence).
+  if (cuda_.stream_write_value64 != nullptr) {
+    check(cuda_.stream_write_value64(compute_stream_, ready_flags_on_device_ + flag_offset(layer),
+                                     uint64_t(seq_), kWriteValueDefault),
+          "cuStreamWriteValue64(ready flag)");
+  } else {
+    check(cuda_.memcpy_async(ready_flags_ + layer, seq_on_device_, sizeof(int64_t),
+                             kDeviceToHost, compute_stream_), "cudaMemcpyAsync(ready flag)");
+  }
 }
 
 void LayerHandoff::fetch(int layer, char* dst, size_t dst_stride) {

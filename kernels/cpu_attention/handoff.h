@@ -3,14 +3,15 @@
 // into a pinned staging buffer and raises the layer's ready flag behind them; one call brings the job's
 // output back into the caller's buffer once the layer's done flag is raised.
 //
-// On CUDA everything is enqueued on the compute stream through the CUDA runtime (and, for the
-// stream wait, driver) that torch loaded (their function addresses are passed in; this
-// extension does not link CUDA): one staging copy of the rows, then a copy of the step's
-// sequence number from device memory into the ready flag, in stream order behind the data, so
-// the pool's watcher sees the data land by itself. The CPU -> GPU wait is one of: a CUDA host
+// On CUDA everything is enqueued on the compute stream through the CUDA runtime (and, for
+// stream memory operations, driver) that torch loaded (their function addresses are passed in;
+// this extension does not link CUDA): one staging copy of the rows, then the ready flag, in
+// stream order behind the data, so the pool's watcher sees the data land by itself. The flag is
+// a stream memory write where the device has stream memory operations, else a copy of the
+// step's sequence number from device memory. The CPU -> GPU wait is one of: a CUDA host
 // function holding the stream, a stream memory wait on the done flag (the GPU polls the pinned
-// flag; needs the device's 64-bit stream memory operations), or the engine thread waiting
-// natively. Without CUDA the same calls copy with memcpy and raise the flags directly.
+// flag), or the engine thread waiting natively. Without CUDA the same calls copy with memcpy
+// and raise the flags directly.
 #pragma once
 
 #include <cstddef>
@@ -24,13 +25,16 @@ struct CudaRuntime {
   using MemcpyAsync = int (*)(void*, const void*, size_t, int, void*);
   using Memcpy2DAsync = int (*)(void*, size_t, const void*, size_t, size_t, size_t, int, void*);
   using LaunchHostFunc = int (*)(void*, void (*)(void*), void*);
-  // cuStreamWaitValue64 (driver API, v2): stream, device address, value, flags.
-  using StreamWaitValue64 = int (*)(void*, uint64_t, uint64_t, unsigned int);
+  // cuStreamWaitValue64 / cuStreamWriteValue64 (driver API, v2): stream, device address,
+  // value, flags.
+  using StreamValue64 = int (*)(void*, uint64_t, uint64_t, unsigned int);
 
   MemcpyAsync memcpy_async = nullptr;
   Memcpy2DAsync memcpy2d_async = nullptr;
   LaunchHostFunc launch_host_func = nullptr;
-  StreamWaitValue64 stream_wait_value64 = nullptr;  // only for LayerWait::kStreamWait
+  // Both null unless the device has 64-bit stream memory operations.
+  StreamValue64 stream_wait_value64 = nullptr;
+  StreamValue64 stream_write_value64 = nullptr;
 };
 
 // Pinned staging of one parity (layers alternate between two sets).
@@ -45,11 +49,11 @@ enum class LayerWait { kEngineThread = 0, kHostFunc = 1, kStreamWait = 2 };
 class LayerHandoff {
  public:
   // flags: [2][num_layers] int64 (ready, then done) in host memory (pinned on CUDA).
-  // seq_on_device (CUDA): an int64 in device memory holding the step's sequence number.
-  // done_flags_on_device (stream wait only): the done flags' device address.
+  // seq_on_device (CUDA without stream memory operations): an int64 in device memory holding
+  // the step's sequence number. flags_on_device (CUDA with them): the flags' device address.
   LayerHandoff(int num_layers, int max_rows, size_t qkv_row_bytes, size_t out_row_bytes,
                StagingBuffers even, StagingBuffers odd, int64_t* flags,
-               const int64_t* seq_on_device, uint64_t done_flags_on_device,
+               const int64_t* seq_on_device, uint64_t flags_on_device,
                const CudaRuntime& cuda, LayerWait wait, double timeout_s);
   LayerHandoff(const LayerHandoff&) = delete;
   LayerHandoff& operator=(const LayerHandoff&) = delete;
@@ -75,6 +79,7 @@ class LayerHandoff {
   int64_t* ready_flags_;
   int64_t* done_flags_;
   const int64_t* seq_on_device_;
+  uint64_t ready_flags_on_device_;
   uint64_t done_flags_on_device_;
   CudaRuntime cuda_;
   bool on_cuda_;

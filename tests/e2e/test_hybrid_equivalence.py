@@ -8,7 +8,6 @@ import random
 import pytest
 import torch
 
-from apex_grpc.attention.cuda_runtime import stream_memory_ops_supported
 from apex_grpc.config import CUDA_LAYER_WAITS, EngineConfig, KVPlacement, Policy
 from apex_grpc.engine.builder import build_core
 from apex_grpc.engine.offline import run_to_completion
@@ -31,16 +30,13 @@ MODES = {
                      Strategy.ASYMMETRIC_PIPELINE),
     # A GPU tier far too small for 32 streams: evictions to the host and restores mid-run.
     "apex_evictions": (dict(policy=Policy.APEX, num_gpu_blocks=24), Strategy.ASYNC_OVERLAP),
-    # CUDA only: the other CPU -> GPU waits (--cuda-layer-wait; the default, host-func, runs in
-    # every mode above). On a CPU the engine thread always waits, so they add nothing there.
+    # CUDA only: the other CPU -> GPU waits (--cuda-layer-wait; the default, auto: stream-wait
+    # where the GPU supports it, runs in every mode above). On a CPU the engine thread always
+    # waits, so they add nothing there.
     "apex_host_func": (dict(policy=Policy.APEX, kv_placement=KVPlacement.HOST,
                             cuda_layer_wait="host-func"), Strategy.ASYNC_OVERLAP),
     "neo_host_func": (dict(policy=Policy.NEO, kv_placement=KVPlacement.ALTERNATE,
                            cuda_layer_wait="host-func"), Strategy.ASYMMETRIC_PIPELINE),
-    "apex_stream_wait": (dict(policy=Policy.APEX, kv_placement=KVPlacement.HOST,
-                              cuda_layer_wait="stream-wait"), Strategy.ASYNC_OVERLAP),
-    "neo_stream_wait": (dict(policy=Policy.NEO, kv_placement=KVPlacement.ALTERNATE,
-                             cuda_layer_wait="stream-wait"), Strategy.ASYMMETRIC_PIPELINE),
     "apex_engine_thread": (dict(policy=Policy.APEX, kv_placement=KVPlacement.HOST,
                                 cuda_layer_wait="engine-thread"), Strategy.ASYNC_OVERLAP),
     "neo_engine_thread": (dict(policy=Policy.NEO, kv_placement=KVPlacement.ALTERNATE,
@@ -119,8 +115,6 @@ def test_tiny_gqa_model_same_greedy_tokens_in_every_mode(tiny_gqa_model, mode):
     layer_wait = MODES[mode][0].get("cuda_layer_wait")
     if device == "cpu" and layer_wait:
         pytest.skip("the CPU -> GPU wait choice needs CUDA")
-    if layer_wait == "stream-wait" and not stream_memory_ops_supported(torch.cuda.current_device()):
-        pytest.skip("this GPU lacks 64-bit stream memory operations")
     prompts = make_prompts(model_config.vocab_size, seed=1)
     reference = run_mode(model, model_config, tokenizer, "gpu_only", prompts, 24, device)
     other = run_mode(model, model_config, tokenizer, mode, prompts, 24, device)

@@ -36,7 +36,9 @@ ENGINE_THREAD, HOST_FUNC, STREAM_WAIT = 0, 1, 2
 
 
 def make_handoff(num_layers: int, rows: int, device: torch.device = torch.device("cpu"),
-                 wait: int = ENGINE_THREAD, timeout_s: float = 5.0):
+                 wait: int = ENGINE_THREAD, timeout_s: float = 5.0, use_memory_ops: bool = True):
+    """use_memory_ops=False: on CUDA, the ready flag as a copy even where the device has stream
+    memory operations (the path of devices without them)."""
     def staging(heads: int) -> torch.Tensor:
         return pinned_empty((2, rows, heads, HEAD_DIM), torch.float32, device).zero_()
 
@@ -44,22 +46,22 @@ def make_handoff(num_layers: int, rows: int, device: torch.device = torch.device
     buffers = Buffers(staging(QKV_HEADS), staging(HEADS),
                       pinned_empty((2, num_layers, 1), torch.int64, device).zero_(),
                       torch.zeros(1, dtype=torch.int64, device=device) if on_cuda else None)
-    stream_wait = on_cuda and wait == STREAM_WAIT
+    memory_ops = False
     if on_cuda:
         from apex_grpc.attention.cuda_runtime import (cuda_runtime_addresses,
                                                       device_address_of_host,
                                                       stream_memory_ops_supported)
-        if stream_wait and not stream_memory_ops_supported(torch.cuda.current_device()):
+        memory_ops = stream_memory_ops_supported(torch.cuda.current_device()) and use_memory_ops
+        if wait == STREAM_WAIT and not memory_ops:
             pytest.skip("this GPU lacks 64-bit stream memory operations")
     handoff = _cpu_attention.LayerHandoff(
         num_layers=num_layers, max_rows=rows, qkv_row_bytes=QKV_HEADS * HEAD_DIM * 4,
         out_row_bytes=HEADS * HEAD_DIM * 4,
         staging=[b[p].data_ptr() for p in range(2) for b in (buffers.qkv, buffers.out)],
         flags=buffers.flags.data_ptr(),
-        seq_on_device=buffers.seq_device.data_ptr() if on_cuda else 0,
-        done_flags_on_device=device_address_of_host(buffers.flags.data_ptr())
-        + buffers.flags[1].data_ptr() - buffers.flags.data_ptr() if stream_wait else 0,
-        cuda=cuda_runtime_addresses(stream_wait) if on_cuda else [], wait=wait,
+        seq_on_device=buffers.seq_device.data_ptr() if on_cuda and not memory_ops else 0,
+        flags_on_device=device_address_of_host(buffers.flags.data_ptr()) if memory_ops else 0,
+        cuda=cuda_runtime_addresses(memory_ops) if on_cuda else [], wait=wait,
         timeout_s=timeout_s)
     return handoff, buffers
 
@@ -74,10 +76,15 @@ def strided_rows(num_rows: int, heads: int, device: torch.device) -> torch.Tenso
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_stage_copies_the_host_rows_then_raises_the_ready_flag(device):
+STAGE_CASES = [("cpu", True)] + ([("cuda", True), ("cuda", False)]
+                                 if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device, use_memory_ops", STAGE_CASES)
+def test_stage_copies_the_host_rows_then_raises_the_ready_flag(device, use_memory_ops):
     device = torch.device(device)
-    handoff, buffers = make_handoff(num_layers=3, rows=2, device=device)
+    handoff, buffers = make_handoff(num_layers=3, rows=2, device=device,
+                                    use_memory_ops=use_memory_ops)
     qkv = strided_rows(5, QKV_HEADS, device)
     if buffers.seq_device is not None:
         buffers.seq_device.fill_(7)

@@ -44,6 +44,15 @@ _LAYER_WAIT_CODES = {"engine-thread": 0, "host-func": 1, "stream-wait": 2}
 assert set(_LAYER_WAIT_CODES) | {"auto"} == set(CUDA_LAYER_WAITS)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _OverlapStep:
+    meta: AttentionMetadata
+    gpu_meta: AttentionMetadata  # meta without the host rows, for the device backend
+    out: torch.Tensor  # [rows, num_heads, head_dim]: every layer's attention output
+    host_rows_at: int  # address of out's first host row
+    row_bytes: int
+
+
 class HybridAttention:
     def __init__(self, gpu_backend: AttentionBackend, host_kv: torch.Tensor,
                  pool: CpuAttentionPool, scale: float, max_host_rows: int, num_heads: int,
@@ -104,8 +113,8 @@ class HybridAttention:
         self._step_seq = 0
         self._jobs: list[JobHandle] = []
         self._num_rows = 0
-        # This step's GPU-only view of the metadata.
-        self._gpu_meta: tuple[AttentionMetadata, AttentionMetadata] | None = None
+        # The current ASYNC_OVERLAP step's shared state (see _overlap_step).
+        self._step: _OverlapStep | None = None
         self._num_staged = 0
         # Per host row count: the step submission over staging views sliced to it, built once.
         self._submissions: dict[int, DecodeLayers] = {}
@@ -146,6 +155,7 @@ class HybridAttention:
         got their data so no worker waits forever; wait for every job, then raise the first
         worker error."""
         jobs, self._jobs = self._jobs, []
+        self._step = None
         if not jobs:
             return
         # Layers are staged in order, so the ones never staged are the tail.
@@ -199,14 +209,23 @@ class HybridAttention:
         if host is None:
             return self.gpu_backend.forward(layer_idx, q, k, v, meta)
         self.stage_host(layer_idx, q, k, v, host.row_start)
-        out = torch.empty_like(q)
+        step = self._overlap_step(meta, q)
         if host.row_start > 0:
-            self.gpu_backend.forward(layer_idx, q, k, v, self._without_host_rows(meta), out=out)
-        self.wait_host(layer_idx, out, host.row_start)
-        return out
+            self.gpu_backend.forward(layer_idx, q, k, v, step.gpu_meta, out=step.out)
+        self._handoff.fetch(layer_idx, step.host_rows_at, step.row_bytes)
+        return step.out
 
-    def _without_host_rows(self, meta: AttentionMetadata) -> AttentionMetadata:
-        """The step's metadata for the device backend (host rows left alone), built once."""
-        if self._gpu_meta is None or self._gpu_meta[0] is not meta:
-            self._gpu_meta = (meta, dataclasses.replace(meta, host_decode=None))
-        return self._gpu_meta[1]
+    def _overlap_step(self, meta: AttentionMetadata, q: torch.Tensor) -> _OverlapStep:
+        """What every layer of an ASYNC_OVERLAP step shares, built on its first layer: the
+        device backend's metadata (host rows left alone) and one output buffer. Reusing the
+        buffer is safe because each layer's O projection reads it, in stream order, before the
+        next layer's attention writes it."""
+        step = self._step
+        if step is None or step.meta is not meta:
+            out = torch.empty((q.shape[0], self.num_heads, self.head_dim), dtype=q.dtype,
+                              device=q.device)
+            row_bytes = out.stride(0) * out.element_size()
+            step = self._step = _OverlapStep(
+                meta, dataclasses.replace(meta, host_decode=None), out,
+                out.data_ptr() + meta.host_decode.row_start * row_bytes, row_bytes)
+        return step

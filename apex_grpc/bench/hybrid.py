@@ -6,7 +6,8 @@ Figures (one JSON line at the end):
   output back on the device), through the real HybridAttention path (tiny job), median over
   many layers; engine_us_per_layer: what the engine thread spends in those calls.
 - overhead_us_per_layer: (decode step with G GPU rows + 1 host row of tiny context) minus
-  (G GPU rows alone), per layer: the hybrid runtime's fixed cost.
+  (G GPU rows alone), per layer: the hybrid runtime's fixed cost (the median of the
+  differences of steps run back to back).
 - tok_s_*: decode tokens/s of G GPU-resident rows alone (GPU_ONLY), and of G GPU-resident + C
   host-resident rows (context ctx each) under ASYNC_OVERLAP and ASYMMETRIC_PIPELINE; the runner
   executes fixed decode plans, so the three are measured on identical batches.
@@ -67,10 +68,11 @@ def decode_plan(num_gpu: int, num_host: int, ctx: int, strategy: Strategy) -> St
 
 
 def time_plans(core: EngineCore, plans: dict[str, StepPlan], num_steps: int
-               ) -> dict[str, float]:
-    """Median time (ms) of executing each plan (forward + sampling). The plans take turns step
-    by step, so a drift in the machine's speed (clocks, other load) hits them all alike.
-    Re-running a plan rewrites the same KV slots, so the cache stays the same size."""
+               ) -> dict[str, list[float]]:
+    """Times (ms) of executing each plan (forward + sampling), num_steps each after two warm-up
+    rounds. The plans take turns step by step, so a drift in the machine's speed (clocks,
+    other load) hits them all alike and sample i of each plan is comparable. Re-running a plan
+    rewrites the same KV slots, so the cache stays the same size."""
     sampling = {s.request_id: SamplingInput(SamplingParams(), None, None)
                 for plan in plans.values() for s in plan.all_seqs}
     times: dict[str, list[float]] = {name: [] for name in plans}
@@ -80,18 +82,21 @@ def time_plans(core: EngineCore, plans: dict[str, StepPlan], num_steps: int
             core.runner.execute(plan, sampling)
             synchronize(core.device)
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(samples[2:]) for name, samples in times.items()}
+    return {name: samples[2:] for name, samples in times.items()}
 
 
 def gpu_vs_hybrid(core: EngineCore, num_gpu: int, num_host: int, ctx: int,
                   num_steps: int) -> dict[str, float]:
     layers = core.runner.attention.num_layers
-    ms = time_plans(core, {
+    samples = time_plans(core, {
         "gpu": decode_plan(num_gpu, 0, ctx, Strategy.GPU_ONLY),
         "overlap": decode_plan(num_gpu, num_host, ctx, Strategy.ASYNC_OVERLAP),
         "pipeline": decode_plan(num_gpu, num_host, ctx, Strategy.ASYMMETRIC_PIPELINE),
         # The runtime's fixed cost: one host row of tiny context.
         "tiny": decode_plan(num_gpu, 1, 1, Strategy.ASYNC_OVERLAP)}, num_steps)
+    ms = {name: statistics.median(times) for name, times in samples.items()}
+    # Paired: each tiny step against the GPU-only step of the same round.
+    tiny_minus_gpu = statistics.median(t - g for t, g in zip(samples["tiny"], samples["gpu"]))
     rows = num_gpu + num_host
     return {
         "gpu_only_step_ms": ms["gpu"], "async_overlap_step_ms": ms["overlap"],
@@ -100,7 +105,7 @@ def gpu_vs_hybrid(core: EngineCore, num_gpu: int, num_host: int, ctx: int,
         f"tok_s_async_overlap_G{num_gpu}_plus_C{num_host}": rows / ms["overlap"] * 1e3,
         f"tok_s_asymmetric_pipeline_G{num_gpu}_plus_C{num_host}": rows / ms["pipeline"] * 1e3,
         "async_overlap_over_gpu_only": rows / ms["overlap"] / (num_gpu / ms["gpu"]),
-        "overhead_us_per_layer": (ms["tiny"] - ms["gpu"]) * 1e3 / layers,
+        "overhead_us_per_layer": tiny_minus_gpu * 1e3 / layers,
     }
 
 

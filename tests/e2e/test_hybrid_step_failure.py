@@ -4,6 +4,7 @@ the error surfaces, no worker is left waiting, and the next step runs normally."
 from __future__ import annotations
 
 import pytest
+import torch
 
 from apex_grpc.engine.builder import build_engine_core
 from apex_grpc.runner.model_runner import SamplingInput
@@ -37,4 +38,17 @@ def test_failure_in_a_middle_layer_releases_the_later_layers_jobs(tiny_config_pa
 
     monkeypatch.undo()
     assert runner.execute(plan, sampling).sampled == reference
+    core.close()
+
+
+def test_host_rows_not_laid_out_as_one_qkv_buffer_are_refused(tiny_config_path):
+    """One copy moves a host row's q|k|v, so q, k and v must be views of one buffer."""
+    core = build_engine_core(tiny_serve_options(tiny_config_path, policy="apex")).core
+    attention = core.runner.attention
+    heads = (attention.num_heads, attention.num_kv_heads, attention.num_kv_heads)
+    q, k, v = torch.zeros((2, sum(heads), attention.head_dim)).split(heads, dim=1)
+    with pytest.raises(ValueError, match="one q\\|k\\|v buffer"):
+        attention.stage_host(0, q, k.clone(), v)
+    with pytest.raises(ValueError, match="one q\\|k\\|v buffer"):
+        attention.stage_host(0, q, v, k)  # k and v swapped
     core.close()

@@ -357,7 +357,8 @@ class DecodeSizes:
 
 
 def _require_tensor(
-    name: str, tensor: object, *, ndim: int, dtype: torch.dtype | None = None
+    name: str, tensor: object, *, ndim: int, dtype: torch.dtype | None = None,
+    contiguous: bool = True,
 ) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -367,7 +368,7 @@ def _require_tensor(
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
     if dtype is not None and tensor.dtype != dtype:
         raise TypeError(f"{name} must be {dtype}, got {tensor.dtype}")
-    if not tensor.is_contiguous():
+    if contiguous and not tensor.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
 
 
@@ -375,14 +376,7 @@ def _require_rows(name: str, tensor: object, dtype: torch.dtype) -> int:
     """A [rows, heads, head_dim] tensor whose rows may be strided (a view into a wider
     buffer, like q/k/v of a fused projection) but each hold their heads contiguously; returns
     the row stride in elements."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.device.type != "cpu":
-        raise ValueError(f"{name} is on {tensor.device}; the CPU attention kernel needs CPU tensors")
-    if tensor.dim() != 3:
-        raise ValueError(f"{name} must have 3 dimensions, got shape {tuple(tensor.shape)}")
-    if tensor.dtype != dtype:
-        raise TypeError(f"{name} must be {dtype}, got {tensor.dtype}")
+    _require_tensor(name, tensor, ndim=3, dtype=dtype, contiguous=False)
     row = tensor.shape[1] * tensor.shape[2]
     if tensor.shape[0] == 0 or row == 0:
         return row

@@ -89,3 +89,8 @@ class AttentionBackend(Protocol):
         """Store this pass's k/v in the KV cache and return attention for every row the
         metadata names (rows it does not name are left as they were in out)."""
         ...
+
+    def finish_step(self) -> None:
+        """Complete what forward deferred within the step (host-tier KV writes): called once
+        per step after its last layer, also after a failed one."""
+        ...

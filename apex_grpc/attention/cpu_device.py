@@ -50,9 +50,10 @@ class NativeCpuPagedAttention:
                 q_rows[:chunk_rows], cache[0], cache[1], batch.block_tables[:chunks],
                 batch.seq_lens[:chunks], batch.query_lens[:chunks], self.scale)
         if chunks < batch.num_seqs:
-            # The model's q rows are views into its projection; the native kernel reads
-            # contiguous rows.
-            self.pool.decode(q_rows[chunk_rows:].contiguous(), cache[0], cache[1],
+            self.pool.decode(q_rows[chunk_rows:], cache[0], cache[1],
                              batch.block_tables[chunks:], batch.seq_lens_tensor[chunks:],
                              out=out_rows[chunk_rows:], scale=self.scale, check_values=False)
         return out
+
+    def finish_step(self) -> None:
+        """Nothing is deferred: every write above is done in place."""

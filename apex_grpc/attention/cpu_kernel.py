@@ -193,7 +193,7 @@ class CpuAttentionPool:
         **options: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """submit_decode + wait; allocates out and lse when they are not given."""
-        _require_tensor("q", q, ndim=3)
+        _require_tensor("q", q, ndim=3, contiguous=False)  # rows may be strided
         out = torch.empty_like(q) if out is None else out
         lse = torch.empty(q.shape[:2], dtype=torch.float32) if lse is None else lse
         handle = self.submit_decode(q, k_cache, v_cache, block_tables, seq_lens, out, lse, **options)

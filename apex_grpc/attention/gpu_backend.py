@@ -2,8 +2,9 @@
 
 TritonPagedAttention implements AttentionBackend (attention/base.py) with the constructor of
 TorchPagedAttention. Its `gpu` part stores k/v and attends in place over the paged GPU cache
-(attention/triton_paged.py); host-bound prefills attend with fused SDPA on the device; the
-host_decode part goes to a TorchPagedAttention it holds (the hybrid backend routes host decodes
+(attention/triton_paged.py); host-bound prefills attend with fused SDPA on the device, their
+k/v staged into pinned memory without blocking and written into the host tier at finish_step;
+the host_decode part goes to a TorchPagedAttention it holds (the hybrid backend routes host decodes
 to the native CPU pool before this is reached).
 make_gpu_attention_backend() picks it on CUDA when triton imports, else the torch reference.
 
@@ -65,6 +66,14 @@ class KernelSplitCache:
         return self._split
 
 
+@dataclasses.dataclass
+class _PendingHostWrites:
+    batch: HostPrefillBatch  # the step's host prefills (its slot mapping is where rows go)
+    staged: torch.Tensor  # pinned [num_layers, 2, rows, num_kv_heads, head_dim]
+    layers: list[int]  # the layers staged so far
+    copied: torch.cuda.Event  # recorded after the latest copy
+
+
 class TritonPagedAttention:
     """AttentionBackend: GPU-tier rows through Triton, host-tier parts through torch."""
 
@@ -82,6 +91,11 @@ class TritonPagedAttention:
         self.host_kv = host_kv
         self.scale = scale
         self._splits = KernelSplitCache()
+        # Host-bound prefills' k/v on their way to a host tier in other memory: copied without
+        # blocking into one pinned buffer per step, written into the tier by finish_step. A
+        # blocking copy per layer would stall the launching thread until the device caught up,
+        # once per layer.
+        self._host_writes: _PendingHostWrites | None = None
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,7 +124,10 @@ class TritonPagedAttention:
         """Prefills bound for the host tier: causal attention over each chunk's own k/v (they
         have no earlier context) with fused SDPA on the device, k/v written to host slots."""
         rows = slice(batch.row_start, batch.row_start + batch.num_tokens)
-        write_kv(self.host_kv[layer_idx], batch.host_slot_mapping, k[rows], v[rows])
+        if self.host_kv.device == k.device:
+            write_kv(self.host_kv[layer_idx], batch.host_slot_mapping, k[rows], v[rows])
+        else:
+            self._stage_host_write(layer_idx, batch, k[rows], v[rows])
         group = q.shape[1] // k.shape[1]
         row = batch.row_start
         for query_len in batch.query_lens:
@@ -123,6 +140,31 @@ class TritonPagedAttention:
                                                   scale=self.scale)
             out[seq] = attn.transpose(0, 1)
             row += query_len
+
+    def _stage_host_write(self, layer_idx: int, batch: HostPrefillBatch, k: torch.Tensor,
+                          v: torch.Tensor) -> None:
+        pending = self._host_writes
+        if pending is None or pending.batch is not batch:  # the step's first host-prefill layer
+            self.finish_step()  # (normally done: the runner finishes every step)
+            staged = torch.empty((self.host_kv.shape[0], 2, *k.shape), dtype=k.dtype,
+                                 pin_memory=True)
+            pending = self._host_writes = _PendingHostWrites(batch, staged, [],
+                                                             torch.cuda.Event())
+        pending.staged[layer_idx, 0].copy_(k, non_blocking=True)
+        pending.staged[layer_idx, 1].copy_(v, non_blocking=True)
+        pending.layers.append(layer_idx)
+        pending.copied.record()
+
+    def finish_step(self) -> None:
+        """Write the step's staged host-prefill k/v into the host tier, once the copies have
+        landed (by the end of a step the device has usually finished them already)."""
+        pending, self._host_writes = self._host_writes, None
+        if pending is None:
+            return
+        pending.copied.synchronize()
+        for layer in pending.layers:
+            write_kv(self.host_kv[layer], pending.batch.host_slot_mapping,
+                     pending.staged[layer, 0], pending.staged[layer, 1])
 
     def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 batch: PagedSeqBatch, split: KernelSplit, out: torch.Tensor) -> None:

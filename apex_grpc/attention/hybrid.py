@@ -151,13 +151,11 @@ class HybridAttention:
                                        host.slot_mapping, seq)
 
     def end_step(self) -> None:
-        """Collect this step's jobs. After a failure mid-forward, release the jobs that never
-        got their data so no worker waits forever; wait for every job, then raise the first
-        worker error."""
+        """Collect this step's jobs and let the device backend finish the step. After a failure
+        mid-forward, release the jobs that never got their data so no worker waits forever;
+        wait for every job, then raise the first worker error."""
         jobs, self._jobs = self._jobs, []
         self._step = None
-        if not jobs:
-            return
         # Layers are staged in order, so the ones never staged are the tail.
         # (A released job may read a parity buffer that a staged layer's copy still writes:
         # the failed step's outputs are discarded, and the buffers outlive every job.)
@@ -169,6 +167,7 @@ class HybridAttention:
                 self.pool.wait(job)
             except RuntimeError as exc:
                 errors.append(exc)
+        self.gpu_backend.finish_step()
         if errors:
             raise errors[0]
 

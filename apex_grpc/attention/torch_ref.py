@@ -153,6 +153,9 @@ class TorchPagedAttention:
             self._paged(self._host_layer(layer_idx), meta.host_decode, q, k, v, out)
         return out
 
+    def finish_step(self) -> None:
+        """Nothing is deferred: every write above is done in place."""
+
     def _host_layer(self, layer_idx: int) -> torch.Tensor:
         if self.host_kv is None:
             raise ValueError("metadata has host-tier rows but this backend has no host KV cache")

@@ -184,6 +184,12 @@ def test_mixed_batch_matches_torch_backend(dtype):
     expected = torch_backend.forward(1, q, k, v, meta)
     assert _relative_error(out, expected.double().cpu()) < TOLERANCE[dtype]
     assert torch.equal(triton_backend.gpu_kv, torch_backend.gpu_kv)
+    if DEVICE.type == "cuda":  # the host prefill's k/v land in the host tier at finish_step
+        slots = host_prefill.host_slot_mapping
+        blocks, offsets = slots // block_size, slots % block_size
+        assert torch.equal(triton_backend.host_kv[1, :, blocks, :, offsets],
+                           host_kv[1, :, blocks, :, offsets])
+    triton_backend.finish_step()
     assert torch.equal(triton_backend.host_kv, torch_backend.host_kv)
 
 

@@ -67,6 +67,14 @@ CASES = {
     "flag dtype": (TypeError, "ready_flag must be torch.int64",
                    lambda a: a.update(ready_flag=torch.zeros(1, dtype=torch.int32))),
     "bad scale": (ValueError, "scale", lambda a: a.update(scale=float("nan"))),
+    # Rows may be strided (views of a fused q|k|v buffer), a row's heads may not.
+    "q heads not contiguous": (ValueError, "heads contiguously", lambda a: a.update(
+        q=a["q"].transpose(1, 2).contiguous().transpose(1, 2))),
+    "q rows overlapping": (ValueError, "rows not overlapping", lambda a: a.update(
+        q=a["q"].flatten()[:8 * 64 + 64].as_strided((2, 8, 64), (64, 64, 1)))),
+    "new_k and new_v strides differ": (ValueError, "same row stride", lambda a: a.update(
+        new_k=torch.zeros(2, 4, 64)[:, :2], new_v=torch.zeros(2, 2, 64),
+        slot_mapping=torch.tensor([0, 1]))),
 }
 
 

@@ -113,8 +113,9 @@ class HybridAttention:
         self._step_seq = 0
         self._jobs: list[JobHandle] = []
         self._num_rows = 0
-        # The current ASYNC_OVERLAP step's shared state (see _overlap_step).
+        # The current ASYNC_OVERLAP step's shared state and its output buffer (_overlap_step).
         self._step: _OverlapStep | None = None
+        self._out_buffer: torch.Tensor | None = None
         self._num_staged = 0
         # Per host row count: the step submission over staging views sliced to it, built once.
         self._submissions: dict[int, DecodeLayers] = {}
@@ -216,13 +217,17 @@ class HybridAttention:
 
     def _overlap_step(self, meta: AttentionMetadata, q: torch.Tensor) -> _OverlapStep:
         """What every layer of an ASYNC_OVERLAP step shares, built on its first layer: the
-        device backend's metadata (host rows left alone) and one output buffer. Reusing the
-        buffer is safe because each layer's O projection reads it, in stream order, before the
-        next layer's attention writes it."""
+        device backend's metadata (host rows left alone) and the output buffer, kept across
+        steps and grown only when a step has more rows than any before. Reusing it is safe
+        because each layer's O projection reads it, in stream order, before the next layer's
+        (or step's) attention writes it."""
         step = self._step
         if step is None or step.meta is not meta:
-            out = torch.empty((q.shape[0], self.num_heads, self.head_dim), dtype=q.dtype,
-                              device=q.device)
+            rows = q.shape[0]
+            if self._out_buffer is None or self._out_buffer.shape[0] < rows:
+                self._out_buffer = torch.empty((rows, self.num_heads, self.head_dim),
+                                               dtype=q.dtype, device=q.device)
+            out = self._out_buffer[:rows]
             row_bytes = out.stride(0) * out.element_size()
             step = self._step = _OverlapStep(
                 meta, dataclasses.replace(meta, host_decode=None), out,

@@ -62,8 +62,3 @@ def stream_memory_ops_supported(device_index: int) -> bool:
                                        device), "cuDeviceGetAttribute")
     return bool(supported.value)
 
-
-def check_stream_memory_ops(device_index: int) -> None:
-    if not stream_memory_ops_supported(device_index):
-        raise RuntimeError(f"CUDA device {device_index} does not support 64-bit stream memory "
-                           "operations: use --cuda-layer-wait host-func or engine-thread")

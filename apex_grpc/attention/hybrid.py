@@ -6,11 +6,12 @@ appends its layer's new k/v to the host cache and attends over it). Per layer, o
 (stage_host) copies the host rows' q/k/v into preallocated pinned staging buffers and raises the
 layer's ready flag behind them: on CUDA the copy and the flag (a stream memory write, or where
 the device lacks those, a copy of the step's sequence number from device memory) are enqueued
-on the compute stream, so the pool's watcher sees the data land with no Python in between. A second native call (wait_host) brings the layer's output back just before the O
-projection. On CUDA the wait is chosen by `layer_wait` (--cuda-layer-wait, config.py):
-"stream-wait" (the compute stream itself waits on the pinned done flag), "host-func" (a CUDA
-host function holds the stream) or "engine-thread" (the engine thread waits natively, GIL
-released); the first two let the engine thread enqueue the whole step without waiting. The hand-off itself is
+on the compute stream, so the pool's watcher sees the data land with no Python in between. A
+second native call (wait_host) brings the layer's output back just before the O projection.
+On CUDA the wait is chosen by `layer_wait` (--cuda-layer-wait, config.py): "stream-wait" (the
+compute stream itself waits on the pinned done flag), "host-func" (a CUDA host function holds
+the stream) or "engine-thread" (the engine thread waits natively, GIL released); the first two
+let the engine thread enqueue the whole step without waiting. The hand-off itself is
 kernels/cpu_attention/handoff.cpp. end_step() collects the jobs and surfaces any worker error.
 ASYNC_OVERLAP calls these from forward(); the NEO pipeline (runner/model_runner.py) drives
 stage/wait with a skewed layer schedule.
@@ -29,8 +30,7 @@ from apex_grpc import _cpu_attention
 from apex_grpc.attention.base import AttentionBackend, AttentionMetadata, PagedSeqBatch
 from apex_grpc.attention.cpu_kernel import (CpuAttentionPool, DecodeLayers, JobHandle,
                                             LayerStaging, set_flag)
-from apex_grpc.attention.cuda_runtime import (check_stream_memory_ops, cuda_runtime_addresses,
-                                              device_address_of_host,
+from apex_grpc.attention.cuda_runtime import (cuda_runtime_addresses, device_address_of_host,
                                               stream_memory_ops_supported)
 from apex_grpc.config import CUDA_LAYER_WAITS
 from apex_grpc.platform import pinned_empty
@@ -86,8 +86,10 @@ class HybridAttention:
         memory_ops = self._on_cuda and stream_memory_ops_supported(device_index)
         if layer_wait == "auto":
             layer_wait = "stream-wait" if memory_ops else "host-func"
-        elif self._on_cuda and layer_wait == "stream-wait":
-            check_stream_memory_ops(device_index)
+        elif self._on_cuda and layer_wait == "stream-wait" and not memory_ops:
+            raise RuntimeError(f"CUDA device {device_index} does not support 64-bit stream "
+                               "memory operations: use --cuda-layer-wait host-func or "
+                               "engine-thread")
         # Without CUDA there is no stream to hold: the engine thread waits.
         self.layer_wait = layer_wait if self._on_cuda else "engine-thread"
         # Without stream memory operations each ready flag is a copy of this step's sequence

@@ -1,7 +1,7 @@
 // The per-layer hand-off of the hybrid runtime, native so that no Python runs between a GPU
 // layer and its CPU attention job: one call stages a layer's host rows (q|k|v, one row each)
-// into a pinned staging buffer and raises the layer's ready flag behind them; one call brings the job's
-// output back into the caller's buffer once the layer's done flag is raised.
+// into a pinned staging buffer and raises the layer's ready flag behind them; one call brings
+// the job's output back into the caller's buffer once the layer's done flag is raised.
 //
 // On CUDA everything is enqueued on the compute stream through the CUDA runtime (and, for
 // stream memory operations, driver) that torch loaded (their function addresses are passed in;

@@ -18,9 +18,9 @@ from apex_grpc.config import CUDA_LAYER_WAITS, KVPlacement, Policy, ServeOptions
 AUTH_TOKEN_ENV = "APEX_GRPC_AUTH_TOKEN"
 # Subcommands owned by other modules; each gets the remaining argv untouched.
 DELEGATED_COMMANDS = {
-    "profile": ("apex_grpc.scheduler.profiler",
+    "profile": ("apex_grpc.perf.profiler",
                 "measure the performance-model tables and write them as JSON"),
-    "simulate": ("apex_grpc.scheduler.simulate",
+    "simulate": ("apex_grpc.perf.simulate",
                  "run the real scheduler against a profile with no model"),
 }
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -24,7 +24,7 @@ from apex_grpc.platform import device_name, resolve_device, resolve_dtype
 from apex_grpc.runner.model_runner import ModelRunner
 from apex_grpc.scheduler.apex_chooser import make_chooser
 from apex_grpc.scheduler.chooser import SimpleChooser
-from apex_grpc.scheduler.perf_model import PerfModel, Profile
+from apex_grpc.perf.perf_model import PerfModel, Profile
 from apex_grpc.scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def load_perf_model(opts: ServeOptions, model: torch.nn.Module, model_config: Mo
     if opts.policy == Policy.GPU_ONLY or choice == "none":
         return None
     if choice == "auto":
-        from apex_grpc.scheduler.profiler import profile_quick
+        from apex_grpc.perf.profiler import profile_quick
 
         log.info("profiling the performance model (at most %.0f s)", _STARTUP_PROFILE_BUDGET_S)
         profile = profile_quick(model, model_config, dtype, device, threads,

@@ -17,7 +17,7 @@ from apex_grpc.config import EngineConfig
 from apex_grpc.engine.protocol import EngineStats
 from apex_grpc.request import FinishReason, Request, RequestOutput, TokenLogprob, Tier
 from apex_grpc.runner.model_runner import ModelRunner, SamplingInput
-from apex_grpc.scheduler.perf_model import PerfModel
+from apex_grpc.perf.perf_model import PerfModel
 from apex_grpc.scheduler.plan import Strategy
 from apex_grpc.scheduler.scheduler import Scheduler
 from apex_grpc.stopping import StopStringMatcher

@@ -27,7 +27,7 @@ from typing import AbstractSet, Mapping, Sequence
 
 from apex_grpc.config import EngineConfig, Policy
 from apex_grpc.scheduler.chooser import Choice, HostRow, SimpleChooser, StrategyChooser
-from apex_grpc.scheduler.perf_model import PerfModel, StepCosts, StepShape
+from apex_grpc.perf.perf_model import PerfModel, StepCosts, StepShape
 from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
 
 # Consecutive iterations a host-resident request may sit out before it must run.

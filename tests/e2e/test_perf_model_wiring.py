@@ -9,7 +9,7 @@ from apex_grpc.engine.builder import build_engine, build_engine_core
 from apex_grpc.engine.offline import run_to_completion
 from apex_grpc.request import StoppingParams
 from apex_grpc.scheduler.apex_chooser import ApexChooser
-from apex_grpc.scheduler.perf_model import ProfileMismatchError
+from apex_grpc.perf.perf_model import ProfileMismatchError
 from tests.e2e.conftest import tiny_serve_options
 
 

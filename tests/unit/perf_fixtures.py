@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from apex_grpc.scheduler.perf_model import Link, ModelShape, Profile, Table1D, Table2D
+from apex_grpc.perf.perf_model import Link, ModelShape, Profile, Table1D, Table2D
 
 SHAPE = ModelShape(num_layers=4, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
                    intermediate_size=128, vocab_size=100)

@@ -10,7 +10,7 @@ from apex_grpc.config import EngineConfig, Policy
 from apex_grpc.request import Tier
 from apex_grpc.scheduler.apex_chooser import DEFAULT_MAX_SKIPPED_STEPS, ApexChooser, NeoChooser
 from apex_grpc.scheduler.chooser import HostRow
-from apex_grpc.scheduler.perf_model import PerfModel, Profile
+from apex_grpc.perf.perf_model import PerfModel, Profile
 from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
 from tests.unit.perf_fixtures import make_profile
 

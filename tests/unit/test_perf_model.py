@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from apex_grpc.config import ModelConfig
-from apex_grpc.scheduler.perf_model import (PerfModel, Profile, ProfileMismatchError, Table1D,
+from apex_grpc.perf.perf_model import (PerfModel, Profile, ProfileMismatchError, Table1D,
                                             Table2D)
 from apex_grpc.scheduler.plan import Strategy
 from tests.unit.perf_fixtures import SHAPE, make_profile
@@ -102,7 +102,7 @@ def test_profile_quick_measures_a_tiny_model_on_this_machine():
     pytest.importorskip("apex_grpc.attention.cpu_kernel")
     from apex_grpc.model.llama import LlamaForCausalLM
     from apex_grpc.platform import device_name
-    from apex_grpc.scheduler.profiler import profile_quick
+    from apex_grpc.perf.profiler import profile_quick
 
     config = _config(name="tiny")
     device = torch.device("cpu")

@@ -12,7 +12,7 @@ from apex_grpc.kv_cache.manager import KVCacheManager
 from apex_grpc.request import Request, RequestStatus, SamplingParams, StoppingParams, Tier
 from apex_grpc.scheduler.apex_chooser import DEFAULT_MAX_SKIPPED_STEPS, ApexChooser
 from apex_grpc.scheduler.chooser import HostRow, SimpleChooser
-from apex_grpc.scheduler.perf_model import PerfModel
+from apex_grpc.perf.perf_model import PerfModel
 from apex_grpc.scheduler.plan import Strategy
 from apex_grpc.scheduler.scheduler import Scheduler
 from tests.unit.perf_fixtures import make_profile

@@ -59,8 +59,8 @@ def test_defaults_bind_loopback_and_token_comes_from_the_environment():
     assert cli.serve_options(args).policy is Policy.APEX
 
 
-@pytest.mark.parametrize("command,module", [("profile", "apex_grpc.scheduler.profiler"),
-                                            ("simulate", "apex_grpc.scheduler.simulate")])
+@pytest.mark.parametrize("command,module", [("profile", "apex_grpc.perf.profiler"),
+                                            ("simulate", "apex_grpc.perf.simulate")])
 def test_delegated_commands_get_their_argv(monkeypatch, command, module):
     seen = []
     fake = types.ModuleType(module)

@@ -10,11 +10,11 @@ from apex_grpc.config import EngineConfig, KVPlacement, Policy
 from apex_grpc.kv_cache.manager import KVCacheManager
 from apex_grpc.request import Request, SamplingParams, StoppingParams, Tier
 from apex_grpc.scheduler.apex_chooser import DEFAULT_MAX_SKIPPED_STEPS
-from apex_grpc.scheduler.perf_model import PerfModel
+from apex_grpc.perf.perf_model import PerfModel
 from apex_grpc.scheduler.plan import Strategy
 from apex_grpc.scheduler.scheduler import Scheduler
 from apex_grpc.scheduler.apex_chooser import make_chooser
-from apex_grpc.scheduler.simulate import (Setup, Workload, main,
+from apex_grpc.perf.simulate import (Setup, Workload, main,
                                           simulate,
                                           summarize)
 from tests.unit.perf_fixtures import make_profile

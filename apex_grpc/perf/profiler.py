@@ -4,7 +4,7 @@ Times the real pieces: a decoder layer's pre_attention/post_attention vs token c
 the GPU tier's attention backend as served (Triton on CUDA) for prefill and decode, the
 native CpuAttentionPool for CPU decode attention over (requests, context tokens), torch copies
 for the PCIe link, a tiny pool round trip for the per-layer sync, and the LM head. Every point gets a share of a time budget,
-so profiling at server start-up is bounded. apex_grpc/profiles/derive.py builds the shipped
+so profiling at server start-up is bounded. apex_grpc/perf/profiles/derive.py builds the shipped
 profiles for hardware we cannot measure here.
 """
 
@@ -23,7 +23,7 @@ from apex_grpc.attention.gpu_backend import make_gpu_attention_backend
 from apex_grpc.attention.torch_ref import build_metadata, build_paged_batch, contiguous_block_ids
 from apex_grpc.config import ModelConfig
 from apex_grpc.platform import device_name, resolve_device, resolve_dtype
-from apex_grpc.scheduler.perf_model import Link, ModelShape, Profile, Table1D, Table2D
+from apex_grpc.perf.perf_model import Link, ModelShape, Profile, Table1D, Table2D
 
 _BLOCK_SIZE = 16
 

@@ -21,7 +21,7 @@ from apex_grpc.config import EngineConfig, Policy
 from apex_grpc.kv_cache.manager import KVCacheManager
 from apex_grpc.request import Request, SamplingParams, StoppingParams, Tier
 from apex_grpc.scheduler.apex_chooser import make_chooser
-from apex_grpc.scheduler.perf_model import PerfModel, Profile
+from apex_grpc.perf.perf_model import PerfModel, Profile
 from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
 from apex_grpc.scheduler.scheduler import Scheduler
 
@@ -239,7 +239,7 @@ def _float_list(text: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apex-grpc simulate", description=__doc__.split("\n")[0])
     parser.add_argument("--profile", required=True,
-                        help="a profile name shipped in apex_grpc/profiles or a JSON path")
+                        help="a profile name shipped in apex_grpc/perf/profiles or a JSON path")
     parser.add_argument("--policies", default="gpu-only,neo,apex")
     parser.add_argument("--num-requests", type=int, default=200)
     parser.add_argument("--request-rate", type=float, default=math.inf,

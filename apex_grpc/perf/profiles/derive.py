@@ -1,5 +1,5 @@
 """Builds the shipped profiles from published hardware figures, scaled by the efficiencies
-measured on the H200 machine (MEASUREMENTS.md). Run `python -m apex_grpc.profiles.derive` to
+measured on the H200 machine (MEASUREMENTS.md). Run `python -m apex_grpc.perf.profiles.derive` to
 regenerate the JSON files beside this script; README.md explains every number.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from apex_grpc.scheduler.perf_model import Link, ModelShape, Profile, Table1D, Table2D
+from apex_grpc.perf.perf_model import Link, ModelShape, Profile, Table1D, Table2D
 
 # Efficiencies measured on the H200 machine (bf16, Llama-3.1-8B, see README.md).
 WEIGHT_READ_EFFICIENCY = 0.61  # 15.0 GB of weights in 5.1 ms (CUDA graph, B=1) of 4.8 TB/s

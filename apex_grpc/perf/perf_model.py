@@ -21,7 +21,7 @@ from apex_grpc.request import Tier
 from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan, Strategy
 
 PROFILE_FORMAT_VERSION = 1
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -196,7 +196,7 @@ class Profile:
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> Profile:
-        """A path to a JSON file, or the name of one shipped in apex_grpc/profiles/."""
+        """A path to a JSON file, or the name of one shipped in apex_grpc/perf/profiles/."""
         path = Path(name_or_path)
         if not path.is_file():
             path = PROFILES_DIR / f"{name_or_path}.json"

@@ -1,2 +1,3 @@
-"""Attention: the backend seam (base), torch reference, Triton GPU kernels, native CPU
-pool, and the hybrid backend that combines them."""
+"""Attention: the batch layout and the two sides' protocols (layout, base), the device
+backends (torch reference, Triton, native CPU device), the host side (native CPU pool and
+hand-off) and the kernels behind them."""

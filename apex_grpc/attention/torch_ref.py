@@ -1,9 +1,8 @@
 """Pure-torch paged attention: the ground truth for every attention kernel, and a working backend.
 
-TorchPagedAttention implements AttentionBackend over the two KV tiers of attention/base.py.
 paged_attention_reference() is the math on one layer's paged cache (float32 softmax, optional
-log-sum-exp) that kernel tests compare against. build_paged_batch() / build_metadata() make
-metadata for simple cases (each sequence given its list of block ids) for tests and benchmarks.
+log-sum-exp) that kernel tests compare against; TorchPagedAttention is the DeviceAttention
+(attention/base.py) built on it; write_kv() stores rows into a paged cache of either tier.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from apex_grpc.attention.base import (AttentionMetadata, HostPrefillBatch, PagedSeqBatch)
+from apex_grpc.attention.layout import BatchLayout, HostPrefillBatch, PagedSeqBatch
 
 
 def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
@@ -126,111 +125,46 @@ def paged_attention_reference(
     return (out, lse) if return_lse else out
 
 
-class TorchPagedAttention:
-    """AttentionBackend in plain torch for both tiers (CPU or CUDA; fp32, bf16, fp16)."""
+def attend_own_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       batch: HostPrefillBatch, scale: float, out: torch.Tensor) -> None:
+    """Causal attention of each whole prompt in batch over its own k/v (host-bound prefills:
+    there is no earlier context). q/k/v/out hold every row of the step."""
+    row = batch.row_start
+    for query_len in batch.query_lens:
+        rows = slice(row, row + query_len)
+        # The prompt is the whole context: k/v [kv_heads, query_len, d].
+        seq_out, _ = _attend(q[rows], k[rows].transpose(0, 1), v[rows].transpose(0, 1), scale, 0)
+        out[rows] = seq_out.to(out.dtype)
+        row += query_len
 
-    def __init__(self, gpu_kv: torch.Tensor, host_kv: torch.Tensor | None,
-                 scale: float) -> None:
-        # [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim] per tier
-        if gpu_kv.dim() != 6 or (host_kv is not None and host_kv.dim() != 6):
-            raise ValueError("KV caches must be [num_layers, 2, num_blocks, num_kv_heads, "
+
+class TorchPagedAttention:
+    """DeviceAttention in plain torch (CPU or CUDA; fp32, bf16, fp16): the reference backend."""
+
+    def __init__(self, gpu_kv: torch.Tensor, scale: float) -> None:
+        if gpu_kv.dim() != 6:
+            raise ValueError("the KV cache must be [num_layers, 2, num_blocks, num_kv_heads, "
                              "block_size, head_dim]")
         self.gpu_kv = gpu_kv
-        self.host_kv = host_kv
         self.scale = scale
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata, out: torch.Tensor | None = None) -> torch.Tensor:
-        if q.shape[0] != meta.num_tokens:
-            raise ValueError(f"q has {q.shape[0]} rows, metadata says {meta.num_tokens}")
-        if out is None:
-            out = torch.empty_like(q)
-        if meta.gpu is not None:
-            self._paged(self.gpu_kv[layer_idx], meta.gpu, q, k, v, out)
-        if meta.host_prefill is not None:
-            self._host_prefill(layer_idx, meta.host_prefill, q, k, v, out)
-        if meta.host_decode is not None:
-            self._paged(self._host_layer(layer_idx), meta.host_decode, q, k, v, out)
-        return out
-
-    def finish_step(self) -> None:
-        """Nothing is deferred: every write above is done in place."""
-
-    def _host_layer(self, layer_idx: int) -> torch.Tensor:
-        if self.host_kv is None:
-            raise ValueError("metadata has host-tier rows but this backend has no host KV cache")
-        return self.host_kv[layer_idx]
-
-    def _paged(self, cache: torch.Tensor, batch: PagedSeqBatch, q: torch.Tensor,
-               k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
-        rows = slice(batch.row_start, batch.row_end)
-        write_kv(cache, batch.slot_mapping, k[rows], v[rows])
-        result = paged_attention_reference(
-            q[rows].to(cache.device), cache[0], cache[1], batch.block_tables, batch.seq_lens,
-            batch.query_lens, self.scale)
-        out[rows] = result.to(out.device)
-
-    def _host_prefill(self, layer_idx: int, batch: HostPrefillBatch, q: torch.Tensor,
-                      k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
-        rows = slice(batch.row_start, batch.row_start + batch.num_tokens)
-        write_kv(self._host_layer(layer_idx), batch.host_slot_mapping, k[rows], v[rows])
-        row = batch.row_start
-        for query_len in batch.query_lens:
-            seq_rows = slice(row, row + query_len)
-            # The chunk is the whole context: k/v [kv_heads, query_len, d].
-            seq_out, _ = _attend(q[seq_rows], k[seq_rows].transpose(0, 1),
-                                 v[seq_rows].transpose(0, 1), self.scale, 0)
-            out[seq_rows] = seq_out.to(out.dtype)
-            row += query_len
+                layout: BatchLayout, out: torch.Tensor) -> None:
+        cache = self.gpu_kv[layer_idx]
+        for batch in (layout.gpu_prefill, layout.gpu_decode):
+            if batch is not None:
+                attend_paged(cache, batch, q, k, v, self.scale, out)
+        if layout.host_prefill is not None:
+            attend_own_context(q, k, v, layout.host_prefill, self.scale, out)
 
 
-def build_paged_batch(row_start: int, block_ids: Sequence[Sequence[int]],
-                      num_cached: Sequence[int], query_lens: Sequence[int], block_size: int,
-                      device: torch.device | str) -> PagedSeqBatch:
-    """Metadata for sequences whose blocks are given: sequence i has num_cached[i] tokens in the
-    cache already and query_lens[i] new rows (positions num_cached[i] ... in order)."""
-    seq_lens = tuple(c + n for c, n in zip(num_cached, query_lens))
-    max_blocks = max((len(ids) for ids in block_ids), default=1)
-    table = torch.zeros(len(block_ids), max(max_blocks, 1), dtype=torch.int32)
-    slots: list[int] = []
-    for seq_idx, (ids, cached, seq_len) in enumerate(zip(block_ids, num_cached, seq_lens)):
-        if len(ids) * block_size < seq_len:
-            raise ValueError(f"sequence {seq_idx} needs {seq_len} slots, has {len(ids)} blocks")
-        table[seq_idx, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
-        slots.extend(ids[pos // block_size] * block_size + pos % block_size
-                     for pos in range(cached, seq_len))
-    starts = [0]
-    for query_len in query_lens:
-        starts.append(starts[-1] + query_len)
-    return PagedSeqBatch(
-        row_start=row_start, num_tokens=starts[-1], query_lens=tuple(query_lens),
-        seq_lens=seq_lens, block_tables=table.to(device),
-        seq_lens_tensor=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device))
-
-
-def build_host_prefill_batch(row_start: int, block_ids: Sequence[Sequence[int]],
-                             query_lens: Sequence[int], block_size: int) -> HostPrefillBatch:
-    """Whole prompts prefilled on the GPU whose k/v go to the given host-tier blocks."""
-    slots = [ids[pos // block_size] * block_size + pos % block_size
-             for ids, query_len in zip(block_ids, query_lens) for pos in range(query_len)]
-    return HostPrefillBatch(row_start=row_start, num_tokens=len(slots),
-                            query_lens=tuple(query_lens),
-                            host_slot_mapping=torch.tensor(slots, dtype=torch.int64))
-
-
-def build_metadata(gpu: PagedSeqBatch | None = None,
-                   host_prefill: HostPrefillBatch | None = None,
-                   host_decode: PagedSeqBatch | None = None) -> AttentionMetadata:
-    """Combine parts (rows must follow the order gpu, host_prefill, host_decode)."""
-    num_tokens = sum(part.num_tokens for part in (gpu, host_prefill, host_decode)
-                     if part is not None)
-    return AttentionMetadata(num_tokens=num_tokens, gpu=gpu, host_prefill=host_prefill,
-                             host_decode=host_decode)
-
-
-def contiguous_block_ids(seq_index: int, max_blocks_per_seq: int) -> list[int]:
-    """Blocks [seq_index * max_blocks_per_seq, ...): a trivial allocation for tests/benchmarks."""
-    start = seq_index * max_blocks_per_seq
-    return list(range(start, start + max_blocks_per_seq))
+def attend_paged(cache: torch.Tensor, batch: PagedSeqBatch, q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor, scale: float, out: torch.Tensor) -> None:
+    """Store batch's rows of k/v in cache [2, num_blocks, num_kv_heads, block_size, head_dim],
+    then write their attention over it into out."""
+    rows = batch.rows
+    write_kv(cache, batch.slot_mapping, k[rows], v[rows])
+    result = paged_attention_reference(q[rows].to(cache.device), cache[0], cache[1],
+                                       batch.block_tables, batch.seq_lens, batch.query_lens,
+                                       scale)
+    out[rows] = result.to(out.device)

@@ -3,7 +3,7 @@ versus hybrid execution, measured side by side in one process.
 
 Figures (one JSON line at the end):
 - handoff_us_p50: stage a layer's host rows -> native job runs -> done flag seen (on CUDA: ->
-  output back on the device), through the real HybridAttention path (tiny job), median over
+  output back on the device), through the real host side (HostAttention) (tiny job), median over
   many layers; engine_us_per_layer: what the engine thread spends in those calls.
 - overhead_us_per_layer: (decode step with G GPU rows + 1 host row of tiny context) minus
   (G GPU rows alone), per layer: the hybrid runtime's fixed cost (the median of the
@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from apex_grpc.attention.layout import make_layout
 from apex_grpc.config import CUDA_LAYER_WAITS, EngineConfig, KVPlacement, Policy, ServeOptions
 from apex_grpc.engine.builder import (build_core, default_cpu_attention_threads,
                                       share_cores_with_pool)
@@ -37,7 +38,7 @@ from apex_grpc.engine.offline import run_to_completion
 from apex_grpc.model.loader import load_model
 from apex_grpc.platform import synchronize
 from apex_grpc.request import SamplingParams, StoppingParams, Tier
-from apex_grpc.runner.input_batch import make_paged_batch
+from apex_grpc.runner.input_batch import paged_batch_of
 from apex_grpc.runner.model_runner import SamplingInput
 from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan, Strategy
 
@@ -87,7 +88,7 @@ def time_plans(core: EngineCore, plans: dict[str, StepPlan], num_steps: int
 
 def gpu_vs_hybrid(core: EngineCore, num_gpu: int, num_host: int, ctx: int,
                   num_steps: int) -> dict[str, float]:
-    layers = core.runner.attention.num_layers
+    layers = core.runner.host.num_layers
     samples = time_plans(core, {
         "gpu": decode_plan(num_gpu, 0, ctx, Strategy.GPU_ONLY),
         "overlap": decode_plan(num_gpu, num_host, ctx, Strategy.ASYNC_OVERLAP),
@@ -110,32 +111,32 @@ def gpu_vs_hybrid(core: EngineCore, num_gpu: int, num_host: int, ctx: int,
 
 
 def handoff_figures(core: EngineCore, iterations: int) -> dict[str, object]:
-    """Through the real HybridAttention path with a one-row, one-token host job:
+    """Through the real host side (HostAttention) with a one-row, one-token host job:
     handoff_us_p50, the median stage -> done flag time per layer (on CUDA until the output is
     back on the device); and what the engine thread itself spends per layer: the stage and
     fetch calls (unless the engine thread waits, fetch only enqueues) and begin/end of step."""
-    attention = core.runner.attention
-    host = make_paged_batch(decode_plan(0, 1, 0, Strategy.ASYNC_OVERLAP).host_decode_seqs, 0,
+    host_side = core.runner.host
+    host = paged_batch_of(decode_plan(0, 1, 0, Strategy.ASYNC_OVERLAP).host_decode_seqs, 0,
                             BLOCK_SIZE, torch.device("cpu"))
-    q, k, v = _host_rows(core, 1)
-    layers = attention.num_layers
+    q, k, v, out = _host_rows(core, 1)
+    layers = host_side.num_layers
     handoff, stage, fetch, begin_end = [], [], [], []
     for _ in range(max(1, iterations // layers)):
         start = time.perf_counter()
-        attention.begin_step(host)
+        host_side.begin_step(make_layout(host_decode=host))
         step_start = time.perf_counter()
         for layer in range(layers):
             staged = time.perf_counter()
-            attention.stage_host(layer, q, k, v)
+            host_side.stage(layer, q, k, v, 0)
             fetched = time.perf_counter()
-            attention.wait_host(layer)
+            host_side.fetch(layer, out, 0)
             returned = time.perf_counter()
             synchronize(core.device)  # on CUDA: until the output has landed on the device
             handoff.append((time.perf_counter() - staged) * 1e6)
             stage.append((fetched - staged) * 1e6)
             fetch.append((returned - fetched) * 1e6)
         end = time.perf_counter()
-        attention.end_step()
+        host_side.end_step()
         begin_end.append(((step_start - start) + (time.perf_counter() - end)) * 1e6 / layers)
     return {"handoff_us_p50": statistics.median(handoff),
             "engine_us_per_layer": {"stage_call": statistics.median(stage),
@@ -144,36 +145,39 @@ def handoff_figures(core: EngineCore, iterations: int) -> dict[str, object]:
 
 
 def _host_rows(core: EngineCore, num_rows: int) -> tuple[torch.Tensor, ...]:
-    """Zero q, k, v of num_rows rows, laid out as the model's projection leaves them."""
-    attention = core.runner.attention
-    heads = (attention.num_heads, attention.num_kv_heads, attention.num_kv_heads)
-    qkv = torch.zeros((num_rows, sum(heads), attention.head_dim),
-                      dtype=attention.host_kv.dtype, device=core.device)
-    return qkv.split(heads, dim=1)
+    """Zero q, k, v of num_rows rows, laid out as the model's projection leaves them, and an
+    attention output buffer for them."""
+    host_side = core.runner.host
+    heads = (host_side.num_heads, host_side.num_kv_heads, host_side.num_kv_heads)
+    qkv = torch.zeros((num_rows, sum(heads), host_side.head_dim),
+                      dtype=host_side.host_kv.dtype, device=core.device)
+    out = torch.empty((num_rows, host_side.num_heads, host_side.head_dim), dtype=qkv.dtype,
+                      device=core.device)
+    return (*qkv.split(heads, dim=1), out)
 
 
 def split_per_layer(core: EngineCore, num_host: int, ctx: int,
                     figures: dict[str, float]) -> dict[str, float]:
     """Per-layer split of the ASYNC_OVERLAP step: the host rows' copies down and their CPU
     attention (with the upload) measured alone, the rest from the step times."""
-    attention = core.runner.attention
-    layers = attention.num_layers
-    host = make_paged_batch(decode_plan(0, num_host, ctx, Strategy.ASYNC_OVERLAP)
+    host_side = core.runner.host
+    layers = host_side.num_layers
+    host = paged_batch_of(decode_plan(0, num_host, ctx, Strategy.ASYNC_OVERLAP)
                             .host_decode_seqs, 0, BLOCK_SIZE, torch.device("cpu"))
-    q, k, v = _host_rows(core, num_host)
+    q, k, v, out = _host_rows(core, num_host)
     copies, cpu = [], []
     for _ in range(3):
-        attention.begin_step(host)
+        host_side.begin_step(make_layout(host_decode=host))
         for layer in range(layers):
             start = time.perf_counter()
-            attention.stage_host(layer, q, k, v)
+            host_side.stage(layer, q, k, v, 0)
             synchronize(core.device)
             staged = time.perf_counter()
-            attention.wait_host(layer)
+            host_side.fetch(layer, out, 0)
             synchronize(core.device)
             copies.append((staged - start) * 1e3)
             cpu.append((time.perf_counter() - staged) * 1e3)
-        attention.end_step()
+        host_side.end_step()
     gpu_layer = figures["gpu_only_step_ms"] / layers
     hybrid_layer = figures["async_overlap_step_ms"] / layers
     copy_ms, cpu_ms = statistics.median(copies), statistics.median(cpu)
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, object] = {"device": str(device), "config": config,
                                   "threads": args.threads,
                                   # "auto" resolved; without CUDA the engine thread waits
-                                  "cuda_layer_wait": core.runner.attention.layer_wait}
+                                  "cuda_layer_wait": core.runner.host.layer_wait}
     figures.update(handoff_figures(core, 2000))
     print(f"hand-off (stage -> done flag) p50: {figures['handoff_us_p50']:.1f} us; engine "
           f"thread per layer (us): {json.dumps(figures['engine_us_per_layer'])}")

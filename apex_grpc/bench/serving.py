@@ -52,8 +52,10 @@ def engine_overhead(num_streams: int, prompt_len: int, num_steps: int, device: t
         with torch.inference_mode():
             start = time.perf_counter()
             batch = build_input_batch(plan, config.block_size, device)
-            hidden = model(batch.input_ids, batch.positions, core.runner.attention, batch.meta)
+            core.runner.host.begin_step(batch.layout)
+            hidden = core.runner.forward(plan.strategy, batch)
             model.compute_logits(hidden[batch.sample_rows])
+            core.runner.host.end_step()
             bare_ms.append((time.perf_counter() - start) * 1e3)
     step, bare = statistics.median(step_ms), statistics.median(bare_ms)
     return {"streams": num_streams, "engine_step_ms": step, "bare_forward_ms": bare,

@@ -9,11 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from apex_grpc.attention.base import AttentionBackend
-from apex_grpc.attention.cpu_device import NativeCpuPagedAttention
 from apex_grpc.attention.cpu_kernel import CpuAttentionPool
-from apex_grpc.attention.gpu_backend import make_gpu_attention_backend
-from apex_grpc.attention.hybrid import HybridAttention
+from apex_grpc.attention.gpu_backend import make_device_attention
+from apex_grpc.attention.host import HostAttention
 from apex_grpc.config import CUDA_LAYER_WAITS, EngineConfig, ModelConfig, Policy, ServeOptions
 from apex_grpc.engine.async_engine import AsyncEngine
 from apex_grpc.engine.core import EngineCore
@@ -180,23 +178,14 @@ def build_core(config: EngineConfig, model: torch.nn.Module, model_config: Model
                         config.num_host_blocks, dtype, device)
     scale = model_config.head_dim ** -0.5
     pool = CpuAttentionPool(config.cpu_attention_threads)
-    attention = HybridAttention(
-        make_device_attention(storage, scale, pool), storage.host, pool, scale,
-        config.max_num_seqs,
-        model_config.num_attention_heads, model_config.num_key_value_heads,
-        model_config.head_dim, device, cuda_layer_wait)
-    runner = ModelRunner(model, storage, attention, config.block_size, device)
+    host = HostAttention(storage.host, pool, scale, config.max_num_seqs,
+                         model_config.num_attention_heads, model_config.num_key_value_heads,
+                         model_config.head_dim, device, cuda_layer_wait)
+    runner = ModelRunner(model, storage, make_device_attention(storage.gpu, scale, pool), host,
+                         config.block_size, device)
     kv = KVCacheManager(config.block_size, config.num_gpu_blocks, config.num_host_blocks)
     eos = tokenizer.eos_token_ids if tokenizer is not None else model_config.eos_token_ids
     chooser = SimpleChooser(config.policy) if perf_model is None else \
         make_chooser(config.policy, perf_model, config, tpot_slo_ms)
     return EngineCore(config, Scheduler(config, kv, chooser), runner, tokenizer, tuple(eos),
                       device, perf_model)
-
-
-def make_device_attention(storage: KVStorage, scale: float,
-                          pool: CpuAttentionPool) -> AttentionBackend:
-    """Attention for the GPU tier: Triton on CUDA, the native kernel when the device is the CPU."""
-    if storage.device.type == "cpu":
-        return NativeCpuPagedAttention(storage.gpu, storage.host, scale, pool)
-    return make_gpu_attention_backend(storage.gpu, storage.host, scale)

@@ -209,7 +209,7 @@ class EngineCore:
 
     def close(self) -> None:
         """Release the native CPU attention pool (its worker threads)."""
-        self.runner.attention.pool.close()
+        self.runner.close()
 
     # -- introspection ------------------------------------------------------------------------
     def stats(self) -> EngineStats:

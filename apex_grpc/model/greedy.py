@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from apex_grpc.attention.torch_ref import (TorchPagedAttention, build_metadata,
-                                           build_paged_batch, contiguous_block_ids)
+from apex_grpc.attention.layout import contiguous_block_ids, make_layout, paged_batch
+from apex_grpc.attention.torch_ref import TorchPagedAttention
 from apex_grpc.model.llama import LlamaForCausalLM
 
 
@@ -33,7 +33,7 @@ class GreedyGenerator:
         self.max_seq_len = max_seq_len
         self.blocks_per_seq = -(-max_seq_len // block_size)
         kv = allocate_kv_cache(model, max_seqs * self.blocks_per_seq, block_size)
-        self.attention = TorchPagedAttention(kv, None, model.config.head_dim ** -0.5)
+        self.attention = TorchPagedAttention(kv, model.config.head_dim ** -0.5)
         self.num_cached = [0] * max_seqs
 
     def step(self, seq_indices: Sequence[int],
@@ -45,13 +45,23 @@ class GreedyGenerator:
         if any(c + n > self.max_seq_len for c, n in zip(cached, query_lens)):
             raise ValueError(f"a sequence would exceed max_seq_len {self.max_seq_len}")
         device = self.model.device
-        batch = build_paged_batch(
+        batch = paged_batch(
             0, [contiguous_block_ids(i, self.blocks_per_seq) for i in seq_indices], cached,
             query_lens, self.block_size, device)
+        is_decode = all(n == 1 for n in query_lens) and all(cached)
+        layout = make_layout(gpu_decode=batch) if is_decode else make_layout(gpu_prefill=batch)
+        out = torch.empty((batch.num_tokens, self.model.config.num_attention_heads,
+                           self.model.config.head_dim), dtype=self.model.dtype, device=device)
+
+        def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor) -> torch.Tensor:
+            self.attention.forward(layer_idx, q, k, v, layout, out)
+            return out
+
         input_ids = torch.tensor([t for tokens in new_tokens for t in tokens], device=device)
         positions = torch.tensor([c + j for c, n in zip(cached, query_lens) for j in range(n)],
                                  device=device)
-        hidden = self.model(input_ids, positions, self.attention, build_metadata(gpu=batch))
+        hidden = self.model(input_ids, positions, attend)
         for i, n in zip(seq_indices, query_lens):
             self.num_cached[i] += n
         return self.model.compute_logits(hidden)

@@ -1,9 +1,10 @@
 """The Llama-family decoder (Llama-2/3/3.1/3.2, SmolLM2, Mistral without sliding window, Qwen2).
 
-The model never touches the KV cache: each layer's pre-attention part returns rotated q/k/v, the
-attention backend (given per-batch metadata) stores k/v and attends, and the post-attention part
-finishes the layer. forward() is exactly that sequence, and the pieces are public so the NEO
-pipeline can run sub-batches layer by layer in a skewed order.
+The model never touches the KV cache. It exposes one layer-stack API that every step executor
+(runner/executors/) drives: embed(), rope(), layers[i].pre_attention() (rotated q/k/v),
+layers[i].post_attention(), final_norm() and compute_logits(). forward() runs the stack in
+order, calling the executor's `attend(layer_idx, q, k, v) -> out` between the two halves of
+each layer; the NEO pipeline drives the halves itself in a skewed order.
 
 Inputs are flattened over the batch: every row is one token, `positions` gives its position in
 its own sequence.
@@ -11,12 +12,17 @@ its own sequence.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from apex_grpc.attention.base import AttentionBackend, AttentionMetadata
 from apex_grpc.config import ModelConfig
 from apex_grpc.model.layers import GatedMLP, Linear, RMSNorm, RopeAngles, RotaryEmbedding
+
+# attend(layer_idx, q, k, v) -> attention output [n, num_heads, head_dim]: the executor's part
+# of each layer (KV storage and attention wherever the rows' KV lives).
+LayerAttention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -82,20 +88,23 @@ class LlamaForCausalLM(nn.Module):
         """input_ids [n] int64 -> hidden [n, hidden_size]."""
         return self.embed_tokens[input_ids]
 
+    def rope(self, positions: torch.Tensor) -> RopeAngles:
+        """positions [n] int64 -> the RoPE angles every layer's pre_attention takes."""
+        return self.rotary.angles(positions)
+
     def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.norm(hidden, residual)[0]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                attn: AttentionBackend, meta: AttentionMetadata) -> torch.Tensor:
+                attend: LayerAttention) -> torch.Tensor:
         """input_ids, positions [num_tokens] int64 -> hidden [num_tokens, hidden_size]."""
         hidden = self.embed(input_ids)
-        rope = self.rotary.angles(positions)
+        rope = self.rope(positions)
         residual: torch.Tensor | None = None
         for layer_idx, layer in enumerate(self.layers):
             q, k, v, residual = layer.pre_attention(hidden, residual, rope)
-            attn_out = attn.forward(layer_idx, q, k, v, meta)
-            hidden, residual = layer.post_attention(attn_out, residual)
+            hidden, residual = layer.post_attention(attend(layer_idx, q, k, v), residual)
         assert residual is not None, "a model has at least one layer"
         return self.final_norm(hidden, residual)
 

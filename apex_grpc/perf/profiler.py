@@ -19,8 +19,9 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from apex_grpc.attention.gpu_backend import make_gpu_attention_backend
-from apex_grpc.attention.torch_ref import build_metadata, build_paged_batch, contiguous_block_ids
+from apex_grpc.attention.cpu_kernel import CpuAttentionPool
+from apex_grpc.attention.gpu_backend import make_device_attention
+from apex_grpc.attention.layout import contiguous_block_ids, make_layout, paged_batch
 from apex_grpc.config import ModelConfig
 from apex_grpc.platform import device_name, resolve_device, resolve_dtype
 from apex_grpc.perf.perf_model import Link, ModelShape, Profile, Table1D, Table2D
@@ -116,21 +117,25 @@ def _paged_ms(config: ModelConfig, dtype: torch.dtype, device: torch.device, num
     blocks_per_seq = -(-ctx_len // _BLOCK_SIZE)
     kv = torch.randn(1, 2, num_seqs * blocks_per_seq, config.num_key_value_heads, _BLOCK_SIZE,
                      config.head_dim, dtype=dtype, device=device)
-    backend = make_gpu_attention_backend(kv, None, config.head_dim ** -0.5)
     ids = [contiguous_block_ids(i, blocks_per_seq) for i in range(num_seqs)]
-    batch = build_paged_batch(0, ids, [ctx_len - query_len] * num_seqs, [query_len] * num_seqs,
-                              _BLOCK_SIZE, device)
-    meta = build_metadata(gpu=batch)
+    batch = paged_batch(0, ids, [ctx_len - query_len] * num_seqs, [query_len] * num_seqs,
+                        _BLOCK_SIZE, device)
+    is_decode = query_len == 1 and ctx_len > 1
+    layout = make_layout(gpu_decode=batch) if is_decode else make_layout(gpu_prefill=batch)
     rows = num_seqs * query_len
     q = torch.randn(rows, config.num_attention_heads, config.head_dim, dtype=dtype, device=device)
     k = torch.randn(rows, config.num_key_value_heads, config.head_dim, dtype=dtype, device=device)
-    return timer.ms(lambda: backend.forward(0, q, k, k, meta))
+    out = torch.empty_like(q)
+    # The pool serves only a CPU device's decode rows (one thread: the profile's CPU figures
+    # come from _cpu_attention_table).
+    with CpuAttentionPool(1) as pool:
+        backend = make_device_attention(kv, config.head_dim ** -0.5, pool)
+        return timer.ms(lambda: backend.forward(0, q, k, k, layout, out))
 
 
 def _cpu_attention_table(config: ModelConfig, dtype: torch.dtype, threads: int, grid: Grid,
                          timer: _Timer) -> tuple[Table2D, float, str]:
     """CPU decode attention of one layer; also the pool's round trip for a tiny job."""
-    from apex_grpc.attention.cpu_kernel import CpuAttentionPool
     table = []
     with CpuAttentionPool(threads) as pool:
         for num_reqs in grid.cpu_reqs:

@@ -1,1 +1,2 @@
-"""Runner: StepPlan -> tensors -> model -> sampler -> StepResult."""
+"""Runner: StepPlan -> InputBatch (ids, positions, BatchLayout) -> the strategy's executor ->
+sampler -> StepResult."""

@@ -1,23 +1,22 @@
-"""Executes a StepPlan: KV moves, the forward pass under the plan's strategy, then sampling.
-
-GPU_ONLY and ASYNC_OVERLAP run one forward pass (the hybrid backend overlaps host rows inside
-each layer); ASYMMETRIC_PIPELINE runs two sub-batches with a skewed layer schedule so the CPU
-attends sub-batch B at layer i while the GPU runs sub-batch A's layer i.
+"""Executes a StepPlan: KV moves, the forward pass through the plan's strategy executor, then
+sampling. The runner owns the step's bracket (the host side's begin_step/end_step) and picks
+the executor; each executor (runner/executors/) owns its layer loop.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from apex_grpc.attention.base import AttentionMetadata
-from apex_grpc.attention.hybrid import HybridAttention
+from apex_grpc.attention.base import DeviceAttention
+from apex_grpc.attention.host import HostAttention
 from apex_grpc.kv_cache.storage import KVStorage
+from apex_grpc.model.llama import LlamaForCausalLM
 from apex_grpc.platform import synchronize
 from apex_grpc.request import SamplingParams, TokenLogprob
-from apex_grpc.runner.input_batch import build_input_batch
+from apex_grpc.runner.executors import EXECUTORS, StepExecutor
+from apex_grpc.runner.input_batch import InputBatch, build_input_batch
 from apex_grpc.sampler import Sampler
 from apex_grpc.scheduler.plan import StepPlan, Strategy
 
@@ -36,14 +35,18 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, storage: KVStorage, attention: HybridAttention,
-                 block_size: int, device: torch.device) -> None:
+    def __init__(self, model: LlamaForCausalLM, storage: KVStorage,
+                 device_attention: DeviceAttention, host: HostAttention, block_size: int,
+                 device: torch.device) -> None:
         self.model = model
         self.storage = storage
-        self.attention = attention
+        self.host = host
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
+        self.executors: dict[Strategy, StepExecutor] = {
+            strategy: executor(model, device_attention, host)
+            for strategy, executor in EXECUTORS.items()}
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, sampling: dict[str, SamplingInput]) -> StepResult:
@@ -57,11 +60,8 @@ class ModelRunner:
         # collecting them right after the forward would stall this thread until the CPU's last
         # layer, while the device sits idle waiting for the sampling launches.
         try:
-            self.attention.begin_step(batch.meta.host_decode)
-            if plan.strategy == Strategy.ASYMMETRIC_PIPELINE and batch.meta.host_decode is not None:
-                hidden = self._forward_pipelined(batch.input_ids, batch.positions, batch.meta)
-            else:
-                hidden = self.model(batch.input_ids, batch.positions, self.attention, batch.meta)
+            self.host.begin_step(batch.layout)
+            hidden = self.forward(plan.strategy, batch)
             if not batch.sample_request_ids:
                 synchronize(self.device)
                 return StepResult({}, {})
@@ -70,35 +70,19 @@ class ModelRunner:
             out = self.sampler(logits, [i.params for i in inputs], [i.generator for i in inputs],
                                [i.prior_token_ids or [] for i in inputs])
         finally:
-            self.attention.end_step()
+            self.host.end_step()
         sampled = dict(zip(batch.sample_request_ids, out.token_ids))
         logprobs = {rid: lp for rid, lp in zip(batch.sample_request_ids, out.logprobs)
                     if lp is not None}
         return StepResult(sampled, logprobs)
 
-    def _forward_pipelined(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                           meta: AttentionMetadata) -> torch.Tensor:
-        """Sub-batch A = GPU-attended rows, B = host decode rows (the tail)."""
-        split = meta.host_decode.row_start
-        meta_a = dataclasses.replace(meta, num_tokens=split, host_decode=None)
-        layers = self.model.layers
-        rope = self.model.rotary.angles(positions)
-        rope_a, rope_b = rope.rows(slice(0, split)), rope.rows(slice(split, None))
-        hidden_a, residual_a = self.model.embed(input_ids[:split]), None
-        hidden_b, residual_b = self.model.embed(input_ids[split:]), None
+    def forward(self, strategy: Strategy, batch: InputBatch) -> torch.Tensor:
+        """The batch's forward pass (host side's step begun) -> final hidden states. A step
+        without host decode rows runs GPU_ONLY whatever the plan's strategy."""
+        if batch.layout.host_decode is None:
+            strategy = Strategy.GPU_ONLY
+        return self.executors[strategy].run(batch)
 
-        q, k, v, residual_b = layers[0].pre_attention(hidden_b, residual_b, rope_b)
-        self.attention.stage_host(0, q, k, v)
-        for i, layer in enumerate(layers):
-            if split > 0:  # GPU work for A at layer i overlaps B's CPU attention at layer i
-                q, k, v, residual_a = layer.pre_attention(hidden_a, residual_a, rope_a)
-                attn_a = self.attention.gpu_backend.forward(i, q, k, v, meta_a)
-                hidden_a, residual_a = layer.post_attention(attn_a, residual_a)
-            hidden_b, residual_b = layer.post_attention(self.attention.wait_host(i), residual_b)
-            if i + 1 < len(layers):
-                q, k, v, residual_b = layers[i + 1].pre_attention(hidden_b, residual_b, rope_b)
-                self.attention.stage_host(i + 1, q, k, v)
-        out_b = self.model.final_norm(hidden_b, residual_b)
-        if split == 0:
-            return out_b
-        return torch.cat([self.model.final_norm(hidden_a, residual_a), out_b])
+    def close(self) -> None:
+        """Release the host side's native CPU pool (its worker threads)."""
+        self.host.close()

@@ -34,7 +34,7 @@ def test_failure_in_a_middle_layer_releases_the_later_layers_jobs(tiny_config_pa
                         lambda *args: (_ for _ in ()).throw(RuntimeError("injected")))
     with pytest.raises(RuntimeError, match="injected"):
         runner.execute(plan, sampling)  # would hang in end_step if a job stayed gated
-    assert not runner.attention._jobs
+    assert not runner.host._jobs
 
     monkeypatch.undo()
     assert runner.execute(plan, sampling).sampled == reference
@@ -44,11 +44,11 @@ def test_failure_in_a_middle_layer_releases_the_later_layers_jobs(tiny_config_pa
 def test_host_rows_not_laid_out_as_one_qkv_buffer_are_refused(tiny_config_path):
     """One copy moves a host row's q|k|v, so q, k and v must be views of one buffer."""
     core = build_engine_core(tiny_serve_options(tiny_config_path, policy="apex")).core
-    attention = core.runner.attention
-    heads = (attention.num_heads, attention.num_kv_heads, attention.num_kv_heads)
-    q, k, v = torch.zeros((2, sum(heads), attention.head_dim)).split(heads, dim=1)
+    host = core.runner.host
+    heads = (host.num_heads, host.num_kv_heads, host.num_kv_heads)
+    q, k, v = torch.zeros((2, sum(heads), host.head_dim)).split(heads, dim=1)
     with pytest.raises(ValueError, match="one q\\|k\\|v buffer"):
-        attention.stage_host(0, q, k.clone(), v)
+        host.stage(0, q, k.clone(), v, 0)
     with pytest.raises(ValueError, match="one q\\|k\\|v buffer"):
-        attention.stage_host(0, q, v, k)  # k and v swapped
+        host.stage(0, q, v, k, 0)  # k and v swapped
     core.close()

@@ -25,7 +25,7 @@ QKV_HEADS = HEADS + 2 * KV_HEADS
 
 @dataclass
 class Buffers:
-    qkv: torch.Tensor  # [parity, rows, q|k|v heads, head_dim], like HybridAttention's staging
+    qkv: torch.Tensor  # [parity, rows, q|k|v heads, head_dim], like HostAttention's staging
     out: torch.Tensor  # [parity, rows, heads, head_dim]
     flags: torch.Tensor  # [ready | done, layers, 1]
     seq_device: torch.Tensor | None  # the step's sequence number, on CUDA

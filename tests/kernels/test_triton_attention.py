@@ -7,7 +7,6 @@ natively. Skipped when triton is not installed.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -24,13 +23,15 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from apex_grpc.attention import triton_paged  # noqa: E402
-from apex_grpc.attention.base import AttentionMetadata  # noqa: E402
+from apex_grpc.attention.cpu_device import NativeCpuPagedAttention  # noqa: E402
+from apex_grpc.attention.cpu_kernel import CpuAttentionPool  # noqa: E402
 from apex_grpc.attention.gpu_backend import (TritonPagedAttention,  # noqa: E402
-                                             make_gpu_attention_backend)
-from apex_grpc.attention.torch_ref import (TorchPagedAttention,  # noqa: E402
-                                           build_host_prefill_batch, write_kv)
+                                             make_device_attention)
+from apex_grpc.attention.host import HostAttention  # noqa: E402
+from apex_grpc.attention.layout import host_prefill_batch, make_layout  # noqa: E402
+from apex_grpc.attention.torch_ref import TorchPagedAttention, write_kv  # noqa: E402
 from apex_grpc.request import Tier  # noqa: E402
-from apex_grpc.runner.input_batch import make_paged_batch  # noqa: E402
+from apex_grpc.runner.input_batch import paged_batch_of  # noqa: E402
 from apex_grpc.scheduler.plan import ScheduledSeq  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -156,41 +157,43 @@ def _seq(request_id: str, num_computed: int, num_new: int, first_block: int,
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mixed_batch_matches_torch_backend(dtype):
-    """Prefills (fresh and with context) and decodes in one gpu batch, plus host prefill and
-    host decode parts: outputs and both caches after the store equal the torch backend's."""
+    """GPU prefills (fresh and with context), GPU decodes and a host-bound prefill in one
+    layout: outputs and the GPU cache after the store equal the torch backend's, and the host
+    side puts the host prefill's k/v into the host tier (staged through pinned memory on
+    CUDA)."""
     num_layers, num_heads, num_kv_heads, head_dim, block_size = 2, 8, 2, 64, 16
     generator = torch.Generator().manual_seed(11)
     gpu_kv = torch.randn(num_layers, 2, 24, num_kv_heads, block_size, head_dim,
                          generator=generator).to(DEVICE, dtype)
     host_kv = torch.randn(num_layers, 2, 12, num_kv_heads, block_size, head_dim,
                           generator=generator).to(dtype)
-    gpu_seqs = (_seq("fresh", 0, 19, 0, block_size), _seq("chunk", 40, 9, 2, block_size),
-                _seq("decode_a", 70, 1, 6, block_size), _seq("decode_b", 5, 1, 11, block_size),
-                _seq("decode_c", 129, 1, 12, block_size))
-    gpu = make_paged_batch(gpu_seqs, 0, block_size, DEVICE)
-    host_prefill = build_host_prefill_batch(gpu.num_tokens, [[0, 1]], [21], block_size)
-    host_seqs = (_seq("host_decode", 33, 1, 4, block_size),)
-    host_decode = make_paged_batch(host_seqs, gpu.num_tokens + 21, block_size,
-                                   torch.device("cpu"))
-    meta = AttentionMetadata(num_tokens=gpu.num_tokens + 22, gpu=gpu, host_prefill=host_prefill,
-                             host_decode=host_decode)
-    q, k, v = (torch.randn(meta.num_tokens, heads, head_dim, generator=generator).to(DEVICE, dtype)
-               for heads in (num_heads, num_kv_heads, num_kv_heads))
+    prefill = paged_batch_of((_seq("fresh", 0, 19, 0, block_size), _seq("chunk", 40, 9, 2, block_size)),
+                     0, block_size, DEVICE)
+    decode = paged_batch_of((_seq("decode_a", 70, 1, 6, block_size),
+                     _seq("decode_b", 5, 1, 11, block_size),
+                     _seq("decode_c", 129, 1, 12, block_size)), 28, block_size, DEVICE)
+    layout = make_layout(gpu_prefill=prefill, gpu_decode=decode,
+                         host_prefill=host_prefill_batch(31, [[0, 1]], [21], block_size))
+    q, k, v = (torch.randn(layout.num_tokens, heads, head_dim, generator=generator)
+               .to(DEVICE, dtype) for heads in (num_heads, num_kv_heads, num_kv_heads))
     scale = head_dim ** -0.5
 
-    triton_backend = TritonPagedAttention(gpu_kv.clone(), host_kv.clone(), scale)
-    torch_backend = TorchPagedAttention(gpu_kv.clone(), host_kv.clone(), scale)
-    out = triton_backend.forward(1, q, k, v, meta)
-    expected = torch_backend.forward(1, q, k, v, meta)
+    triton_backend = TritonPagedAttention(gpu_kv.clone(), scale)
+    torch_backend = TorchPagedAttention(gpu_kv.clone(), scale)
+    out, expected = torch.empty_like(q), torch.empty_like(q)
+    triton_backend.forward(1, q, k, v, layout, out)
+    torch_backend.forward(1, q, k, v, layout, expected)
     assert _relative_error(out, expected.double().cpu()) < TOLERANCE[dtype]
     assert torch.equal(triton_backend.gpu_kv, torch_backend.gpu_kv)
-    if DEVICE.type == "cuda":  # the host prefill's k/v land in the host tier at finish_step
-        slots = host_prefill.host_slot_mapping
-        blocks, offsets = slots // block_size, slots % block_size
-        assert torch.equal(triton_backend.host_kv[1, :, blocks, :, offsets],
-                           host_kv[1, :, blocks, :, offsets])
-    triton_backend.finish_step()
-    assert torch.equal(triton_backend.host_kv, torch_backend.host_kv)
+
+    with CpuAttentionPool(1) as pool:
+        host = HostAttention(host_kv, pool, scale, 4, num_heads, num_kv_heads, head_dim, DEVICE)
+        host.begin_step(layout)
+        host.write_prefill(1, k, v)
+        host.end_step()
+    expected_host = host_kv.clone()
+    write_kv(expected_host[1], layout.host_prefill.host_slot_mapping, k[31:].cpu(), v[31:].cpu())
+    assert torch.equal(host_kv, expected_host)
 
 
 def test_bad_inputs_are_rejected_with_the_problem_named():
@@ -203,14 +206,8 @@ def test_bad_inputs_are_rejected_with_the_problem_named():
     strided_q = torch.zeros(1, 8, 128, device=DEVICE)[:, :, ::2]
     with pytest.raises(ValueError, match="contiguous head_dim"):
         triton_paged.paged_decode_attention(strided_q, k_cache, k_cache, tables, seq_lens, 1, 1.0)
-    gpu_kv = torch.zeros(1, 2, 4, 4, 16, 64, device=DEVICE)
-    backend = TritonPagedAttention(gpu_kv, None, 1.0)
-    batch = make_paged_batch((_seq("a", 0, 2, 0, 16),), 0, 16, DEVICE)
-    bad = AttentionMetadata(num_tokens=2, gpu=dataclasses.replace(batch, seq_lens=(1,)),
-                            host_prefill=None, host_decode=None)
-    q = torch.zeros(2, 8, 64, device=DEVICE)
-    with pytest.raises(ValueError, match="query_len must be in 1..seq_len"):
-        backend.forward(0, q, q[:, :4], q[:, :4], bad)
+    with pytest.raises(ValueError, match="the KV cache must be"):
+        TritonPagedAttention(torch.zeros(2, 4, 4, 16, 64, device=DEVICE), 1.0)
 
 
 def test_split_count_grows_only_when_the_batch_cannot_fill_the_gpu():
@@ -223,6 +220,7 @@ def test_split_count_grows_only_when_the_batch_cannot_fill_the_gpu():
 
 def test_factory_picks_triton_only_for_a_cuda_cache():
     gpu_kv = torch.zeros(1, 2, 4, 2, 16, 64, device=DEVICE)
-    backend = make_gpu_attention_backend(gpu_kv, None, 1.0)
-    expected = TritonPagedAttention if DEVICE.type == "cuda" else TorchPagedAttention
+    with CpuAttentionPool(1) as pool:
+        backend = make_device_attention(gpu_kv, 1.0, pool)
+    expected = TritonPagedAttention if DEVICE.type == "cuda" else NativeCpuPagedAttention
     assert type(backend) is expected

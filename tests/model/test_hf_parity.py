@@ -82,8 +82,8 @@ def test_half_precision_stays_close_to_float32(tiny_hf_checkpoint, dtype):
 def test_piecewise_layers_equal_forward(tiny_hf_checkpoint):
     """The NEO pipeline calls embed / pre_attention / attention / post_attention / final_norm
     itself; the pieces must compose to exactly forward()."""
-    from apex_grpc.attention.torch_ref import (TorchPagedAttention, build_metadata,
-                                               build_paged_batch)
+    from apex_grpc.attention.layout import make_layout, paged_batch
+    from apex_grpc.attention.torch_ref import TorchPagedAttention
     from apex_grpc.model.greedy import allocate_kv_cache
 
     model = load_model(str(tiny_hf_checkpoint("llama_gqa").path), "auto", "cpu",
@@ -92,16 +92,20 @@ def test_piecewise_layers_equal_forward(tiny_hf_checkpoint):
     positions = torch.arange(20)
     outputs = []
     for piecewise in (False, True):
-        attn = TorchPagedAttention(allocate_kv_cache(model, 2, 16), None,
-                                   model.config.head_dim ** -0.5)
-        meta = build_metadata(gpu=build_paged_batch(0, [[0, 1]], [0], [20], 16, "cpu"))
+        attn = TorchPagedAttention(allocate_kv_cache(model, 2, 16), model.config.head_dim ** -0.5)
+        layout = make_layout(gpu_prefill=paged_batch(0, [[0, 1]], [0], [20], 16, "cpu"))
+
+        def attend(layer_idx, q, k, v):
+            out = torch.empty_like(q)
+            attn.forward(layer_idx, q, k, v, layout, out)
+            return out
+
         if not piecewise:
-            outputs.append(model(input_ids, positions, attn, meta))
+            outputs.append(model(input_ids, positions, attend))
             continue
-        hidden, residual, rope = model.embed(input_ids), None, model.rotary.angles(positions)
+        hidden, residual, rope = model.embed(input_ids), None, model.rope(positions)
         for layer_idx, layer in enumerate(model.layers):
             q, k, v, residual = layer.pre_attention(hidden, residual, rope)
-            hidden, residual = layer.post_attention(attn.forward(layer_idx, q, k, v, meta),
-                                                    residual)
+            hidden, residual = layer.post_attention(attend(layer_idx, q, k, v), residual)
         outputs.append(model.final_norm(hidden, residual))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)

@@ -1,23 +1,22 @@
-"""Hybrid attention: GPU-tier rows on the device backend, host-resident decode rows on the
-native CPU pool, overlapped, with no per-layer Python hand-off to the pool.
+"""The host side of a step: host-tier KV writes and the host decode rows' attention on the CPU.
 
-A step begins with begin_step(meta): one flag-gated CPU job per layer is queued at once (each
-appends its layer's new k/v to the host cache and attends over it). Per layer, one native call
-(stage_host) copies the host rows' q/k/v into preallocated pinned staging buffers and raises the
-layer's ready flag behind them: on CUDA the copy and the flag (a stream memory write, or where
-the device lacks those, a copy of the step's sequence number from device memory) are enqueued
-on the compute stream, so the pool's watcher sees the data land with no Python in between. A
-second native call (wait_host) brings the layer's output back just before the O projection.
-On CUDA the wait is chosen by `layer_wait` (--cuda-layer-wait, config.py): "stream-wait" (the
-compute stream itself waits on the pinned done flag), "host-func" (a CUDA host function holds
-the stream) or "engine-thread" (the engine thread waits natively, GIL released); the first two
-let the engine thread enqueue the whole step without waiting. The hand-off itself is
-kernels/cpu_attention/handoff.cpp. end_step() collects the jobs and surfaces any worker error.
-ASYNC_OVERLAP calls these from forward(); the NEO pipeline (runner/model_runner.py) drives
-stage/wait with a skewed layer schedule.
+HostAttention owns the native CPU pool, the per-layer hand-off and the host-bound prefills' k/v
+writes. A step begins with begin_step(layout): one flag-gated CPU job per layer is queued at
+once for the layout's host_decode rows (each job appends its layer's new k/v to the host cache
+and attends over it). Per layer, stage() is one native call that copies the host rows' q/k/v
+into preallocated pinned staging buffers and raises the layer's ready flag behind them: on CUDA
+the copy and the flag (a stream memory write, or where the device lacks those, a copy of the
+step's sequence number from device memory) are enqueued on the compute stream, so the pool's
+watcher sees the data land with no Python in between. fetch() is a second native call that
+brings the layer's output back just before the O projection. On CUDA the wait is chosen by
+`layer_wait` (--cuda-layer-wait, config.py): "stream-wait" (the compute stream itself waits on
+the pinned done flag), "host-func" (a CUDA host function holds the stream) or "engine-thread"
+(the engine thread waits natively, GIL released); the first two let the engine thread enqueue
+the whole step without waiting. The hand-off itself is kernels/cpu_attention/handoff.cpp.
+end_step() writes the staged prefill k/v, collects the jobs and surfaces any worker error.
 
-Buffers alternate by layer parity: a job for layer l+2 cannot start before stage_host(l+2),
-which the compute stream orders after layer l's output was consumed.
+Buffers alternate by layer parity: a job for layer l+2 cannot start before stage(l+2), which
+the compute stream orders after layer l's output was consumed.
 """
 
 from __future__ import annotations
@@ -27,11 +26,12 @@ import dataclasses
 import torch
 
 from apex_grpc import _cpu_attention
-from apex_grpc.attention.base import AttentionBackend, AttentionMetadata, PagedSeqBatch
 from apex_grpc.attention.cpu_kernel import (CpuAttentionPool, DecodeLayers, JobHandle,
                                             LayerStaging, set_flag)
 from apex_grpc.attention.cuda_runtime import (cuda_runtime_addresses, device_address_of_host,
                                               stream_memory_ops_supported)
+from apex_grpc.attention.layout import BatchLayout
+from apex_grpc.attention.torch_ref import write_kv
 from apex_grpc.config import CUDA_LAYER_WAITS
 from apex_grpc.platform import pinned_empty
 
@@ -44,21 +44,24 @@ _LAYER_WAIT_CODES = {"engine-thread": 0, "host-func": 1, "stream-wait": 2}
 assert set(_LAYER_WAIT_CODES) | {"auto"} == set(CUDA_LAYER_WAITS)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _OverlapStep:
-    meta: AttentionMetadata
-    gpu_meta: AttentionMetadata  # meta without the host rows, for the device backend
-    out: torch.Tensor  # [rows, num_heads, head_dim]: every layer's attention output
-    host_rows_at: int  # address of out's first host row
-    row_bytes: int
+@dataclasses.dataclass
+class _PendingPrefillWrites:
+    """Host-bound prefills' k/v on their way to a host tier in other memory: copied without
+    blocking into one pinned buffer per step and written into the tier at end_step. A blocking
+    copy per layer would stall the launching thread until the device caught up, every layer."""
+
+    slots: torch.Tensor  # [rows] int64 host-tier slots (HostPrefillBatch.host_slot_mapping)
+    staged: torch.Tensor  # pinned [num_layers, 2, rows, num_kv_heads, head_dim]
+    layers: list[int]  # the layers staged so far
+    copied: torch.cuda.Event  # recorded after the latest copy
 
 
-class HybridAttention:
-    def __init__(self, gpu_backend: AttentionBackend, host_kv: torch.Tensor,
-                 pool: CpuAttentionPool, scale: float, max_host_rows: int, num_heads: int,
-                 num_kv_heads: int, head_dim: int, device: torch.device,
-                 layer_wait: str = CUDA_LAYER_WAITS[0]) -> None:
-        self.gpu_backend = gpu_backend
+class HostAttention:
+    """The HostSide (attention/base.py) over the native CPU pool."""
+
+    def __init__(self, host_kv: torch.Tensor, pool: CpuAttentionPool, scale: float,
+                 max_host_rows: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 device: torch.device, layer_wait: str = CUDA_LAYER_WAITS[0]) -> None:
         self.host_kv = host_kv  # [layers, 2, blocks, kv_heads, block_size, head_dim]
         self.pool = pool
         self.scale = scale
@@ -72,9 +75,6 @@ class HybridAttention:
                                  dtype, device)
         self._out = pinned_empty((2, max_host_rows, num_heads, head_dim), dtype, device)
         self._lse = torch.empty((2, max_host_rows, num_heads), dtype=torch.float32)
-        # The host rows' output on the compute device, for the NEO pipeline's wait_host.
-        self._out_rows = torch.empty((max_host_rows, num_heads, head_dim), dtype=dtype,
-                                     device=device)
         # Per layer: [0] ready (staged) and [1] done; values are step sequence numbers.
         self._flags = pinned_empty((2, self.num_layers, 1), torch.int64, device)
         self._flags.zero_()
@@ -99,7 +99,7 @@ class HybridAttention:
         staging = [buffer[parity].data_ptr() for parity in range(2)
                    for buffer in (self._qkv, self._out)]
         element = self._qkv.element_size()
-        # Where k and v start within a q|k|v row (stage_host checks its inputs against them).
+        # Where k and v start within a q|k|v row (stage checks its inputs against them).
         self._k_offset = num_heads * head_dim * element
         self._v_offset = self._k_offset + num_kv_heads * head_dim * element
         self._handoff = _cpu_attention.LayerHandoff(
@@ -113,12 +113,10 @@ class HybridAttention:
             wait=_LAYER_WAIT_CODES[self.layer_wait],
             timeout_s=_HOST_JOB_TIMEOUT_S)
         self._step_seq = 0
+        self._layout: BatchLayout | None = None
         self._jobs: list[JobHandle] = []
-        self._num_rows = 0
-        # The current ASYNC_OVERLAP step's shared state and its output buffer (_overlap_step).
-        self._step: _OverlapStep | None = None
-        self._out_buffer: torch.Tensor | None = None
         self._num_staged = 0
+        self._prefill_writes: _PendingPrefillWrites | None = None
         # Per host row count: the step submission over staging views sliced to it, built once.
         self._submissions: dict[int, DecodeLayers] = {}
 
@@ -127,10 +125,12 @@ class HybridAttention:
         return self._qkv.shape[1]
 
     # -- per step -----------------------------------------------------------------------------
-    def begin_step(self, host: PagedSeqBatch | None) -> None:
+    def begin_step(self, layout: BatchLayout) -> None:
         """Queue every layer's CPU job for this step's host decode rows (if any)."""
+        self._layout = layout
         self._jobs = []
-        self._num_rows = 0 if host is None else host.num_tokens
+        self._num_staged = 0
+        host = layout.host_decode
         if host is None:
             return
         if host.num_tokens > self.max_host_rows:
@@ -149,16 +149,15 @@ class HybridAttention:
                                          self._lse[p, :n]) for p in range(2))
             submission = self._submissions[n] = self.pool.prepare_decode_layers(
                 staging, self.host_kv, self._flags, scale=self.scale)
-        self._num_staged = 0
         self._jobs = submission.submit(host.block_tables, host.seq_lens_tensor,
                                        host.slot_mapping, seq)
 
     def end_step(self) -> None:
-        """Collect this step's jobs and let the device backend finish the step. After a failure
+        """Write the step's staged prefill k/v and collect its jobs. After a failure
         mid-forward, release the jobs that never got their data so no worker waits forever;
         wait for every job, then raise the first worker error."""
         jobs, self._jobs = self._jobs, []
-        self._step = None
+        self._layout = None
         # Layers are staged in order, so the ones never staged are the tail.
         # (A released job may read a parity buffer that a staged layer's copy still writes:
         # the failed step's outputs are discarded, and the buffers outlive every job.)
@@ -170,18 +169,53 @@ class HybridAttention:
                 self.pool.wait(job)
             except RuntimeError as exc:
                 errors.append(exc)
-        self.gpu_backend.finish_step()
+        self._finish_prefill_writes()
         if errors:
             raise errors[0]
 
+    def close(self) -> None:
+        """Stop the CPU pool's worker threads."""
+        self.pool.close()
+
     # -- per layer ----------------------------------------------------------------------------
-    def stage_host(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   row_start: int = 0) -> None:
-        """Hand rows [row_start, row_start + host rows) of q [n, heads, head_dim] and k/v
-        [n, kv_heads, head_dim] (on the compute device) to the layer's job. q, k and v must be
-        views of one buffer whose rows hold q|k|v contiguously (LlamaDecoderLayer's
-        pre_attention): one copy moves all three. Checked on layer 0: every layer of a step
-        comes from the same projection layout."""
+    def write_prefill(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The layer's host_prefill rows of k/v [all rows, kv_heads, head_dim] into the host
+        tier: in place when it shares their memory, else staged in pinned memory without
+        blocking and written at end_step."""
+        batch = self._layout.host_prefill
+        rows = batch.rows
+        if self.host_kv.device == k.device:
+            write_kv(self.host_kv[layer_idx], batch.host_slot_mapping, k[rows], v[rows])
+            return
+        pending = self._prefill_writes
+        if pending is None:  # the step's first host-prefill layer
+            staged = torch.empty((self.num_layers, 2, batch.num_tokens, *k.shape[1:]),
+                                 dtype=k.dtype, pin_memory=True)
+            pending = self._prefill_writes = _PendingPrefillWrites(
+                batch.host_slot_mapping, staged, [], torch.cuda.Event())
+        pending.staged[layer_idx, 0].copy_(k[rows], non_blocking=True)
+        pending.staged[layer_idx, 1].copy_(v[rows], non_blocking=True)
+        pending.layers.append(layer_idx)
+        pending.copied.record()
+
+    def _finish_prefill_writes(self) -> None:
+        """Write the step's staged prefill k/v into the host tier once the copies have landed
+        (by the end of a step the device has usually finished them already)."""
+        pending, self._prefill_writes = self._prefill_writes, None
+        if pending is None:
+            return
+        pending.copied.synchronize()
+        for layer in pending.layers:
+            write_kv(self.host_kv[layer], pending.slots, pending.staged[layer, 0],
+                     pending.staged[layer, 1])
+
+    def stage(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              row_start: int) -> None:
+        """Hand rows [row_start, row_start + host decode rows) of q [n, heads, head_dim] and
+        k/v [n, kv_heads, head_dim] (on the compute device) to the layer's job. q, k and v must be views of one
+        buffer whose rows hold q|k|v contiguously (LlamaDecoderLayer's pre_attention): one
+        copy moves all three. Checked on layer 0: every layer of a step comes from the same
+        projection layout."""
         q_at = q.data_ptr()
         if layer_idx == 0 and (
                 k.data_ptr() != q_at + self._k_offset or v.data_ptr() != q_at + self._v_offset
@@ -192,46 +226,8 @@ class HybridAttention:
         self._handoff.stage(layer_idx, q_at, q.stride(0) * q.element_size(), row_start)
         self._num_staged += 1
 
-    def wait_host(self, layer_idx: int, out: torch.Tensor | None = None,
-                  row_start: int = 0) -> torch.Tensor:
-        """The layer's CPU attention output, written to rows [row_start, ...) of out (default: a
-        buffer that the next layer reuses; consume it before moving on). On CUDA, unless
+    def fetch(self, layer_idx: int, out: torch.Tensor, row_start: int) -> None:
+        """The layer's CPU attention output into rows [row_start, ...) of out. On CUDA, unless
         layer_wait is "engine-thread", the compute stream, not this thread, waits for it."""
-        if out is None:
-            out = self._out_rows[:self._num_rows]
-        self._handoff.fetch(layer_idx, out.data_ptr() + row_start * out.stride(0)
-                            * out.element_size(), out.stride(0) * out.element_size())
-        return out
-
-    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """ASYNC_OVERLAP: host rows start on the CPU, GPU rows attend meanwhile, and the two
-        meet before the O projection. begin_step(meta.host_decode) must have run."""
-        host = meta.host_decode
-        if host is None:
-            return self.gpu_backend.forward(layer_idx, q, k, v, meta)
-        self.stage_host(layer_idx, q, k, v, host.row_start)
-        step = self._overlap_step(meta, q)
-        if host.row_start > 0:
-            self.gpu_backend.forward(layer_idx, q, k, v, step.gpu_meta, out=step.out)
-        self._handoff.fetch(layer_idx, step.host_rows_at, step.row_bytes)
-        return step.out
-
-    def _overlap_step(self, meta: AttentionMetadata, q: torch.Tensor) -> _OverlapStep:
-        """What every layer of an ASYNC_OVERLAP step shares, built on its first layer: the
-        device backend's metadata (host rows left alone) and the output buffer, kept across
-        steps and grown only when a step has more rows than any before. Reusing it is safe
-        because each layer's O projection reads it, in stream order, before the next layer's
-        (or step's) attention writes it."""
-        step = self._step
-        if step is None or step.meta is not meta:
-            rows = q.shape[0]
-            if self._out_buffer is None or self._out_buffer.shape[0] < rows:
-                self._out_buffer = torch.empty((rows, self.num_heads, self.head_dim),
-                                               dtype=q.dtype, device=q.device)
-            out = self._out_buffer[:rows]
-            row_bytes = out.stride(0) * out.element_size()
-            step = self._step = _OverlapStep(
-                meta, dataclasses.replace(meta, host_decode=None), out,
-                out.data_ptr() + meta.host_decode.row_start * row_bytes, row_bytes)
-        return step
+        row_bytes = out.stride(0) * out.element_size()
+        self._handoff.fetch(layer_idx, out.data_ptr() + row_start * row_bytes, row_bytes)

@@ -13,7 +13,7 @@ from apex_grpc.runner.executors.gpu_only import GpuOnlyExecutor
 from apex_grpc.runner.executors.pipeline import AsymmetricPipelineExecutor
 from apex_grpc.scheduler.plan import Strategy
 
-EXECUTORS: dict[Strategy, type] = {
+EXECUTORS: dict[Strategy, type[StepExecutor]] = {
     Strategy.GPU_ONLY: GpuOnlyExecutor,
     Strategy.ASYNC_OVERLAP: AsyncOverlapExecutor,
     Strategy.ASYMMETRIC_PIPELINE: AsymmetricPipelineExecutor,

@@ -6,20 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from apex_grpc.attention.base import DeviceAttention, HostSide
-from apex_grpc.model.llama import LlamaForCausalLM
-from apex_grpc.runner.executors.common import AttentionOutput, attend_on_device
+from apex_grpc.runner.executors.common import StepExecutor
 from apex_grpc.runner.input_batch import InputBatch
 
 
-class AsyncOverlapExecutor:
-    def __init__(self, model: LlamaForCausalLM, device_attention: DeviceAttention,
-                 host: HostSide) -> None:
-        self.model = model
-        self.device_attention = device_attention
-        self.host = host
-        self._out = AttentionOutput(model)
-
+class AsyncOverlapExecutor(StepExecutor):
     def run(self, batch: InputBatch) -> torch.Tensor:
         layout = batch.layout
         host_start = layout.host_decode.row_start
@@ -29,8 +20,7 @@ class AsyncOverlapExecutor:
                    v: torch.Tensor) -> torch.Tensor:
             self.host.stage(layer_idx, q, k, v, host_start)
             if host_start > 0:
-                attend_on_device(self.device_attention, self.host, layer_idx, q, k, v, layout,
-                                 out)
+                self.attend_on_device(layer_idx, q, k, v, layout, out)
             self.host.fetch(layer_idx, out, host_start)
             return out
 

@@ -1,9 +1,8 @@
-"""What every step executor shares: the StepExecutor protocol, the attention output buffer and
-the device-side attention of one layer (with the host-bound prefills' KV writes)."""
+"""What every step executor shares: the StepExecutor base (model, both attention sides, the
+attention output buffer) and the device-side attention of one layer (with the host-bound
+prefills' KV writes)."""
 
 from __future__ import annotations
-
-from typing import Protocol
 
 import torch
 
@@ -11,16 +10,6 @@ from apex_grpc.attention.base import DeviceAttention, HostSide
 from apex_grpc.attention.layout import BatchLayout
 from apex_grpc.model.llama import LlamaForCausalLM
 from apex_grpc.runner.input_batch import InputBatch
-
-
-class StepExecutor(Protocol):
-    def __init__(self, model: LlamaForCausalLM, device_attention: DeviceAttention,
-                 host: HostSide) -> None: ...
-
-    def run(self, batch: InputBatch) -> torch.Tensor:
-        """The batch's forward pass -> final hidden states [num_tokens, hidden_size]. The
-        host side's begin_step(batch.layout) has run; the caller runs end_step."""
-        ...
 
 
 class AttentionOutput:
@@ -41,11 +30,25 @@ class AttentionOutput:
         return self._buffer[:num_rows]
 
 
-def attend_on_device(device_attention: DeviceAttention, host: HostSide, layer_idx: int,
-                     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BatchLayout,
-                     out: torch.Tensor) -> None:
-    """Every row the device attends (all but host_decode) into out; host-bound prefills' k/v
-    go to the host tier."""
-    device_attention.forward(layer_idx, q, k, v, layout, out)
-    if layout.host_prefill is not None:
-        host.write_prefill(layer_idx, k, v)
+class StepExecutor:
+    """Runs one strategy's forward pass; subclasses own the layer loop (run)."""
+
+    def __init__(self, model: LlamaForCausalLM, device_attention: DeviceAttention,
+                 host: HostSide) -> None:
+        self.model = model
+        self.device_attention = device_attention
+        self.host = host
+        self._out = AttentionOutput(model)
+
+    def run(self, batch: InputBatch) -> torch.Tensor:
+        """The batch's forward pass -> final hidden states [num_tokens, hidden_size]. The
+        host side's begin_step(batch.layout) has run; the caller runs end_step."""
+        raise NotImplementedError
+
+    def attend_on_device(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor, layout: BatchLayout, out: torch.Tensor) -> None:
+        """Every row the device attends (all but host_decode) into out; host-bound
+        prefills' k/v go to the host tier."""
+        self.device_attention.forward(layer_idx, q, k, v, layout, out)
+        if layout.host_prefill is not None:
+            self.host.write_prefill(layer_idx, k, v)

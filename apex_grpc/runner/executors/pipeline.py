@@ -6,20 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from apex_grpc.attention.base import DeviceAttention, HostSide
-from apex_grpc.model.llama import LlamaForCausalLM
-from apex_grpc.runner.executors.common import AttentionOutput, attend_on_device
+from apex_grpc.runner.executors.common import StepExecutor
 from apex_grpc.runner.input_batch import InputBatch
 
 
-class AsymmetricPipelineExecutor:
-    def __init__(self, model: LlamaForCausalLM, device_attention: DeviceAttention,
-                 host: HostSide) -> None:
-        self.model = model
-        self.device_attention = device_attention
-        self.host = host
-        self._out = AttentionOutput(model)
-
+class AsymmetricPipelineExecutor(StepExecutor):
     def run(self, batch: InputBatch) -> torch.Tensor:
         model, host = self.model, self.host
         layout = batch.layout
@@ -38,7 +29,7 @@ class AsymmetricPipelineExecutor:
         for i, layer in enumerate(layers):
             if split > 0:  # device work for A at layer i overlaps B's CPU attention at layer i
                 q, k, v, residual_a = layer.pre_attention(hidden_a, residual_a, rope_a)
-                attend_on_device(self.device_attention, host, i, q, k, v, layout_a, out_a)
+                self.attend_on_device(i, q, k, v, layout_a, out_a)
                 hidden_a, residual_a = layer.post_attention(out_a, residual_a)
             host.fetch(i, out, split)
             hidden_b, residual_b = layer.post_attention(out_b, residual_b)

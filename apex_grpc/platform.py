@@ -1,4 +1,5 @@
-"""The only module that asks whether CUDA exists.
+"""The machine the server runs on: the only module that asks whether CUDA exists, and how many
+cores this process may use.
 
 Streams and events are real on CUDA and no-ops on the CPU, so every code path runs in CI.
 """
@@ -6,9 +7,14 @@ Streams and events are real on CUDA and no-ops on the CPU, so every code path ru
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from typing import Iterator
 
 import torch
+
+
+log = logging.getLogger(__name__)
 
 
 def has_cuda() -> bool:
@@ -41,6 +47,27 @@ def device_name(device: torch.device) -> str:
     import platform as _platform
 
     return f"cpu ({_platform.processor() or _platform.machine()})"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a container's cpuset, not the host's core count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+
+
+def default_cpu_attention_threads() -> int:
+    """All cores but two: the engine thread and the asyncio loop need theirs."""
+    return max(1, usable_cores() - 2)
+
+
+def share_cores_with_pool(device: torch.device, pool_threads: int) -> None:
+    """Without CUDA the model's own torch ops run on the cores too: give them the cores the
+    attention pool does not use, so the two do not oversubscribe (spinning pool workers and
+    OpenMP barriers slow each other badly when they share cores)."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, usable_cores() - pool_threads))
+        log.info("CPU device: %d torch threads beside %d CPU attention threads",
+                 torch.get_num_threads(), pool_threads)
 
 
 class Stream:

@@ -21,9 +21,10 @@ _FLAG = "apex_grpc.flag"
 
 
 def flag(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
-         name: str | None = None) -> Any:
-    """A dataclass field that is also a command-line flag (name: when it is not --field-name)."""
-    return dataclasses.field(default=default, metadata={
+         name: str | None = None, repr: bool = True) -> Any:
+    """A dataclass field that is also a command-line flag (name: when it is not --field-name;
+    repr=False keeps a secret out of logged reprs)."""
+    return dataclasses.field(default=default, repr=repr, metadata={
         _FLAG: {"help": help, "choices": choices, "name": name}})
 
 
@@ -43,9 +44,13 @@ def _value_type(cls: type, field: dataclasses.Field) -> type:
     return hint
 
 
-def add_flags(group: argparse._ActionsContainer, cls: type) -> None:
-    """One argparse option per flag field of cls, in field order."""
+def add_flags(group: argparse._ActionsContainer, cls: type, without: type | None = None) -> None:
+    """One argparse option per flag field of cls, in field order, less the fields of the
+    dataclass `without` (a base class whose flags another group holds)."""
+    skipped = {field.name for field in dataclasses.fields(without)} if without else set()
     for field in flag_fields(cls):
+        if field.name in skipped:
+            continue
         spec = field.metadata[_FLAG]
         value_type = _value_type(cls, field)
         default = field.default
@@ -57,6 +62,7 @@ def add_flags(group: argparse._ActionsContainer, cls: type) -> None:
             kwargs["choices"] = spec["choices"]
         else:
             kwargs["type"] = value_type
+            kwargs["metavar"] = flag_name(field).lstrip("-").replace("-", "_").upper()
         if default is not None:
             kwargs["help"] += " (default: %(default)s)"
         group.add_argument(flag_name(field), default=default, **kwargs)

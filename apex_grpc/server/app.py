@@ -31,7 +31,6 @@ logger = logging.getLogger("apex_grpc.server")
 
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 MODEL_SERVICE = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
-LIVENESS_SERVICE = ""
 AUTH_TOKEN_ENV = "APEX_GRPC_AUTH_TOKEN"
 
 

@@ -6,6 +6,7 @@ code 0."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import signal
@@ -16,6 +17,7 @@ import types
 
 import grpc
 import pytest
+import torch
 
 from apex_grpc import cli
 from apex_grpc.config import (KVPlacement, ModelConfig, ModelOptions, Policy, SchedulingOptions,
@@ -23,6 +25,8 @@ from apex_grpc.config import (KVPlacement, ModelConfig, ModelOptions, Policy, Sc
 from apex_grpc.engine.builder import engine_config
 from apex_grpc.flags import from_args
 from apex_grpc.perf import profiler
+from apex_grpc.perf.perf_model import Profile
+from apex_grpc.platform import device_name
 from apex_grpc.proto import generation_pb2 as pb
 from apex_grpc.proto import generation_pb2_grpc
 from apex_grpc.server.app import AUTH_TOKEN_ENV, ServerSettings
@@ -79,6 +83,19 @@ def test_profile_takes_the_model_and_hardware_flags_of_serve():
         model="/m", load_format="dummy", dummy_config="tiny", device="cpu", dtype="float32",
         cpu_attention_threads=3, seed=5)
     assert from_args(ModelOptions, profile_args) == from_args(ModelOptions, serve_args)
+
+
+def test_profile_command_writes_a_profile_that_matches_its_flags(tmp_path):
+    tiny = {"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 128}
+    config_path, output = tmp_path / "tiny.json", tmp_path / "profile.json"
+    config_path.write_text(json.dumps(tiny))
+    assert cli.main(["profile", "--load-format", "dummy", "--dummy-config", str(config_path),
+                     "--device", "cpu", "--dtype", "float32", "--cpu-attention-threads", "1",
+                     "--quick", "--budget-s", "1", "--output", str(output)]) == 0
+    Profile.load(str(output)).check_matches(ModelConfig.from_hf_dict(tiny), "float32",
+                                            device_name(torch.device("cpu")), 1)
 
 
 def test_engine_config_keeps_every_scheduling_option():

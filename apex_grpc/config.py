@@ -34,6 +34,9 @@ class ConfigError(ValueError):
 # "host-func": a CUDA host function holds the compute stream; "engine-thread": the engine
 # thread waits natively, then enqueues the rest of the layer. Measurements: docs/benchmarks.md.
 CUDA_LAYER_WAITS = ("auto", "stream-wait", "host-func", "engine-thread")
+LOAD_FORMATS = ("auto", "dummy")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -167,13 +170,13 @@ class ModelOptions:
         None, "HF directory (config.json + safetensors + tokenizer) or a .gguf file; "
               "default: the embedded SmolLM2-135M-Instruct")
     load_format: str = flag("auto", "dummy = random weights of the given config (benchmarks)",
-                            choices=("auto", "dummy"))
+                            choices=LOAD_FORMATS)
     dummy_config: str | None = flag(
         None, "with --load-format dummy: a shipped config name or a config.json path")
     device: str = flag("auto", "auto = CUDA where available, else the CPU",
-                       choices=("auto", "cpu", "cuda"))
+                       choices=DEVICES)
     dtype: str = flag("auto", "weights, activations and KV; auto = bfloat16 on CUDA, float32 "
-                              "on the CPU", choices=("auto", "float32", "bfloat16", "float16"))
+                              "on the CPU", choices=DTYPES)
     cpu_attention_threads: int | None = flag(
         None, "native CPU attention pool size; default: the usable cores - 2")
     seed: int = flag(0, "torch's random seed at start-up (dummy weights)")

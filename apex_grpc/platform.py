@@ -13,6 +13,7 @@ from typing import Iterator
 
 import torch
 
+from apex_grpc.config import DEVICES, DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -22,12 +23,12 @@ def has_cuda() -> bool:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; use {', '.join(DEVICES)}")
     if name == "auto":
         return torch.device("cuda" if has_cuda() else "cpu")
     if name == "cuda" and not has_cuda():
         raise ValueError("--device cuda was asked for but CUDA is not available")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
     return torch.device(name)
 
 
@@ -35,10 +36,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         # bf16 halves KV and weight traffic on GPUs; fp32 is the fast, exact choice on CPUs.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
-    return table[name]
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use {', '.join(DTYPES)}")
+    return getattr(torch, name)
 
 
 def device_name(device: torch.device) -> str:

@@ -44,6 +44,10 @@ def _value_type(cls: type, field: dataclasses.Field) -> type:
     return hint
 
 
+def _is_enum(value_type: type) -> bool:
+    return isinstance(value_type, type) and issubclass(value_type, enum.Enum)
+
+
 def add_flags(group: argparse._ActionsContainer, cls: type, without: type | None = None) -> None:
     """One argparse option per flag field of cls, in field order, less the fields of the
     dataclass `without` (a base class whose flags another group holds)."""
@@ -55,7 +59,7 @@ def add_flags(group: argparse._ActionsContainer, cls: type, without: type | None
         value_type = _value_type(cls, field)
         default = field.default
         kwargs: dict[str, Any] = {"dest": field.name, "help": spec["help"]}
-        if isinstance(value_type, type) and issubclass(value_type, enum.Enum):
+        if _is_enum(value_type):
             kwargs["choices"] = [member.value for member in value_type]
             default = default.value
         elif spec["choices"] is not None:
@@ -74,8 +78,5 @@ def from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     for field in flag_fields(cls):
         value = getattr(args, field.name)
         value_type = _value_type(cls, field)
-        if isinstance(value_type, type) and issubclass(value_type, enum.Enum) \
-                and value is not None:
-            value = value_type(value)
-        values[field.name] = value
+        values[field.name] = value_type(value) if _is_enum(value_type) else value
     return cls(**{**values, **overrides})

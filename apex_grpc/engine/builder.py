@@ -15,9 +15,9 @@ from apex_grpc.attention.cpu_device import NativeCpuPagedAttention
 from apex_grpc.attention.cpu_kernel import CpuAttentionPool
 from apex_grpc.attention.gpu_backend import make_gpu_attention_backend
 from apex_grpc.attention.hybrid import HybridAttention
-from apex_grpc.config import (CUDA_KV_MEMORY_FRACTION, CUDA_LAYER_WAITS, DEFAULT_HOST_KV_GB_ON_CUDA,
-                              DEFAULT_KV_GB_ON_CPU, EngineConfig, ModelConfig, Policy,
-                              SchedulingOptions, ServeOptions)
+from apex_grpc.config import (CUDA_KV_MEMORY_FRACTION, CUDA_LAYER_WAITS,
+                              DEFAULT_HOST_KV_GB_ON_CUDA, DEFAULT_KV_GB_ON_CPU, EngineConfig,
+                              ModelConfig, Policy, SchedulingOptions, ServeOptions)
 from apex_grpc.engine.async_engine import AsyncEngine
 from apex_grpc.engine.core import EngineCore
 from apex_grpc.kv_cache.manager import KVCacheManager

@@ -4,8 +4,9 @@ Times the real pieces: a decoder layer's pre_attention/post_attention vs token c
 the GPU tier's attention backend as served (Triton on CUDA) for prefill and decode, the
 native CpuAttentionPool for CPU decode attention over (requests, context tokens), torch copies
 for the PCIe link, a tiny pool round trip for the per-layer sync, and the LM head. Every point
-gets a share of a time budget, so profiling at server start-up is bounded. apex_grpc/perf/profiles/derive.py builds the shipped
-profiles for hardware we cannot measure here.
+gets a share of a time budget, so profiling at server start-up is bounded.
+apex_grpc/perf/profiles/derive.py builds the shipped profiles for hardware we cannot measure here.
+Its flags for what to load and where are serve's (config.ModelOptions).
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
-"""Frozen configuration dataclasses, validated on construction.
+"""Every setting of the server but the transport's: frozen dataclasses validated on construction,
+each setting defined (name, default, help) once.
 
 ModelConfig describes a Llama-family decoder (what a checkpoint's config.json or GGUF metadata
-says); EngineConfig describes how the server runs it (KV tiers, batch limits, policy).
+says). ServeOptions is what `apex-grpc serve` is told: ModelOptions (what to load, where) plus
+SchedulingOptions (batch limits, policy) plus KV sizing and the performance model; its fields
+are the command-line flags (apex_grpc.flags). EngineConfig is how the engine runs: the
+SchedulingOptions as given plus what start-up derives from the rest.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Any
+
+from apex_grpc.flags import flag
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -28,6 +34,9 @@ class ConfigError(ValueError):
 # "host-func": a CUDA host function holds the compute stream; "engine-thread": the engine
 # thread waits natively, then enqueues the rest of the layer. Measurements: docs/benchmarks.md.
 CUDA_LAYER_WAITS = ("auto", "stream-wait", "host-func", "engine-thread")
+LOAD_FORMATS = ("auto", "dummy")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -143,28 +152,76 @@ class KVPlacement(str, enum.Enum):
     ALTERNATE = "alternate"
 
 
+# Start-up sizes where no size flag is given. Without a GPU the "GPU tier" is ordinary memory,
+# so both tiers stay modest there.
+DEFAULT_KV_GB_ON_CPU = 0.5  # each tier
+DEFAULT_HOST_KV_GB_ON_CUDA = 8.0
+# Share of the device memory still free (after the weights and the start-up profile) that the
+# GPU KV tier takes.
+CUDA_KV_MEMORY_FRACTION = 0.85
+
+
 @dataclass(frozen=True)
-class EngineConfig:
-    block_size: int = 16
+class ModelOptions:
+    """What to load and where to run it: the flags `apex-grpc serve` and `apex-grpc profile`
+    share (a performance profile holds for exactly these)."""
+
+    model: str | None = flag(
+        None, "HF directory (config.json + safetensors + tokenizer) or a .gguf file; "
+              "default: the embedded SmolLM2-135M-Instruct")
+    load_format: str = flag("auto", "dummy = random weights of the given config (benchmarks)",
+                            choices=LOAD_FORMATS)
+    dummy_config: str | None = flag(
+        None, "with --load-format dummy: a shipped config name or a config.json path")
+    device: str = flag("auto", "auto = CUDA where available, else the CPU",
+                       choices=DEVICES)
+    dtype: str = flag("auto", "weights, activations and KV; auto = bfloat16 on CUDA, float32 "
+                              "on the CPU", choices=DTYPES)
+    cpu_attention_threads: int | None = flag(
+        None, "native CPU attention pool size; default: the usable cores - 2")
+    seed: int = flag(0, "torch's random seed at start-up (dummy weights)")
+
+
+@dataclass(frozen=True)
+class SchedulingOptions:
+    """Batch limits and scheduling policy: serve flags that EngineConfig keeps as given."""
+
+    block_size: int = flag(16, "tokens per KV block")
+    max_num_seqs: int = flag(64, "most requests in one step")
+    max_batched_tokens: int = flag(2048, "token budget of one step")
+    policy: Policy = flag(Policy.APEX, "which strategies the scheduler may choose from")
+    kv_placement: KVPlacement = flag(
+        KVPlacement.AUTO, "force where new requests' KV goes (tests and benchmarks)")
+    max_waiting: int = flag(
+        1024, "waiting-queue bound; past it requests get RESOURCE_EXHAUSTED")
+    max_step_stretch: float = flag(
+        1.25, "how much longer than gpu-only's a hybrid step may be predicted to take "
+              "(TPOT guard)")
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_batched_tokens", "max_waiting"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_step_stretch < 1.0:
+            raise ConfigError("max_step_stretch must be >= 1.0")
+
+
+@dataclass(frozen=True)
+class EngineConfig(SchedulingOptions):
+    """How the engine runs: the scheduling options plus what start-up derives (KV tier sizes,
+    context limit, CPU attention threads; engine.builder.engine_config)."""
+
     num_gpu_blocks: int = 256
     num_host_blocks: int = 0
-    max_num_seqs: int = 64
-    max_batched_tokens: int = 2048
     max_model_len: int = 2048
-    policy: Policy = Policy.APEX
-    kv_placement: KVPlacement = KVPlacement.AUTO
     cpu_attention_threads: int = 1
-    max_waiting: int = 1024
     # Hysteresis for restoring host-resident requests to the GPU tier.
     restore_below_fraction: float = 0.95
-    # How much longer than GPU_ONLY's a hybrid step may be predicted to take (TPOT guard).
-    max_step_stretch: float = 1.25
     max_stop_strings: int = 16
 
     def __post_init__(self) -> None:
-        positives = ("block_size", "num_gpu_blocks", "max_num_seqs", "max_batched_tokens",
-                     "max_model_len", "cpu_attention_threads", "max_waiting")
-        for name in positives:
+        super().__post_init__()
+        for name in ("num_gpu_blocks", "max_model_len", "cpu_attention_threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_host_blocks < 0:
@@ -173,40 +230,36 @@ class EngineConfig:
                                                                     KVPlacement.ALTERNATE):
             if self.num_host_blocks == 0:
                 raise ConfigError(f"--kv-placement {self.kv_placement.value} needs a host KV tier")
-        if self.max_step_stretch < 1.0:
-            raise ConfigError("max_step_stretch must be >= 1.0")
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
-class ServeOptions:
-    """Everything `apex-grpc serve` needs to build an engine (the CLI flags of API.md)."""
+class ServeOptions(ModelOptions, SchedulingOptions):
+    """Everything `apex-grpc serve` needs to build an engine (the engine flags of API.md)."""
 
-    model: str | None = None  # HF directory, .gguf file, or None for the embedded default
-    load_format: str = "auto"  # auto | dummy
-    # For --load-format dummy: a config name shipped in apex_grpc/configs or a config.json path.
-    dummy_config: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    policy: Policy = Policy.APEX
-    kv_placement: KVPlacement = KVPlacement.AUTO
-    gpu_kv_blocks: int | None = None
-    gpu_kv_gb: float | None = None
-    host_kv_gb: float | None = None  # None: a default sized for the device
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_batched_tokens: int = 2048
-    max_model_len: int | None = None
-    cpu_attention_threads: int | None = None
-    max_waiting: int = 1024
-    max_step_stretch: float = 1.25
+    gpu_kv_blocks: int | None = flag(None, "GPU KV tier size in blocks")
+    gpu_kv_gb: float | None = flag(  # argparse prints %% as %
+        None, f"GPU KV tier size in GiB; default: {CUDA_KV_MEMORY_FRACTION * 100:.0f}%% of the "
+              f"free memory on CUDA, {DEFAULT_KV_GB_ON_CPU} on the CPU")
+    host_kv_gb: float | None = flag(
+        None, f"host KV tier size in GiB; default: {DEFAULT_HOST_KV_GB_ON_CUDA} with CUDA, "
+              f"{DEFAULT_KV_GB_ON_CPU} without")
+    max_model_len: int | None = flag(
+        None, "context limit; default: the model's, capped to what the GPU KV tier holds")
     # Performance model: a profile path or name, "auto" (measure at start-up), "none" (fixed
     # per-policy rules), or None for the device's default (auto on CUDA, none on the CPU).
-    profile: str | None = None
-    tpot_slo_ms: float | None = None
+    profile: str | None = flag(
+        None, "performance-model profile: a JSON path or shipped name, 'auto' (measure at "
+              "start-up, the default on CUDA) or 'none' (fixed per-policy rules, the default "
+              "on the CPU)")
+    tpot_slo_ms: float | None = flag(
+        None, "TPOT target the apex chooser keeps decode steps under")
     # How a layer waits for its host rows' CPU attention on CUDA (CUDA_LAYER_WAITS; the choice
     # and its measurements: docs/architecture.md, docs/benchmarks.md).
-    cuda_layer_wait: str = CUDA_LAYER_WAITS[0]
-    seed: int = 0
+    cuda_layer_wait: str = flag(
+        CUDA_LAYER_WAITS[0], "CUDA: who waits for each layer's CPU attention (stream-wait: the "
+        "compute stream itself, on a pinned flag; host-func: a CUDA host function on the "
+        "compute stream; engine-thread: the engine thread, natively; auto: stream-wait where "
+        "the GPU supports it, else host-func)", choices=CUDA_LAYER_WAITS)

@@ -1,4 +1,5 @@
-"""The only module that asks whether CUDA exists.
+"""The machine the server runs on: the only module that asks whether CUDA exists, and how many
+cores this process may use.
 
 Streams and events are real on CUDA and no-ops on the CPU, so every code path runs in CI.
 """
@@ -6,9 +7,15 @@ Streams and events are real on CUDA and no-ops on the CPU, so every code path ru
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from typing import Iterator
 
 import torch
+
+from apex_grpc.config import DEVICES, DTYPES
+
+log = logging.getLogger(__name__)
 
 
 def has_cuda() -> bool:
@@ -16,12 +23,12 @@ def has_cuda() -> bool:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; use {', '.join(DEVICES)}")
     if name == "auto":
         return torch.device("cuda" if has_cuda() else "cpu")
     if name == "cuda" and not has_cuda():
         raise ValueError("--device cuda was asked for but CUDA is not available")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda")
     return torch.device(name)
 
 
@@ -29,10 +36,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         # bf16 halves KV and weight traffic on GPUs; fp32 is the fast, exact choice on CPUs.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
-    return table[name]
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use {', '.join(DTYPES)}")
+    return getattr(torch, name)
 
 
 def device_name(device: torch.device) -> str:
@@ -41,6 +47,27 @@ def device_name(device: torch.device) -> str:
     import platform as _platform
 
     return f"cpu ({_platform.processor() or _platform.machine()})"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (a container's cpuset, not the host's core count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+
+
+def default_cpu_attention_threads() -> int:
+    """All cores but two: the engine thread and the asyncio loop need theirs."""
+    return max(1, usable_cores() - 2)
+
+
+def share_cores_with_pool(device: torch.device, pool_threads: int) -> None:
+    """Without CUDA the model's own torch ops run on the cores too: give them the cores the
+    attention pool does not use, so the two do not oversubscribe (spinning pool workers and
+    OpenMP barriers slow each other badly when they share cores)."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, usable_cores() - pool_threads))
+        log.info("CPU device: %d torch threads beside %d CPU attention threads",
+                 torch.get_num_threads(), pool_threads)
 
 
 class Stream:

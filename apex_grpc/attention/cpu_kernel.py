@@ -14,7 +14,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import math
-import os
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from apex_grpc import _cpu_attention as _native
+from apex_grpc.platform import usable_cores
 
 __all__ = [
     "CpuAttentionPool",
@@ -265,8 +265,7 @@ def _get_default_pool() -> CpuAttentionPool:
     global _default_pool
     with _default_pool_lock:
         if _default_pool is None:
-            num_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-            _default_pool = CpuAttentionPool(max(1, num_cpus or os.cpu_count() or 1))
+            _default_pool = CpuAttentionPool(usable_cores())
             atexit.register(_default_pool.close)
         return _default_pool
 

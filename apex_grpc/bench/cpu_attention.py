@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import threading
 import time
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from apex_grpc.attention.cpu_kernel import CpuAttentionPool, set_flag, wait_flag
+from apex_grpc.platform import usable_cores
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 REFERENCE_CASE = (32, 2048)
@@ -164,7 +164,7 @@ def cases(quick: bool) -> list[tuple[int, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer cases (~20 s on 2 cores)")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=usable_cores())
     args = parser.parse_args()
     repeats = 3 if args.quick else 5
     stream = stream_read_gbps(args.threads, (128 if args.quick else 512) * 2**20)

@@ -31,12 +31,11 @@ import torch
 
 from apex_grpc.attention.layout import make_layout
 from apex_grpc.config import CUDA_LAYER_WAITS, EngineConfig, KVPlacement, Policy, ServeOptions
-from apex_grpc.engine.builder import (build_core, default_cpu_attention_threads,
-                                      share_cores_with_pool)
+from apex_grpc.engine.builder import build_core
 from apex_grpc.engine.core import EngineCore
 from apex_grpc.engine.offline import run_to_completion
 from apex_grpc.model.loader import load_model
-from apex_grpc.platform import synchronize
+from apex_grpc.platform import default_cpu_attention_threads, share_cores_with_pool, synchronize
 from apex_grpc.request import SamplingParams, StoppingParams, Tier
 from apex_grpc.runner.input_batch import paged_batch_of
 from apex_grpc.runner.model_runner import SamplingInput

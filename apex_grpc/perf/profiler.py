@@ -3,9 +3,10 @@
 Times the real pieces: a decoder layer's pre_attention/post_attention vs token count (T_lin),
 the GPU tier's attention backend as served (Triton on CUDA) for prefill and decode, the
 native CpuAttentionPool for CPU decode attention over (requests, context tokens), torch copies
-for the PCIe link, a tiny pool round trip for the per-layer sync, and the LM head. Every point gets a share of a time budget,
-so profiling at server start-up is bounded. apex_grpc/perf/profiles/derive.py builds the shipped
-profiles for hardware we cannot measure here.
+for the PCIe link, a tiny pool round trip for the per-layer sync, and the LM head. Every point
+gets a share of a time budget, so profiling at server start-up is bounded.
+apex_grpc/perf/profiles/derive.py builds the shipped profiles for hardware we cannot measure here.
+Its flags for what to load and where are serve's (config.ModelOptions).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from tqdm import tqdm
 from apex_grpc.attention.cpu_kernel import CpuAttentionPool
 from apex_grpc.attention.gpu_backend import make_device_attention
 from apex_grpc.attention.layout import contiguous_block_ids, make_layout, paged_batch
-from apex_grpc.config import ModelConfig
-from apex_grpc.platform import device_name, resolve_device, resolve_dtype
+from apex_grpc.config import ModelConfig, ModelOptions
+from apex_grpc.flags import add_flags, from_args
 from apex_grpc.perf.perf_model import Link, ModelShape, Profile, Table1D, Table2D
+from apex_grpc.platform import (default_cpu_attention_threads, device_name, resolve_device,
+                                resolve_dtype)
 
 _BLOCK_SIZE = 16
 
@@ -38,6 +41,7 @@ class Grid:
     cpu_ctx_tokens: tuple[int, ...]
     copy_bytes: tuple[int, ...]
     head_rows: tuple[int, ...]
+    budget_s: float  # the default bound on measuring time
 
     @property
     def num_points(self) -> int:
@@ -46,12 +50,13 @@ class Grid:
                 + len(self.head_rows) + 1)
 
 
+# The start-up profile's grid (and `apex-grpc profile --quick`).
 QUICK_GRID = Grid((1, 16, 64, 256, 512), (64, 256, 1024), (256, 2048, 8192), (1, 8, 32),
-                  (512, 4096, 16384), (1 << 16, 1 << 22), (1, 32, 256))
+                  (512, 4096, 16384), (1 << 16, 1 << 22), (1, 32, 256), budget_s=20.0)
 FULL_GRID = Grid((1, 8, 32, 64, 128, 256, 512, 1024, 2048), (64, 256, 1024, 2048, 4096),
                  (256, 1024, 4096, 16384, 65536), (1, 4, 16, 64, 256),
                  (512, 4096, 16384, 65536, 262144), (1 << 16, 1 << 20, 1 << 24, 1 << 26),
-                 (1, 16, 64, 256, 512))
+                 (1, 16, 64, 256, 512), budget_s=300.0)
 
 
 class _Timer:
@@ -211,7 +216,7 @@ def measure(model, config: ModelConfig, dtype: torch.dtype, device: torch.device
 
 
 def profile_quick(model, model_config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                  threads: int, budget_s: float = 20.0) -> Profile:
+                  threads: int, budget_s: float = QUICK_GRID.budget_s) -> Profile:
     """The start-up profile: the quick grid within budget_s seconds."""
     return measure(model, model_config, dtype, device, threads, QUICK_GRID, budget_s)
 
@@ -219,33 +224,32 @@ def profile_quick(model, model_config: ModelConfig, dtype: torch.dtype, device: 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apex-grpc profile",
                                      description="measure the performance-model tables")
-    parser.add_argument("--model", default=None,
-                        help="HF directory or .gguf; default: the embedded model")
-    parser.add_argument("--load-format", choices=("auto", "dummy"), default="auto")
-    parser.add_argument("--dummy-config", default=None)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
-                        default="auto")
-    parser.add_argument("--cpu-attention-threads", type=int, default=None)
-    parser.add_argument("--output", required=True, help="where to write the profile JSON")
-    parser.add_argument("--quick", action="store_true",
-                        help="a coarse grid in about 25 s (what start-up profiling uses)")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="time budget (default 25 with --quick, else 300)")
+    # The model and hardware flags of `apex-grpc serve`: a profile holds for exactly these.
+    add_flags(parser.add_argument_group("model and hardware"), ModelOptions)
+    group = parser.add_argument_group("profile")
+    group.add_argument("--output", required=True, help="where to write the profile JSON")
+    group.add_argument("--quick", action="store_true",
+                       help="the coarse grid start-up profiling uses, in about "
+                            f"{QUICK_GRID.budget_s:.0f} s")
+    group.add_argument("--budget-s", type=float, default=None,
+                       help=f"time budget (default {QUICK_GRID.budget_s:.0f} with --quick, "
+                            f"else {FULL_GRID.budget_s:.0f})")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from apex_grpc.engine.builder import default_cpu_attention_threads
     from apex_grpc.model.loader import load_model
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    model, model_config, _, name = load_model(args.model, args.load_format, device, dtype,
-                                              dummy_config=args.dummy_config)
-    threads = args.cpu_attention_threads or default_cpu_attention_threads()
-    budget = args.budget_s if args.budget_s is not None else (25.0 if args.quick else 300.0)
+
+    args = build_parser().parse_args(argv)
+    opts = from_args(ModelOptions, args)
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    torch.manual_seed(opts.seed)
+    model, model_config, _, name = load_model(opts.model, opts.load_format, device, dtype,
+                                              dummy_config=opts.dummy_config)
+    threads = opts.cpu_attention_threads or default_cpu_attention_threads()
     grid = QUICK_GRID if args.quick else FULL_GRID
+    budget = args.budget_s if args.budget_s is not None else grid.budget_s
     profile = measure(model, model_config, dtype, device, threads, grid, budget,
                       name=f"{name} on {device_name(device)}")
     profile.save(args.output)

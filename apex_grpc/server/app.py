@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import grpc
@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from apex_grpc.engine.protocol import EngineClient
+from apex_grpc.flags import flag
 from apex_grpc.proto import generation_pb2, generation_pb2_grpc, model_pb2, model_pb2_grpc
 from apex_grpc.server.auth import BearerTokenInterceptor, load_server_credentials
 from apex_grpc.server.metrics import ServerMetrics
@@ -30,25 +31,29 @@ logger = logging.getLogger("apex_grpc.server")
 
 GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
 MODEL_SERVICE = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
-LIVENESS_SERVICE = ""
-DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+AUTH_TOKEN_ENV = "APEX_GRPC_AUTH_TOKEN"
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """Server-side flags of `apex-grpc serve` (the engine's are in config.ServeOptions)."""
+    """Server-side flags of `apex-grpc serve` (the engine's are in config.ServeOptions); each
+    field made with flags.flag is one."""
 
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    auth_token: str | None = field(default=None, repr=False)  # repr=False: never logged
-    max_concurrent_streams: int = 2048
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_queue_time_ms: int | None = None
-    max_prompt_len: int | None = None  # None: the context limit (max_model_len - 1)
-    shutdown_grace_s: float = 10.0
+    host: str = flag("127.0.0.1", "address to listen on")
+    port: int = flag(50051, "gRPC port (0: any free port)")
+    metrics_port: int | None = flag(None, "serve Prometheus metrics on this port (off when unset)")
+    tls_cert: str | None = flag(None, "PEM certificate chain (enables TLS)")
+    tls_key: str | None = flag(None, "PEM private key")
+    auth_token: str | None = flag(  # repr=False: never logged
+        None, f"require 'authorization: Bearer TOKEN' (or set ${AUTH_TOKEN_ENV})", repr=False)
+    max_concurrent_streams: int = flag(2048, "most RPCs in flight at once")
+    max_message_bytes: int = flag(16 * 1024 * 1024, "largest gRPC message either way")
+    max_queue_time_ms: int | None = flag(
+        None, "give up (RESOURCE_EXHAUSTED) on requests with no output by then")
+    max_prompt_len: int | None = flag(
+        None, "reject longer prompts (INVALID_ARGUMENT); default: the context limit")
+    shutdown_grace_s: float = flag(
+        10.0, "seconds in-flight streams get to finish on SIGTERM/SIGINT", name="--shutdown-grace")
     # How often readiness re-reads engine.is_ready (a dead engine thread turns it false).
     health_poll_s: float = 0.5
 

@@ -13,13 +13,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from apex_grpc.config import EngineConfig
 from apex_grpc.proto import generation_pb2
-from apex_grpc.request import SamplingParams, StoppingParams
+from apex_grpc.request import MAX_TOP_LOGPROBS, SamplingParams, StoppingParams
 
 MAX_REQUEST_ID_LEN = 128
 MAX_STOP_STRING_LEN = 256
 MAX_STOP_TOKEN_IDS = 64
-MAX_TOP_LOGPROBS = 20
 DEFAULT_MAX_NEW_TOKENS = 256
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -46,7 +46,7 @@ class ModelLimits:
 
     vocab_size: int
     max_model_len: int
-    max_stop_strings: int = 16
+    max_stop_strings: int = EngineConfig.max_stop_strings
     max_prompt_len: int | None = None  # an operator's cap below the context limit
 
 
@@ -126,11 +126,6 @@ class RequestValidator:
             return_token_ids=request.response.token_ids,
             return_logprobs=_wants_logprobs(request.response),
         )
-
-    def validate(self, request: generation_pb2.GenerateRequest) -> ValidatedRequest:
-        """All checks in order; the servicer calls the three steps separately."""
-        self.check_static(request)
-        return self.finish(request, self.prompt_ids(request))
 
     def _check_input_shape(self, request: generation_pb2.GenerateRequest) -> None:
         kind = request.WhichOneof("input")

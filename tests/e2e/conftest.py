@@ -15,6 +15,12 @@ import time
 
 import pytest
 
+# Imported here, not in the fixtures: a project module that does not import (a broken native
+# build, say) must fail every e2e test, not skip it.
+from apex_grpc.config import ServeOptions
+from apex_grpc.engine.builder import build_engine
+from apex_grpc.server.app import ApexServer, ServerSettings
+
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -30,9 +36,7 @@ def tiny_config_path(tmp_path_factory) -> str:
     return str(path)
 
 
-def tiny_serve_options(config_path: str, **overrides):
-    from apex_grpc.config import ServeOptions
-
+def tiny_serve_options(config_path: str, **overrides) -> ServeOptions:
     options = dict(load_format="dummy", dummy_config=config_path, device="cpu", dtype="float32",
                    gpu_kv_blocks=128, host_kv_gb=0.01, max_num_seqs=16,
                    cpu_attention_threads=1)
@@ -62,9 +66,6 @@ class InProcessServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=timeout_s)
 
     def start(self) -> InProcessServer:
-        from apex_grpc.engine.builder import build_engine
-        from apex_grpc.server.app import ApexServer, ServerSettings
-
         self._thread.start()
         self.server = ApexServer(ServerSettings(**self.settings),
                                  lambda: build_engine(self.serve_options))
@@ -99,7 +100,6 @@ class InProcessServer:
 def start_server(tiny_config_path):
     """Factory: start_server(serve_overrides={...}, **server_settings) -> InProcessServer on
     the tiny model, or start_server(serve_options=ServeOptions(...)) for another model."""
-    pytest.importorskip("apex_grpc.engine.builder", reason="the engine is not built yet")
     started = []
 
     def start(serve_overrides: dict | None = None, serve_options=None,

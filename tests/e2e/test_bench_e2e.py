@@ -12,9 +12,8 @@ import json
 import grpc
 import pytest
 
-app = pytest.importorskip("apex_grpc.server.app", reason="the gRPC server is not built yet")
-builder = pytest.importorskip("apex_grpc.engine.builder", reason="the engine is not built yet")
-
+from apex_grpc.engine import builder
+from apex_grpc.server import app
 from clients.bench.metrics import compute_metrics
 from clients.bench.runner import RunOptions, describe_server, run_benchmark
 from clients.bench.workloads import inject_cancellations, random_workload, sharegpt_workload

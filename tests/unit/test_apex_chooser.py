@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from apex_grpc.config import EngineConfig, Policy
@@ -11,6 +9,7 @@ from apex_grpc.request import Tier
 from apex_grpc.scheduler.apex_chooser import DEFAULT_MAX_SKIPPED_STEPS, ApexChooser, NeoChooser
 from apex_grpc.scheduler.chooser import HostRow
 from apex_grpc.perf.perf_model import PerfModel, Profile
+from apex_grpc.perf.simulate import measure_choose_us
 from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
 from tests.unit.perf_fixtures import make_profile
 
@@ -190,16 +189,12 @@ def test_eviction_counts_the_recompute_that_preemption_would_cost():
     assert chooser.admits_to_host([1000] * 8, [], HostRow(1000, 1001, 999))
 
 
-def test_choose_cost_at_256_rows():
-    chooser = ApexChooser(PerfModel(Profile.load("h200-llama-3.1-8b")), CONFIG)
-    gpu = _decodes("g", 32, 900, Tier.GPU)
-    host = _decodes("h", 224, 900, Tier.HOST)
-    start = time.perf_counter()
-    for _ in range(20):
-        choice = chooser.choose(gpu, (), host, {})
-    per_call_us = (time.perf_counter() - start) / 20 * 1e6
-    print(f"choose() at 256 rows: {per_call_us:.0f} us, "
-          f"{per_call_us / 10 / choice.predicted_step_ms:.2f}% of the predicted step")
+@pytest.mark.parametrize("policy", [Policy.APEX, Policy.NEO])
+def test_choose_at_256_rows_costs_a_small_share_of_the_step(policy):
+    # The design budget is 2% of the step (docs/simulator.md); the bound here is 10% so a
+    # loaded CI machine passes while a blow-up (a quadratic search: tens of ms) fails.
+    choose_us, step_ms = measure_choose_us(Profile.load("h200-llama-3.1-8b"), policy)
+    assert choose_us / 1e3 < 0.10 * step_ms, f"choose() {choose_us:.0f} us, step {step_ms} ms"
 
 
 def test_parks_when_the_copy_and_forced_runs_cost_less_than_recompute():

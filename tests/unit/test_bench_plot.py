@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("matplotlib")
-
 from clients.bench.cli import main
 from clients.bench.plot import PlotError, group_by_policy, load_results, plot_results
 

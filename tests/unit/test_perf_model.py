@@ -92,14 +92,14 @@ def test_ewma_correction_converges_within_ten_percent():
         predicted = model.predict_ms(Strategy.ASYNC_OVERLAP, shape)
         model.observe(Strategy.ASYNC_OVERLAP, predicted, measured)
     assert model.predict_ms(Strategy.ASYNC_OVERLAP, shape) == pytest.approx(measured, rel=0.1)
-    assert model.last_measured_ms == measured and model.num_observations == 15
+    assert model.num_observations == 15
     # Each strategy keeps its own scale.
     assert model.scale[Strategy.GPU_ONLY] == 1.0
 
 
 def test_profile_quick_measures_a_tiny_model_on_this_machine():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("apex_grpc.attention.cpu_kernel")
+    import torch
+
     from apex_grpc.model.llama import LlamaForCausalLM
     from apex_grpc.platform import device_name
     from apex_grpc.perf.profiler import profile_quick

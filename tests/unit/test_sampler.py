@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from apex_grpc.request import SamplingParams
+from apex_grpc.request import MAX_TOP_LOGPROBS, SamplingParams
 from apex_grpc.sampler import (
-    MAX_TOP_LOGPROBS,
     Sampler,
     apply_repetition_penalty,
     filter_logits,

@@ -1,8 +1,12 @@
-"""`apex-grpc` command line: flag mapping, lazy sub-command dispatch, and a SIGTERM drain of a
-real server process (FakeEngine behind it, under uvloop) ending with exit code 0."""
+"""`apex-grpc` command line: flag mapping (flags and defaults come from the config dataclasses;
+profile shares serve's model flags), the EngineConfig derivation, lazy sub-command dispatch, and
+a SIGTERM drain of a real server process (FakeEngine behind it, under uvloop) ending with exit
+code 0."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import pathlib
 import signal
@@ -13,11 +17,19 @@ import types
 
 import grpc
 import pytest
+import torch
 
 from apex_grpc import cli
-from apex_grpc.config import KVPlacement, Policy
+from apex_grpc.config import (KVPlacement, ModelConfig, ModelOptions, Policy, SchedulingOptions,
+                              ServeOptions)
+from apex_grpc.engine.builder import engine_config
+from apex_grpc.flags import from_args
+from apex_grpc.perf import profiler
+from apex_grpc.perf.perf_model import Profile
+from apex_grpc.platform import device_name
 from apex_grpc.proto import generation_pb2 as pb
 from apex_grpc.proto import generation_pb2_grpc
+from apex_grpc.server.app import AUTH_TOKEN_ENV, ServerSettings
 from tests.process_logs import read_until
 
 UNIT_DIR = pathlib.Path(__file__).resolve().parent
@@ -31,10 +43,12 @@ def test_every_serve_flag_maps_onto_the_options():
         "--gpu-kv-blocks", "10", "--gpu-kv-gb", "1.5", "--host-kv-gb", "2", "--block-size", "32",
         "--max-num-seqs", "8", "--max-batched-tokens", "512", "--max-model-len", "1024",
         "--cpu-attention-threads", "3", "--max-waiting", "5", "--max-step-stretch", "1.5",
-        "--profile", "p.json", "--seed", "7", "--host", "0.0.0.0", "--port", "6000",
+        "--profile", "p.json", "--tpot-slo-ms", "40", "--cuda-layer-wait", "engine-thread",
+        "--seed", "7", "--host", "0.0.0.0", "--port", "6000",
         "--metrics-port", "9100", "--tls-cert", "c.pem", "--tls-key", "k.pem",
         "--auth-token", "t", "--max-concurrent-streams", "9", "--max-message-bytes", "4096",
-        "--max-queue-time-ms", "250", "--shutdown-grace", "3", "--log-level", "debug"])
+        "--max-queue-time-ms", "250", "--max-prompt-len", "99", "--shutdown-grace", "3",
+        "--log-level", "debug"])
     options = cli.serve_options(args)
     assert (options.model, options.load_format, options.dummy_config) == ("/m", "dummy", "tiny")
     assert (options.device, options.dtype) == ("cpu", "bfloat16")
@@ -43,17 +57,65 @@ def test_every_serve_flag_maps_onto_the_options():
     assert (options.block_size, options.max_num_seqs, options.max_batched_tokens) == (32, 8, 512)
     assert (options.max_model_len, options.cpu_attention_threads) == (1024, 3)
     assert (options.max_waiting, options.max_step_stretch) == (5, 1.5)
-    assert (options.profile, options.seed) == ("p.json", 7)
+    assert (options.profile, options.tpot_slo_ms, options.seed) == ("p.json", 40.0, 7)
+    assert options.cuda_layer_wait == "engine-thread"
     settings = cli.server_settings(args, environ={})
     assert (settings.host, settings.port, settings.metrics_port) == ("0.0.0.0", 6000, 9100)
     assert (settings.tls_cert, settings.tls_key, settings.auth_token) == ("c.pem", "k.pem", "t")
     assert (settings.max_concurrent_streams, settings.max_message_bytes) == (9, 4096)
     assert (settings.max_queue_time_ms, settings.shutdown_grace_s) == (250, 3.0)
+    assert settings.max_prompt_len == 99
+
+
+def test_unset_flags_take_the_dataclass_defaults():
+    args = cli.build_parser().parse_args(["serve"])
+    assert cli.serve_options(args) == ServeOptions()
+    assert cli.server_settings(args, environ={}) == ServerSettings()
+
+
+def test_profile_takes_the_model_and_hardware_flags_of_serve():
+    model_flags = ["--model", "/m", "--load-format", "dummy", "--dummy-config", "tiny",
+                   "--device", "cpu", "--dtype", "float32", "--cpu-attention-threads", "3",
+                   "--seed", "5"]
+    profile_args = profiler.build_parser().parse_args(model_flags + ["--output", "o.json"])
+    serve_args = cli.build_parser().parse_args(["serve"] + model_flags)
+    assert from_args(ModelOptions, profile_args) == ModelOptions(
+        model="/m", load_format="dummy", dummy_config="tiny", device="cpu", dtype="float32",
+        cpu_attention_threads=3, seed=5)
+    assert from_args(ModelOptions, profile_args) == from_args(ModelOptions, serve_args)
+
+
+def test_profile_command_writes_a_profile_that_matches_its_flags(tmp_path):
+    tiny = {"architectures": ["LlamaForCausalLM"], "vocab_size": 256, "hidden_size": 32,
+            "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 128}
+    config_path, output = tmp_path / "tiny.json", tmp_path / "profile.json"
+    config_path.write_text(json.dumps(tiny))
+    assert cli.main(["profile", "--load-format", "dummy", "--dummy-config", str(config_path),
+                     "--device", "cpu", "--dtype", "float32", "--cpu-attention-threads", "1",
+                     "--quick", "--budget-s", "1", "--output", str(output)]) == 0
+    Profile.load(str(output)).check_matches(ModelConfig.from_hf_dict(tiny), "float32",
+                                            device_name(torch.device("cpu")), 1)
+
+
+def test_engine_config_keeps_every_scheduling_option():
+    options = ServeOptions(block_size=32, max_num_seqs=8, max_batched_tokens=512,
+                           policy=Policy.NEO, kv_placement=KVPlacement.GPU, max_waiting=5,
+                           max_step_stretch=1.5, max_model_len=1000)
+    model = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                        head_dim=16, max_position_embeddings=4096)
+    config = engine_config(options, model, num_gpu_blocks=20, num_host_blocks=7,
+                           cpu_attention_threads=3)
+    for field in dataclasses.fields(SchedulingOptions):
+        assert getattr(config, field.name) == getattr(options, field.name), field.name
+    assert (config.num_gpu_blocks, config.num_host_blocks) == (20, 7)
+    assert (config.cpu_attention_threads, config.max_model_len) == (3, 20 * 32)
 
 
 def test_defaults_bind_loopback_and_token_comes_from_the_environment():
     args = cli.build_parser().parse_args(["serve"])
-    settings = cli.server_settings(args, environ={cli.AUTH_TOKEN_ENV: "from-env"})
+    settings = cli.server_settings(args, environ={AUTH_TOKEN_ENV: "from-env"})
     assert (settings.host, settings.port, settings.auth_token) == ("127.0.0.1", 50051, "from-env")
     assert cli.server_settings(args, environ={}).auth_token is None
     assert cli.serve_options(args).policy is Policy.APEX
@@ -73,6 +135,8 @@ def test_delegated_commands_get_their_argv(monkeypatch, command, module):
 def test_bad_serve_flags_exit_2_with_one_line(capsys):
     assert cli.main(["serve", "--tls-cert", "only-cert.pem", "--port", "0"]) == 2
     assert "--tls-cert and --tls-key" in capsys.readouterr().err
+    assert cli.main(["serve", "--max-num-seqs", "0", "--port", "0"]) == 2
+    assert "max_num_seqs must be positive" in capsys.readouterr().err
 
 
 SERVER_SCRIPT = """

@@ -16,7 +16,7 @@ from fake_engine import VOCAB_SIZE, FakeEngine, FakeTokenizer, ServerThread
 from apex_grpc.proto import generation_pb2 as pb
 from apex_grpc.proto import generation_pb2_grpc
 from apex_grpc.server.validation import (DEFAULT_MAX_NEW_TOKENS, ModelLimits, RequestValidator,
-                                         ValidationError)
+                                         ValidatedRequest, ValidationError)
 
 MAX_MODEL_LEN = 128
 
@@ -123,19 +123,25 @@ def _validator(max_model_len: int = MAX_MODEL_LEN) -> RequestValidator:
                                                          max_model_len=max_model_len))
 
 
+def _validate(validator: RequestValidator, request: pb.GenerateRequest) -> ValidatedRequest:
+    """The servicer's three steps, in its order (it tokenizes off the event loop between)."""
+    validator.check_static(request)
+    return validator.finish(request, validator.prompt_ids(request))
+
+
 def test_default_max_new_tokens_is_capped_by_the_room_left():
-    validated = _validator().validate(pb.GenerateRequest(text="abc"))  # BOS + 3 bytes
+    validated = _validate(_validator(), pb.GenerateRequest(text="abc"))  # BOS + 3 bytes
     assert validated.stopping.max_new_tokens == MAX_MODEL_LEN - 4
-    roomy = _validator(max_model_len=4096).validate(pb.GenerateRequest(text="abc"))
+    roomy = _validate(_validator(max_model_len=4096), pb.GenerateRequest(text="abc"))
     assert roomy.stopping.max_new_tokens == DEFAULT_MAX_NEW_TOKENS
 
 
 def test_prompts_over_the_operator_cap_are_rejected_by_name():
     capped = RequestValidator(FakeTokenizer(), ModelLimits(vocab_size=VOCAB_SIZE,
                                                            max_model_len=4096, max_prompt_len=5))
-    assert capped.validate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 5)))
+    assert _validate(capped, pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 5)))
     with pytest.raises(ValidationError, match=r"^token_ids is 6 tokens long.*--max-prompt-len"):
-        capped.validate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 6)))
+        _validate(capped, pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 6)))
 
 
 def test_fields_map_onto_engine_params():
@@ -147,7 +153,7 @@ def test_fields_map_onto_engine_params():
                                      stop_token_ids=[7], include_stop_strings=True,
                                      ignore_eos=True, time_limit_ms=500),
         response=pb.ResponseOptions(token_ids=True, top_logprobs=3))
-    validated = _validator().validate(request)
+    validated = _validate(_validator(), request)
     assert validated.request_id == "abc"
     assert validated.prompt_ids == FakeTokenizer().encode("hey", add_special_tokens=False)
     sampling = validated.sampling
@@ -165,22 +171,22 @@ def test_fields_map_onto_engine_params():
 
 def test_logprobs_off_maps_to_minus_one_and_logprobs_flag_to_zero():
     validator = _validator()
-    assert validator.validate(pb.GenerateRequest(text="a")).sampling.top_logprobs == -1
+    assert _validate(validator, pb.GenerateRequest(text="a")).sampling.top_logprobs == -1
     only_sampled = pb.GenerateRequest(text="a", response=pb.ResponseOptions(logprobs=True))
-    assert validator.validate(only_sampled).sampling.top_logprobs == 0
+    assert _validate(validator, only_sampled).sampling.top_logprobs == 0
 
 
 def test_text_gets_bos_by_default_and_chat_never_doubles_it():
     validator = _validator()
-    assert validator.validate(pb.GenerateRequest(text="a")).prompt_ids[0] == 1
+    assert _validate(validator, pb.GenerateRequest(text="a")).prompt_ids[0] == 1
     chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="a")])
-    ids = validator.validate(pb.GenerateRequest(chat=chat)).prompt_ids
+    ids = _validate(validator, pb.GenerateRequest(chat=chat)).prompt_ids
     assert FakeTokenizer().decode(ids) == "<|user|>a\n<|assistant|>" and ids[0] != 1
 
 
 def test_server_makes_a_request_id_when_empty():
-    first = _validator().validate(pb.GenerateRequest(text="a")).request_id
-    second = _validator().validate(pb.GenerateRequest(text="a")).request_id
+    first = _validate(_validator(), pb.GenerateRequest(text="a")).request_id
+    second = _validate(_validator(), pb.GenerateRequest(text="a")).request_id
     assert first and second and first != second
 
 
@@ -192,4 +198,4 @@ def test_template_errors_become_validation_errors():
     validator = RequestValidator(RejectingTokenizer(), ModelLimits(VOCAB_SIZE, MAX_MODEL_LEN))
     chat = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="a")])
     with pytest.raises(ValidationError, match="^chat: .*roles must alternate"):
-        validator.validate(pb.GenerateRequest(chat=chat))
+        _validate(validator, pb.GenerateRequest(chat=chat))

@@ -92,6 +92,9 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
                        help="give up (RESOURCE_EXHAUSTED) on requests with no output by then")
     group.add_argument("--shutdown-grace", type=float, default=defaults.shutdown_grace_s,
                        help="seconds in-flight streams get to finish on SIGTERM/SIGINT")
+    group.add_argument("--replica-id", default=None,
+                       help="name of this replica in GetServerInfo and the apex-replica "
+                       "response metadata (default: hostname:port)")
     group.add_argument("--log-level", choices=LOG_LEVELS, default="info")
 
 
@@ -130,7 +133,7 @@ def server_settings(args: argparse.Namespace, environ: dict[str, str] | None = N
         max_concurrent_streams=args.max_concurrent_streams,
         max_message_bytes=args.max_message_bytes, max_queue_time_ms=args.max_queue_time_ms,
         max_prompt_len=args.max_prompt_len,
-        shutdown_grace_s=args.shutdown_grace)
+        shutdown_grace_s=args.shutdown_grace, replica_id=args.replica_id)
 
 
 def configure_logging(level: str) -> None:

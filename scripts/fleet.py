@@ -123,7 +123,9 @@ def render_haproxy_config(replicas: list[Replica], listen_port: int) -> str:
     servers = "".join(f"    server {r.name} {r.target} "
                       + re.sub(r"\bport \d+", f"port {r.metrics_port}", options) + "\n"
                       for r in replicas)
-    return re.sub(r"^\s*server-template .*\n", servers, text, flags=re.M)
+    text = re.sub(r"^\s*server-template .*\n", servers, text, flags=re.M)
+    # No DNS here: drop the resolvers section (it would read this machine's resolv.conf).
+    return re.sub(r"^resolvers .*?\n\n", "", text, flags=re.M | re.S)
 
 
 class Balancer:

@@ -22,7 +22,6 @@ from clients.bench.runner import (
     describe_server,
     run_benchmark,
 )
-from clients.fleet import LOAD_BALANCING_POLICIES
 from clients.bench.workloads import (
     DATASET_NAMES,
     BenchRequest,
@@ -33,6 +32,7 @@ from clients.bench.workloads import (
     random_workload,
     sharegpt_workload,
 )
+from clients.fleet import LOAD_BALANCING_POLICIES
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 USER_ERRORS = (ArrivalError, BenchError, MetricsError, PlotError, WorkloadError)
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="gRPC load-balancing policy of the channel (round_robin also "
                         "watches each replica's readiness); default: gRPC's pick_first, or "
                         "round_robin with --replicas")
-    server.add_argument("--max-retries", type=int, default=3,
+    server.add_argument("--max-retries", type=int, default=RunOptions.max_retries,
                         help="resend a request refused with UNAVAILABLE before its first token "
                         "(never after one) up to this many times")
     server.add_argument("--tls", action="store_true", help="TLS with the system root certificates")

@@ -33,7 +33,9 @@ STATS_POLL_INTERVAL_S = 0.05
 # The stream ended without a message carrying a finish_reason (a contract violation).
 NO_FINISH_REASON = "NO_FINISH_REASON"
 _UNFINISHED = generation_pb2.FINISH_REASON_UNSPECIFIED
-RETRY_BACKOFF_S = (0.02, 0.05, 0.1, 0.2, 0.5)  # before retry 1, 2, ...; the last one repeats
+# Before retry 1, 2, ...; the last one repeats. Five retries span 1.55 s: longer than a
+# balancer takes to notice a draining replica (deploy/kubernetes/haproxy.cfg: ~0.6 s).
+RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 class BenchError(RuntimeError):
@@ -104,7 +106,7 @@ class RunOptions:
     show_progress: bool = True
     # Resend a request refused with UNAVAILABLE before any token (loading, draining or dead
     # replica) up to this many times; a stream that delivered a token is never resent.
-    max_retries: int = 3
+    max_retries: int = 5
 
 
 @dataclass(frozen=True)

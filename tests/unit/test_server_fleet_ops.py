@@ -74,6 +74,12 @@ def test_liveness_stays_serving_through_the_drain_and_http_ready_follows():
         async with serving(engine, metrics_port=0, shutdown_grace_s=5.0) as server, \
                 grpc.aio.insecure_channel(target(server)) as ch:
             assert await asyncio.to_thread(_http_ready, server.metrics_port) == 200
+            url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+            metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5)
+                                              .read().decode())
+            # 32 free GPU blocks of the fake engine, no host tier, in tokens.
+            assert (f"apex_kv_free_tokens {32.0 * engine.engine_config.block_size}"
+                    in metrics)
             stub = generation_pb2_grpc.GenerationServiceStub(ch)
             in_flight = stub.GenerateStream(pb.GenerateRequest(request_id="busy", text="q"))
             await wait_until(lambda: "busy" in engine.live)

@@ -76,8 +76,11 @@ class ServerSettings:
             raise ValueError(f"--shutdown-grace must be >= 0, got {self.shutdown_grace_s}")
         if self.auth_token is not None and not self.auth_token:
             raise ValueError("--auth-token must not be empty")
-        if self.replica_id is not None and not self.replica_id.isprintable():
-            raise ValueError(f"--replica-id must be printable text, got {self.replica_id!r}")
+        if self.replica_id is not None and not (self.replica_id.isascii()
+                                                and self.replica_id.isprintable()
+                                                and self.replica_id.strip()):
+            # It travels as a gRPC metadata value: printable ASCII only.
+            raise ValueError(f"--replica-id must be printable ASCII, got {self.replica_id!r}")
 
 
 def _host_port(host: str, port: int) -> str:

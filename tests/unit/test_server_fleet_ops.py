@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 
 import grpc
+import pytest
 from async_helpers import run, wait_until
 from fake_engine import FakeEngine, serving, target
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -228,3 +229,10 @@ def test_get_stats_carries_the_load_a_router_needs():
     assert busy.load.total_kv_tokens == 32 * block_size
     assert idle.load.num_requests == 0 and idle.load.num_active_streams == 0
     assert idle.load.free_kv_tokens == idle.load.total_kv_tokens
+
+
+def test_replica_id_must_be_a_metadata_value():
+    for bad in ("réplica", "a\nb", "  "):
+        with pytest.raises(ValueError, match="--replica-id"):
+            ServerSettings(replica_id=bad)
+    assert ServerSettings(replica_id="apex-grpc-7d9f-x2").replica_id == "apex-grpc-7d9f-x2"

@@ -6,7 +6,8 @@ Used by tests/e2e/test_fleet.py, and runnable as the balancer-cost benchmark:
     .venv/bin/python scripts/fleet.py [--replicas 3] [--num-prompts 60]
 
 which measures, in one run, the median time to first token of sequential streams sent to one
-replica directly and through HAProxy, and prints both (the balancer's added latency).
+replica directly and through HAProxy (the balancer's added latency), then the spread of
+requests over the replicas under a steady load through HAProxy, and prints them.
 """
 
 from __future__ import annotations
@@ -215,21 +216,24 @@ class Fleet:
         self.stop()
 
 
-def _median_ttft_ms(target: str, num_prompts: int) -> tuple[float, dict]:
-    """Sequential streams (one at a time, so the replica is idle for each) via apex-bench."""
+def _bench(target: str, *flags: str) -> dict:
+    """One apex-bench run (its summary goes to stdout); returns the result file's content."""
     from clients.bench.cli import main as bench_main
 
     with tempfile.TemporaryDirectory() as tmp:
-        result_path = Path(tmp) / "ttft.json"
-        status = bench_main(["--target", target, "--num-prompts", str(num_prompts),
-                             "--max-concurrency", "1", "--dataset-name", "fixed",
-                             "--fixed-input-len", "16", "--fixed-output-len", "4",
-                             "--num-warmups", "5", "--disable-tqdm",
-                             "--result-json", str(result_path)])
+        result_path = Path(tmp) / "result.json"
+        status = bench_main(["--target", target, "--dataset-name", "fixed",
+                             "--fixed-input-len", "16", "--disable-tqdm",
+                             "--result-json", str(result_path), *flags])
         if status != 0:
             raise FleetError(f"apex-bench failed against {target}")
-        result = json.loads(result_path.read_text())
-    return result["median_ttft_ms"], result
+        return json.loads(result_path.read_text())
+
+
+def _median_ttft_ms(target: str, num_prompts: int) -> float:
+    """Sequential streams (one at a time, so the replica is idle for each)."""
+    return _bench(target, "--num-prompts", str(num_prompts), "--max-concurrency", "1",
+                  "--fixed-output-len", "4", "--num-warmups", "5")["median_ttft_ms"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,17 +243,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternate direct and balanced runs this many times")
+    parser.add_argument("--steady-prompts", type=int, default=300,
+                        help="requests of the steady-load run that measures the balance")
+    parser.add_argument("--steady-rate", type=float, default=30.0)
     args = parser.parse_args(argv)
     with Fleet(args.replicas) as fleet:
         fleet.wait_all_in_rotation()
         direct, balanced = [], []
         for _ in range(args.rounds):  # alternated, so drift on a shared machine hits both
-            direct.append(_median_ttft_ms(fleet.replicas[0].target, args.num_prompts)[0])
-            balanced.append(_median_ttft_ms(fleet.balancer.target, args.num_prompts)[0])
+            direct.append(_median_ttft_ms(fleet.replicas[0].target, args.num_prompts))
+            balanced.append(_median_ttft_ms(fleet.balancer.target, args.num_prompts))
+        steady = _bench(fleet.balancer.target, "--num-prompts", str(args.steady_prompts),
+                        "--request-rate", str(args.steady_rate), "--fixed-output-len", "16")
     direct_ms, balanced_ms = sorted(direct)[len(direct) // 2], sorted(balanced)[len(balanced) // 2]
+    counts = steady["requests_per_replica"]
     print(json.dumps({"direct_median_ttft_ms": direct, "haproxy_median_ttft_ms": balanced,
                       "direct_ms": direct_ms, "haproxy_ms": balanced_ms,
-                      "added_ms": balanced_ms - direct_ms}, indent=2))
+                      "added_ms": balanced_ms - direct_ms,
+                      "steady_requests_per_replica": counts,
+                      "steady_max_over_min": max(counts.values()) / min(counts.values())},
+                     indent=2))
     return 0
 
 

@@ -1,8 +1,9 @@
 """Python client for apex-grpc: blocking (ApexClient) and asyncio (AsyncApexClient).
 
 Owns request building from keyword arguments, the channel set-up (TLS, bearer-token
-metadata), per-call deadlines and retries with exponential backoff on UNAVAILABLE (a warming-up, draining or dead replica). A stream is retried only until its first
-message arrives; after that a failure is the caller's to see, so no output is ever duplicated.
+metadata), per-call deadlines and retries with exponential backoff on UNAVAILABLE (a
+warming-up, draining or dead replica). A stream is retried only until its first message
+arrives; after that a failure is the caller's to see, so no output is ever duplicated.
 Streams can be cancelled, which aborts the request on the server.
 
 A fleet of replicas is one channel: give several "host:port" targets (or a `dns:///name:port`

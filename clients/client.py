@@ -1,10 +1,16 @@
 """Python client for apex-grpc: blocking (ApexClient) and asyncio (AsyncApexClient).
 
-Owns request building from keyword arguments, typed results (dataclasses), the channel set-up
-(TLS, bearer-token metadata), per-call deadlines and retries with exponential backoff on
-UNAVAILABLE (a warming-up or draining server). A stream is retried only until its first message
-arrives; after that a failure is the caller's to see. Streams can be cancelled, which aborts the
-request on the server.
+Owns request building from keyword arguments, the channel set-up (TLS, bearer-token
+metadata), per-call deadlines and retries with exponential backoff on UNAVAILABLE (a
+warming-up, draining or dead replica). A stream is retried only until its first message
+arrives; after that a failure is the caller's to see, so no output is ever duplicated.
+Streams can be cancelled, which aborts the request on the server.
+
+A fleet of replicas is one channel: give several "host:port" targets (or a `dns:///name:port`
+target with load_balancing="round_robin", e.g. a Kubernetes headless Service) and gRPC's
+round_robin policy spreads calls over every replica whose readiness is SERVING (client-side
+health checking on apex.v1.GenerationService), so a draining or loading replica gets none.
+Each result names the replica that served it (`replica_id`, from `apex-replica` metadata).
 """
 
 from __future__ import annotations
@@ -21,69 +27,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apex_grpc.proto import generation_pb2 as pb
 from apex_grpc.proto import generation_pb2_grpc, model_pb2, model_pb2_grpc
+from clients.fleet import READINESS_SERVICE, channel_target_and_options, replica_of
+from clients.results import ApexError, GenerationResult
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-READINESS_SERVICE = "apex.v1.GenerationService"
 AUTH_TOKEN_ENV = "APEX_GRPC_AUTH_TOKEN"
-
-
-class ApexError(Exception):
-    """An RPC failed; `code` is the gRPC status (e.g. INVALID_ARGUMENT), `details` the reason."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    token: str
-    top: tuple[tuple[int, float, str], ...]  # (token_id, logprob, token), best first
-
-
-@dataclass(frozen=True)
-class Timing:
-    queue_ms: float
-    ttft_ms: float
-    decode_ms: float
-    num_preemptions: int
-
-
-@dataclass(frozen=True)
-class GenerationResult:
-    """A whole result (Generate) or one stream message (text is then a delta; finish fields
-    are set on the last message only)."""
-
-    request_id: str
-    text: str
-    token_ids: tuple[int, ...]
-    logprobs: tuple[TokenLogprob, ...]
-    finish_reason: str | None  # "eos", "stop", "length", "context_limit", "time_limit", ...
-    matched_stop: str
-    prompt_tokens: int
-    completion_tokens: int
-    timing: Timing | None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @classmethod
-    def from_proto(cls, msg: pb.GenerateResponse) -> GenerationResult:
-        finished = msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED
-        reason = pb.FinishReason.Name(msg.finish_reason).removeprefix("FINISH_REASON_").lower()
-        return cls(
-            request_id=msg.request_id, text=msg.text, token_ids=tuple(msg.token_ids),
-            logprobs=tuple(TokenLogprob(lp.token_id, lp.logprob, lp.token,
-                                        tuple((t.token_id, t.logprob, t.token) for t in lp.top))
-                           for lp in msg.logprobs),
-            finish_reason=reason if finished else None, matched_stop=msg.matched_stop,
-            prompt_tokens=msg.usage.prompt_tokens, completion_tokens=msg.usage.completion_tokens,
-            timing=Timing(msg.timing.queue_ms, msg.timing.ttft_ms, msg.timing.decode_ms,
-                          msg.timing.num_preemptions) if finished else None)
 
 
 ChatInput = Sequence[tuple[str, str]] | Sequence[dict[str, str]]
@@ -168,16 +116,17 @@ def _error(exc: grpc.RpcError) -> ApexError:
 
 
 class _ClientBase:
-    def __init__(self, target: str, *, tls: bool = False,
+    def __init__(self, target: str | Sequence[str], *, tls: bool = False,
                  root_certificates: bytes | str | None = None, auth_token: str | None = None,
                  timeout: float | None = None, retry: RetryPolicy = RetryPolicy(),
-                 channel_options: Sequence[tuple[str, Any]] = ()) -> None:
-        self.target = target
+                 channel_options: Sequence[tuple[str, Any]] = (),
+                 load_balancing: str | None = None) -> None:
+        self.target, self._channel_options = channel_target_and_options(
+            target, load_balancing, channel_options)
         self.timeout = timeout
         self.retry = retry
         self._credentials = _credentials(tls, root_certificates)
         self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
-        self._channel_options = list(channel_options)
 
     def __repr__(self) -> str:  # the token stays out of reprs and logs
         return f"{type(self).__name__}(target={self.target!r})"
@@ -211,6 +160,7 @@ class GenerationStream:
         self._deadline = deadline
         self._call = None
         self._cancelled = False
+        self.replica_id = ""  # known once the first message has arrived
 
     def _open(self):
         return self._client._generation.GenerateStream(
@@ -224,8 +174,10 @@ class GenerationStream:
             self._call = self._open()
             try:
                 for message in self._call:
-                    received = True
-                    yield GenerationResult.from_proto(message)
+                    if not received:
+                        received = True
+                        self.replica_id = replica_of(self._call.initial_metadata())
+                    yield GenerationResult.from_proto(message, self.replica_id)
                 return
             except grpc.RpcError as exc:
                 if self._cancelled:
@@ -252,12 +204,12 @@ class GenerationStream:
 class ApexClient(_ClientBase):
     """Blocking client. Keyword arguments of generate*/ are those of build_request."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
+    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
         if self._credentials is None:
-            self._channel = grpc.insecure_channel(target, options=self._channel_options)
+            self._channel = grpc.insecure_channel(self.target, options=self._channel_options)
         else:
-            self._channel = grpc.secure_channel(target, self._credentials,
+            self._channel = grpc.secure_channel(self.target, self._credentials,
                                                 options=self._channel_options)
         self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
         self._model = model_pb2_grpc.ModelServiceStub(self._channel)
@@ -278,8 +230,9 @@ class ApexClient(_ClientBase):
                 attempt += 1
 
     def generate(self, *, timeout: float | None = None, **request: Any) -> GenerationResult:
-        return GenerationResult.from_proto(
-            self._unary(self._generation.Generate, build_request(**request), timeout))
+        response, call = self._unary(self._generation.Generate.with_call,
+                                     build_request(**request), timeout)
+        return GenerationResult.from_proto(response, replica_of(call.initial_metadata()))
 
     def generate_stream(self, *, timeout: float | None = None,
                         **request: Any) -> GenerationStream:
@@ -342,6 +295,7 @@ class AsyncGenerationStream:
         self._deadline = deadline
         self._call = None
         self._cancelled = False
+        self.replica_id = ""  # known once the first message has arrived
 
     async def __aiter__(self):
         attempt = 0
@@ -352,8 +306,10 @@ class AsyncGenerationStream:
                 metadata=self._client._metadata)
             try:
                 async for message in self._call:
-                    received = True
-                    yield GenerationResult.from_proto(message)
+                    if not received:
+                        received = True
+                        self.replica_id = replica_of(await self._call.initial_metadata())
+                    yield GenerationResult.from_proto(message, self.replica_id)
                 return
             except grpc.RpcError as exc:
                 wait_s = -1.0 if received else self._client._should_retry(
@@ -376,24 +332,27 @@ class AsyncGenerationStream:
 class AsyncApexClient(_ClientBase):
     """asyncio client with the methods of ApexClient as coroutines (use `async with`)."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, **kwargs: Any) -> None:
+    def __init__(self, target: str | Sequence[str] = DEFAULT_TARGET, **kwargs: Any) -> None:
         super().__init__(target, **kwargs)
         if self._credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=self._channel_options)
+            self._channel = grpc.aio.insecure_channel(self.target, options=self._channel_options)
         else:
-            self._channel = grpc.aio.secure_channel(target, self._credentials,
+            self._channel = grpc.aio.secure_channel(self.target, self._credentials,
                                                     options=self._channel_options)
         self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
         self._model = model_pb2_grpc.ModelServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    async def _unary(self, method, request, timeout: float | None = None):
+    async def _unary(self, method, request, timeout: float | None = None,
+                     with_call: bool = False):
         deadline = self._deadline(timeout)
         attempt = 0
         while True:
             try:
-                return await method(request, timeout=self._remaining(deadline),
-                                    metadata=self._metadata)
+                call = method(request, timeout=self._remaining(deadline),
+                              metadata=self._metadata)
+                response = await call
+                return (response, call) if with_call else response
             except grpc.RpcError as exc:
                 wait_s = self._should_retry(exc, attempt, deadline)
                 if wait_s < 0:
@@ -403,8 +362,9 @@ class AsyncApexClient(_ClientBase):
 
     async def generate(self, *, timeout: float | None = None,
                        **request: Any) -> GenerationResult:
-        return GenerationResult.from_proto(
-            await self._unary(self._generation.Generate, build_request(**request), timeout))
+        response, call = await self._unary(self._generation.Generate,
+                                           build_request(**request), timeout, with_call=True)
+        return GenerationResult.from_proto(response, replica_of(await call.initial_metadata()))
 
     def generate_stream(self, *, timeout: float | None = None,
                         **request: Any) -> AsyncGenerationStream:

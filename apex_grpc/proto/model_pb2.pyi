@@ -1,8 +1,8 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -43,7 +43,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "device_name", "policy", "block_size", "gpu_kv_blocks", "host_kv_blocks", "max_num_seqs", "max_batched_tokens", "cpu_attention_threads", "kv_placement", "max_model_len")
+    __slots__ = ("version", "device_name", "policy", "block_size", "gpu_kv_blocks", "host_kv_blocks", "max_num_seqs", "max_batched_tokens", "cpu_attention_threads", "kv_placement", "max_model_len", "replica_id")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class GetServerInfoResponse(_message.Message):
     CPU_ATTENTION_THREADS_FIELD_NUMBER: _ClassVar[int]
     KV_PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     version: str
     device_name: str
     policy: str
@@ -66,14 +67,15 @@ class GetServerInfoResponse(_message.Message):
     cpu_attention_threads: int
     kv_placement: str
     max_model_len: int
-    def __init__(self, version: _Optional[str] = ..., device_name: _Optional[str] = ..., policy: _Optional[str] = ..., block_size: _Optional[int] = ..., gpu_kv_blocks: _Optional[int] = ..., host_kv_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_batched_tokens: _Optional[int] = ..., cpu_attention_threads: _Optional[int] = ..., kv_placement: _Optional[str] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    replica_id: str
+    def __init__(self, version: _Optional[str] = ..., device_name: _Optional[str] = ..., policy: _Optional[str] = ..., block_size: _Optional[int] = ..., gpu_kv_blocks: _Optional[int] = ..., host_kv_blocks: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_batched_tokens: _Optional[int] = ..., cpu_attention_threads: _Optional[int] = ..., kv_placement: _Optional[str] = ..., max_model_len: _Optional[int] = ..., replica_id: _Optional[str] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "num_host_resident", "gpu_kv_used_blocks", "gpu_kv_total_blocks", "host_kv_used_blocks", "host_kv_total_blocks", "preemptions_total", "evictions_total", "restores_total", "prompt_tokens_total", "generation_tokens_total", "steps_gpu_only", "steps_async_overlap", "steps_asymmetric_pipeline", "last_step_predicted_ms", "last_step_measured_ms", "requests_finished_total", "requests_aborted_total")
+    __slots__ = ("num_running", "num_waiting", "num_host_resident", "gpu_kv_used_blocks", "gpu_kv_total_blocks", "host_kv_used_blocks", "host_kv_total_blocks", "preemptions_total", "evictions_total", "restores_total", "prompt_tokens_total", "generation_tokens_total", "steps_gpu_only", "steps_async_overlap", "steps_asymmetric_pipeline", "last_step_predicted_ms", "last_step_measured_ms", "requests_finished_total", "requests_aborted_total", "load")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_HOST_RESIDENT_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +95,7 @@ class GetStatsResponse(_message.Message):
     LAST_STEP_MEASURED_MS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FINISHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_ABORTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     num_host_resident: int
@@ -112,4 +115,17 @@ class GetStatsResponse(_message.Message):
     last_step_measured_ms: float
     requests_finished_total: int
     requests_aborted_total: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_host_resident: _Optional[int] = ..., gpu_kv_used_blocks: _Optional[int] = ..., gpu_kv_total_blocks: _Optional[int] = ..., host_kv_used_blocks: _Optional[int] = ..., host_kv_total_blocks: _Optional[int] = ..., preemptions_total: _Optional[int] = ..., evictions_total: _Optional[int] = ..., restores_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., steps_gpu_only: _Optional[int] = ..., steps_async_overlap: _Optional[int] = ..., steps_asymmetric_pipeline: _Optional[int] = ..., last_step_predicted_ms: _Optional[float] = ..., last_step_measured_ms: _Optional[float] = ..., requests_finished_total: _Optional[int] = ..., requests_aborted_total: _Optional[int] = ...) -> None: ...
+    load: Load
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_host_resident: _Optional[int] = ..., gpu_kv_used_blocks: _Optional[int] = ..., gpu_kv_total_blocks: _Optional[int] = ..., host_kv_used_blocks: _Optional[int] = ..., host_kv_total_blocks: _Optional[int] = ..., preemptions_total: _Optional[int] = ..., evictions_total: _Optional[int] = ..., restores_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., steps_gpu_only: _Optional[int] = ..., steps_async_overlap: _Optional[int] = ..., steps_asymmetric_pipeline: _Optional[int] = ..., last_step_predicted_ms: _Optional[float] = ..., last_step_measured_ms: _Optional[float] = ..., requests_finished_total: _Optional[int] = ..., requests_aborted_total: _Optional[int] = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
+
+class Load(_message.Message):
+    __slots__ = ("num_requests", "num_active_streams", "free_kv_tokens", "total_kv_tokens")
+    NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    FREE_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    num_requests: int
+    num_active_streams: int
+    free_kv_tokens: int
+    total_kv_tokens: int
+    def __init__(self, num_requests: _Optional[int] = ..., num_active_streams: _Optional[int] = ..., free_kv_tokens: _Optional[int] = ..., total_kv_tokens: _Optional[int] = ...) -> None: ...

@@ -6,6 +6,9 @@ code). Order of life: the port opens first with readiness NOT_SERVING and genera
 answering UNAVAILABLE; the engine is built in a worker thread; readiness turns SERVING and one
 "ready" line is logged; SIGTERM/SIGINT drains (readiness NOT_SERVING, new requests UNAVAILABLE,
 in-flight streams get the grace period), then the server stops and run_server returns 0.
+Health: "" (liveness) is SERVING from the port opening until the process exits; readiness
+(apex.v1.GenerationService, and apex.v1.ModelService with it) follows ServingState.is_ready and
+turns NOT_SERVING the moment a signal arrives, even while the model is still loading.
 """
 
 from __future__ import annotations
@@ -13,18 +16,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from dataclasses import dataclass
 from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from apex_grpc.engine.protocol import EngineClient
 from apex_grpc.flags import flag
 from apex_grpc.proto import generation_pb2, generation_pb2_grpc, model_pb2, model_pb2_grpc
 from apex_grpc.server.auth import BearerTokenInterceptor, load_server_credentials
 from apex_grpc.server.metrics import ServerMetrics
+from apex_grpc.server.reflection import enable_reflection
 from apex_grpc.server.servicer import GenerationServicer, ModelServicer, ServingState
 
 logger = logging.getLogger("apex_grpc.server")
@@ -54,6 +58,9 @@ class ServerSettings:
         None, "reject longer prompts (INVALID_ARGUMENT); default: the context limit")
     shutdown_grace_s: float = flag(
         10.0, "seconds in-flight streams get to finish on SIGTERM/SIGINT", name="--shutdown-grace")
+    replica_id: str | None = flag(
+        None, "name of this replica in GetServerInfo and the apex-replica response metadata "
+        "(default: hostname:port)")
     # How often readiness re-reads engine.is_ready (a dead engine thread turns it false).
     health_poll_s: float = 0.5
 
@@ -75,6 +82,11 @@ class ServerSettings:
             raise ValueError(f"--shutdown-grace must be >= 0, got {self.shutdown_grace_s}")
         if self.auth_token is not None and not self.auth_token:
             raise ValueError("--auth-token must not be empty")
+        if self.replica_id is not None and not (self.replica_id.isascii()
+                                                and self.replica_id.isprintable()
+                                                and self.replica_id.strip()):
+            # It travels as a gRPC metadata value: printable ASCII only.
+            raise ValueError(f"--replica-id must be printable ASCII, got {self.replica_id!r}")
 
 
 def _host_port(host: str, port: int) -> str:
@@ -116,9 +128,7 @@ class ApexServer:
             GenerationServicer(self.state, self.metrics), self._server)
         model_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.state), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (GENERATION_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
-            self._server)
+        enable_reflection((GENERATION_SERVICE, MODEL_SERVICE, health.SERVICE_NAME), self._server)
         await self._set_readiness(False)
         address = _host_port(settings.host, settings.port)
         try:
@@ -130,12 +140,15 @@ class ApexServer:
             raise OSError(f"could not bind {address}: {exc}") from exc
         if not self.port:
             raise OSError(f"could not bind {address}")
+        self.state.replica_id = settings.replica_id or f"{socket.gethostname()}:{self.port}"
         await self._server.start()
         if settings.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(settings.host, settings.metrics_port)
+            self.metrics_port = self.metrics.serve(settings.host, settings.metrics_port,
+                                                   lambda: self.state.is_ready)
         loop_type = type(asyncio.get_running_loop())
-        logger.info("event=listening address=%s tls=%s auth=%s metrics_port=%s event_loop=%s.%s",
-                    _host_port(settings.host, self.port), settings.tls_cert is not None,
+        logger.info("event=listening address=%s replica_id=%s tls=%s auth=%s metrics_port=%s "
+                    "event_loop=%s.%s", _host_port(settings.host, self.port),
+                    self.state.replica_id, settings.tls_cert is not None,
                     settings.auth_token is not None, self.metrics_port, loop_type.__module__,
                     loop_type.__qualname__)
         return self.port
@@ -167,6 +180,11 @@ class ApexServer:
                 await self._set_readiness(ready)
                 was_ready = ready
 
+    async def begin_drain(self) -> None:
+        """Not ready from now on: new requests get UNAVAILABLE, readiness NOT_SERVING."""
+        self.state.draining = True
+        await self._set_readiness(False)
+
     async def stop(self) -> None:
         """Graceful drain: NOT_SERVING, refuse new requests, let in-flight ones finish."""
         if self._stopped:
@@ -175,15 +193,13 @@ class ApexServer:
         grace_s = self.settings.shutdown_grace_s
         logger.info("event=draining grace_s=%.1f active_streams=%d", grace_s,
                     self.state.num_active_streams)
-        self.state.draining = True
-        await self._set_readiness(False)
+        await self.begin_drain()
         if self._health_task is not None:
             self._health_task.cancel()
         engine = self.state.engine
         if engine is not None:
             # Streams that outlive the grace end with ABORTED from the engine, not a reset.
             await engine.shutdown(grace_s)
-        await self.health.enter_graceful_shutdown()
         if self._server is not None:
             # The engine has ended every request; this only lets handlers flush final messages.
             await self._server.stop(grace=min(grace_s, 2.0))
@@ -197,12 +213,15 @@ async def serve_until_signal(server: ApexServer) -> int:
     """Start, load the engine, serve until SIGTERM/SIGINT, drain; returns the exit code."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
+    drain_tasks: set[asyncio.Task] = set()
 
     def on_signal(signum: int) -> None:
         if stop_requested.is_set():
             logger.warning("event=signal signal=%s already draining", signal.Signals(signum).name)
         else:
             logger.info("event=signal signal=%s", signal.Signals(signum).name)
+            # Readiness drops now, not once loading or the drain gets going.
+            drain_tasks.add(loop.create_task(server.begin_drain()))
         stop_requested.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):

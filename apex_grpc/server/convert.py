@@ -91,9 +91,27 @@ def finish_reason_name(reason: FinishReason) -> str:
     return reason.name.lower()
 
 
-def stats_response(stats: EngineStats) -> model_pb2.GetStatsResponse:
+def stats_response(stats: EngineStats, block_size: int,
+                   num_active_streams: int) -> model_pb2.GetStatsResponse:
     # EngineStats field names match the message's by contract, so the copy is by name.
-    return model_pb2.GetStatsResponse(**dataclasses.asdict(stats))
+    response = model_pb2.GetStatsResponse(**dataclasses.asdict(stats))
+    response.load.CopyFrom(load_message(stats, block_size, num_active_streams))
+    return response
+
+
+def free_kv_tokens(stats: EngineStats, block_size: int) -> int:
+    """Free KV capacity of both tiers, in tokens."""
+    free_blocks = (stats.gpu_kv_total_blocks - stats.gpu_kv_used_blocks
+                   + stats.host_kv_total_blocks - stats.host_kv_used_blocks)
+    return free_blocks * block_size
+
+
+def load_message(stats: EngineStats, block_size: int, num_active_streams: int) -> model_pb2.Load:
+    total_blocks = stats.gpu_kv_total_blocks + stats.host_kv_total_blocks
+    return model_pb2.Load(num_requests=stats.num_waiting + stats.num_running,
+                          num_active_streams=num_active_streams,
+                          free_kv_tokens=free_kv_tokens(stats, block_size),
+                          total_kv_tokens=total_blocks * block_size)
 
 
 def model_info_response(engine: EngineClient) -> model_pb2.GetModelInfoResponse:
@@ -116,7 +134,8 @@ def model_info_response(engine: EngineClient) -> model_pb2.GetModelInfoResponse:
     return response
 
 
-def server_info_response(engine: EngineClient) -> model_pb2.GetServerInfoResponse:
+def server_info_response(engine: EngineClient,
+                         replica_id: str) -> model_pb2.GetServerInfoResponse:
     config = engine.engine_config
     return model_pb2.GetServerInfoResponse(
         version=apex_grpc.__version__,
@@ -130,4 +149,5 @@ def server_info_response(engine: EngineClient) -> model_pb2.GetServerInfoRespons
         cpu_attention_threads=config.cpu_attention_threads,
         kv_placement=config.kv_placement.value,
         max_model_len=config.max_model_len,
+        replica_id=replica_id,
     )

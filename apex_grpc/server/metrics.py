@@ -6,19 +6,27 @@ one process, as in tests) with two kinds of metrics:
   (no background polling, no copies that drift);
 - per-request latency histograms and finish-reason counters observed by the servicer through
   RequestTimer.
+The same HTTP port answers GET /ready (200 ready, 503 not) for balancers whose active health
+checks speak HTTP/1.1 but not gRPC (HAProxy, see docs/deploy.md).
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from apex_grpc.engine.protocol import EngineClient
+from apex_grpc.server.convert import free_kv_tokens
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.5, 5.0)
@@ -49,6 +57,8 @@ class EngineStatsCollector(Collector):
         total.add_metric(["gpu"], stats.gpu_kv_total_blocks)
         total.add_metric(["host"], stats.host_kv_total_blocks)
         yield total
+        yield _gauge("apex_kv_free_tokens", "Free KV cache capacity of both tiers, in tokens",
+                     free_kv_tokens(stats, engine.engine_config.block_size))
         yield _counter("apex_preemptions", "Requests preempted (recompute)",
                        stats.preemptions_total)
         yield _counter("apex_evictions", "Requests moved from the GPU to the host KV tier",
@@ -111,10 +121,27 @@ class ServerMetrics:
         self._http_server = None
         self._http_thread = None
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port."""
-        self._http_server, self._http_thread = start_http_server(
-            port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, is_ready: Callable[[], bool]) -> int:
+        """Start /metrics and /ready over HTTP in a daemon thread; returns the bound port."""
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            if environ.get("PATH_INFO") != "/ready":
+                return metrics_app(environ, start_response)
+            ready = is_ready()
+            start_response("200 OK" if ready else "503 Service Unavailable",
+                           [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"ready\n" if ready else b"not ready\n"]
+
+        server_class = ThreadingWSGIServer
+        if ":" in host:
+            server_class = type("IPv6WSGIServer", (ThreadingWSGIServer,),
+                                {"address_family": socket.AF_INET6})
+        self._http_server = make_server(host.strip("[]"), port, app, server_class,
+                                        handler_class=_QuietHandler)
+        self._http_thread = threading.Thread(target=self._http_server.serve_forever,
+                                             name="apex-metrics-http", daemon=True)
+        self._http_thread.start()
         return self._http_server.server_port
 
     def close(self) -> None:
@@ -125,6 +152,11 @@ class ServerMetrics:
 
     def start_request(self) -> RequestTimer:
         return RequestTimer(self)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes and health checks every second would flood the server's log."""
 
 
 @dataclass

@@ -28,6 +28,8 @@ from apex_grpc.server.validation import (ModelLimits, RequestValidator, Validate
 
 logger = logging.getLogger("apex_grpc.server")
 
+# Response metadata (initial on success, trailing on rejection) naming the replica that answered.
+REPLICA_METADATA_KEY = "apex-replica"
 # Longer inputs are tokenized in a worker thread so the event loop keeps serving other streams.
 TOKENIZE_INLINE_MAX_CHARS = 2048
 
@@ -40,6 +42,7 @@ class ServingState:
     # Upper bound on the wait for a request's first output (queue plus prefill); None = off.
     max_queue_time_ms: int | None = None
     max_prompt_len: int | None = None  # operator's cap on prompts, below the context limit
+    replica_id: str = ""  # set by the app once the port is bound
     engine: EngineClient | None = None
     validator: RequestValidator | None = None
     draining: bool = False
@@ -145,6 +148,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         """Admission and validation; holds a concurrency slot and the request id while open."""
         state = self.state
         timer = self.metrics.start_request()
+        replica = ((REPLICA_METADATA_KEY, state.replica_id),)
+        context.set_trailing_metadata(replica)  # a rejected call still says who rejected it
         await self._require_engine(context, request.request_id)
         if state.num_active_streams >= state.max_concurrent_streams:
             await _abort(context, timer, request.request_id, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -155,6 +160,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         try:
             call = await self._validate(request, context, timer)
             state.live_request_ids.add(call.request.request_id)
+            await context.send_initial_metadata(replica)
             yield call
         finally:
             state.num_active_streams -= 1
@@ -267,7 +273,9 @@ class ModelServicer(model_pb2_grpc.ModelServiceServicer):
         return convert.model_info_response(await self._engine(context))
 
     async def GetServerInfo(self, request, context) -> model_pb2.GetServerInfoResponse:
-        return convert.server_info_response(await self._engine(context))
+        return convert.server_info_response(await self._engine(context), self.state.replica_id)
 
     async def GetStats(self, request, context) -> model_pb2.GetStatsResponse:
-        return convert.stats_response((await self._engine(context)).stats())
+        engine = await self._engine(context)
+        return convert.stats_response(engine.stats(), engine.engine_config.block_size,
+                                      self.state.num_active_streams)

@@ -32,6 +32,7 @@ from clients.bench.workloads import (
     random_workload,
     sharegpt_workload,
 )
+from clients.fleet import LOAD_BALANCING_POLICIES
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 USER_ERRORS = (ArrivalError, BenchError, MetricsError, PlotError, WorkloadError)
@@ -42,9 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="apex-bench", description="Serving benchmark for apex-grpc (vLLM-style metrics). "
         "`apex-bench plot RESULT.json ... --output plot.png` plots results.")
     server = parser.add_argument_group("server")
-    server.add_argument("--target", default=DEFAULT_TARGET, help="host:port of the server")
+    server.add_argument("--target", default=DEFAULT_TARGET,
+                        help="host:port of the server, or any gRPC target (dns:///NAME:PORT "
+                        "with --load-balancing round_robin for a fleet behind one name)")
     server.add_argument("--targets", help="comma-separated host:port list (one server per "
                         "policy); runs each in turn and overrides --target")
+    server.add_argument("--replicas", help="comma-separated IP:PORT list of one fleet: the load "
+                        "goes over gRPC round_robin to every ready replica, GetStats are summed; "
+                        "overrides --target and --targets")
+    server.add_argument("--load-balancing", choices=LOAD_BALANCING_POLICIES,
+                        help="gRPC load-balancing policy of the channel (round_robin also "
+                        "watches each replica's readiness); default: gRPC's pick_first, or "
+                        "round_robin with --replicas")
+    server.add_argument("--max-retries", type=int, default=RunOptions.max_retries,
+                        help="resend a request refused with UNAVAILABLE before its first token "
+                        "(never after one) up to this many times")
     server.add_argument("--tls", action="store_true", help="TLS with the system root certificates")
     server.add_argument("--tls-ca", help="PEM root certificate(s) of the server (implies TLS)")
     server.add_argument("--auth-token", help="bearer token sent as authorization metadata")
@@ -127,48 +140,68 @@ def _check_args(args: argparse.Namespace) -> None:
         raise BenchError(f"--num-warmups must be >= 0, got {args.num_warmups}")
     if args.request_timeout is not None and not args.request_timeout > 0:
         raise BenchError(f"--request-timeout must be > 0, got {args.request_timeout}")
+    if args.max_retries < 0:
+        raise BenchError(f"--max-retries must be >= 0, got {args.max_retries}")
 
 
 async def run_target(args: argparse.Namespace, target: str, rates: list[float],
                      num_runs: int) -> None:
     """Every rate against one server: print a summary and write a result per run."""
+    replicas = tuple(_split(args.replicas)) if args.replicas else ()
     connection = ConnectionOptions(target=target, tls=args.tls, tls_ca=args.tls_ca,
-                                   auth_token=args.auth_token)
+                                   auth_token=args.auth_token, replicas=replicas,
+                                   load_balancing=args.load_balancing)
     percentiles = parse_percentiles(args.metric_percentiles)
     goodput_slos = parse_goodput(args.goodput)
-    async with connection.open_channel() as channel:
-        try:
-            server = await describe_server(channel, connection.metadata)
-        except BenchError as exc:
-            raise BenchError(f"{target}: {exc}") from None
-        requests = build_workload(args, server)
-        for rate in rates:
-            options = RunOptions(request_rate=rate, burstiness=args.burstiness,
-                                 max_concurrency=args.max_concurrency,
-                                 num_warmups=args.num_warmups, seed=args.seed,
-                                 request_timeout_s=args.request_timeout,
-                                 settle_timeout_s=args.settle_timeout,
-                                 show_progress=not args.disable_tqdm)
-            run = await run_benchmark(channel, connection.metadata, requests, options)
-            metrics = compute_metrics(run.records, run.duration_s, percentiles, goodput_slos)
-            info = RunInfo(target=target, policy=server.policy, model_id=server.model_name,
-                           dataset_name=args.dataset_name, num_prompts=len(requests),
-                           request_rate=rate, burstiness=args.burstiness,
-                           max_concurrency=args.max_concurrency, seed=args.seed)
-            print(format_summary(info, metrics, run.stats_delta), flush=True)
-            if args.result_json:
-                result = build_result(info, metrics, run.records, run.stats_before,
-                                      run.stats_after, run.stats_delta)
-                path = result_path(args.result_json, info, num_runs)
-                write_result(path, result)
-                print(f"result written to {path}", flush=True)
+    stats_channels = connection.stats_channels()
+    try:
+        async with connection.open_channel() as channel:
+            await _run_rates(args, target, rates, num_runs, connection, channel, stats_channels,
+                             percentiles, goodput_slos)
+    finally:
+        for stats_channel in stats_channels:
+            await stats_channel.close()
+
+
+async def _run_rates(args: argparse.Namespace, target: str, rates: list[float], num_runs: int,
+                     connection: ConnectionOptions, channel, stats_channels: list,
+                     percentiles: tuple[float, ...], goodput_slos: dict[str, float]) -> None:
+    try:
+        server = await describe_server(channel, connection.metadata)
+    except BenchError as exc:
+        raise BenchError(f"{target}: {exc}") from None
+    requests = build_workload(args, server)
+    for rate in rates:
+        options = RunOptions(request_rate=rate, burstiness=args.burstiness,
+                             max_concurrency=args.max_concurrency,
+                             num_warmups=args.num_warmups, seed=args.seed,
+                             request_timeout_s=args.request_timeout,
+                             settle_timeout_s=args.settle_timeout,
+                             show_progress=not args.disable_tqdm,
+                             max_retries=args.max_retries)
+        run = await run_benchmark(channel, connection.metadata, requests, options,
+                                  stats_channels)
+        metrics = compute_metrics(run.records, run.duration_s, percentiles, goodput_slos)
+        info = RunInfo(target=target, policy=server.policy, model_id=server.model_name,
+                       dataset_name=args.dataset_name, num_prompts=len(requests),
+                       request_rate=rate, burstiness=args.burstiness,
+                       max_concurrency=args.max_concurrency, seed=args.seed)
+        print(format_summary(info, metrics, run.stats_delta), flush=True)
+        if args.result_json:
+            result = build_result(info, metrics, run.records, run.stats_before,
+                                  run.stats_after, run.stats_delta)
+            path = result_path(args.result_json, info, num_runs)
+            write_result(path, result)
+            print(f"result written to {path}", flush=True)
 
 
 async def run_sweep(args: argparse.Namespace) -> None:
     _check_args(args)
     rates = [parse_rate(text.strip())
              for text in (args.request_rates or args.request_rate).split(",") if text.strip()]
-    targets = [text.strip() for text in (args.targets or args.target).split(",") if text.strip()]
+    targets = _split(args.targets or args.target)
+    if args.replicas:  # one fleet: its label is the replica list
+        targets = [",".join(_split(args.replicas))]
     if not rates or not targets:
         raise BenchError("no request rate or no target given")
     # Validate the metric flags before any server is contacted.
@@ -176,6 +209,10 @@ async def run_sweep(args: argparse.Namespace) -> None:
     parse_goodput(args.goodput)
     for target in targets:
         await run_target(args, target, rates, num_runs=len(rates) * len(targets))
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:

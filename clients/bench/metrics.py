@@ -45,6 +45,8 @@ class RequestRecord:
     error_code: str = ""  # gRPC status code name when the call failed
     cancelled: bool = False  # cancelled by the client (cancellation injection)
     finish_reason: str = ""
+    replica_id: str = ""  # the replica that answered the last attempt ("" if it did not say)
+    num_retries: int = 0  # attempts refused with UNAVAILABLE before any token, then resent
 
     @property
     def ttft(self) -> float:
@@ -93,6 +95,10 @@ class BenchmarkMetrics:
     latencies: dict[str, LatencyStats]  # keyed by LATENCY_METRICS
     errors_by_code: dict[str, int] = field(default_factory=dict)
     finish_reasons: dict[str, int] = field(default_factory=dict)
+    # Per replica (apex-replica metadata): requests it answered last, and those it completed.
+    requests_per_replica: dict[str, int] = field(default_factory=dict)
+    completed_per_replica: dict[str, int] = field(default_factory=dict)
+    total_retries: int = 0
 
 
 def latency_stats(values_s: list[float], percentiles: tuple[float, ...]) -> LatencyStats:
@@ -138,6 +144,9 @@ def compute_metrics(records: list[RequestRecord], duration_s: float,
         latencies={name: latency_stats(samples[name], percentiles) for name in LATENCY_METRICS},
         errors_by_code=dict(Counter(rec.error_code for rec in records if rec.error_code)),
         finish_reasons=dict(Counter(rec.finish_reason for rec in done if rec.finish_reason)),
+        requests_per_replica=dict(Counter(rec.replica_id for rec in records if rec.replica_id)),
+        completed_per_replica=dict(Counter(rec.replica_id for rec in done if rec.replica_id)),
+        total_retries=sum(rec.num_retries for rec in records),
     )
 
 
@@ -176,6 +185,9 @@ def metrics_fields(metrics: BenchmarkMetrics) -> dict[str, object]:
             fields[f"{percentile_key(percentile)}_{name}_ms"] = value
     fields["errors_by_code"] = dict(metrics.errors_by_code)
     fields["finish_reasons"] = dict(metrics.finish_reasons)
+    fields["requests_per_replica"] = dict(metrics.requests_per_replica)
+    fields["completed_per_replica"] = dict(metrics.completed_per_replica)
+    fields["total_retries"] = metrics.total_retries
     return fields
 
 
@@ -187,6 +199,8 @@ def per_request_fields(records: list[RequestRecord]) -> dict[str, list]:
         "ttfts": [rec.ttft if rec.success else 0.0 for rec in records],
         "itls": [rec.itls if rec.success else [] for rec in records],
         "errors": [rec.error_code for rec in records],
+        "replica_ids": [rec.replica_id for rec in records],
+        "retries": [rec.num_retries for rec in records],
     }
 
 

@@ -2,7 +2,8 @@
 
 The result JSON uses vLLM's serving-benchmark key names (completed, total_output_tokens,
 request_throughput, mean_ttft_ms, p99_itl_ms, input_lens, ttfts, ...) plus apex-grpc's own
-(target, policy, cancelled, errors_by_code, server_stats_delta, ...), one file per run.
+(target, policy, cancelled, errors_by_code, requests_per_replica, completed_per_replica,
+total_retries, replica_ids, server_stats_delta, ...), one file per run.
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ def format_summary(info: RunInfo, metrics: BenchmarkMetrics,
         lines.append(_row(f"Std {short} (ms):", stats.std_ms))
         for percentile, value in stats.percentiles_ms:
             lines.append(_row(f"P{percentile:g} {short} (ms):", value))
+    if metrics.requests_per_replica:
+        lines.append(_title("Requests per replica (completed / answered)"))
+        lines += [_row(f"{replica}:", f"{metrics.completed_per_replica.get(replica, 0)} / {count}")
+                  for replica, count in sorted(metrics.requests_per_replica.items())]
+    if metrics.total_retries:
+        lines.append(_row("Retries (UNAVAILABLE before a token):", metrics.total_retries))
     if metrics.errors_by_code:
         lines.append(_title("Errors by gRPC code"))
         lines += [_row(f"{code}:", count) for code, count in sorted(metrics.errors_by_code.items())]

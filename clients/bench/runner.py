@@ -1,10 +1,12 @@
 """Sends a benchmark workload to an apex-grpc server over grpc.aio and times every message.
 
-Owns the connection (channel credentials and bearer-token metadata), the server probe
-(GetModelInfo + GetServerInfo), the send loop (arrival schedule, --max-concurrency semaphore,
-warm-ups, cancellation injection, a tqdm progress bar) and the GetStats snapshots taken, with
-the server idle, before and after the measured run. Talks to the generated stubs directly, so
-per-message client overhead is one protobuf parse and one clock read.
+Owns the connection (channel credentials and bearer-token metadata; one server, or a fleet of
+replicas over gRPC's round_robin, see clients.fleet), the server probe (GetModelInfo +
+GetServerInfo), the send loop (arrival schedule, --max-concurrency semaphore, warm-ups,
+cancellation injection, retries of UNAVAILABLE before the first token, a tqdm progress bar) and
+the GetStats snapshots taken, with the servers idle, before and after the measured run (summed
+over the replicas when they are listed). Talks to the generated stubs directly, so per-message
+client overhead is one protobuf parse and one clock read.
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ from apex_grpc.proto import generation_pb2, generation_pb2_grpc, model_pb2, mode
 from clients.bench.arrivals import arrival_offsets
 from clients.bench.metrics import RequestRecord
 from clients.bench.workloads import BenchRequest
+from clients.fleet import channel_target_and_options, replica_of
 
 PROBE_TIMEOUT_S = 30.0
 STATS_POLL_INTERVAL_S = 0.05
 # The stream ended without a message carrying a finish_reason (a contract violation).
 NO_FINISH_REASON = "NO_FINISH_REASON"
 _UNFINISHED = generation_pb2.FINISH_REASON_UNSPECIFIED
+# Before retry 1, 2, ...; the last one repeats. Five retries span 1.55 s: longer than a
+# balancer takes to notice a draining replica (deploy/kubernetes/haproxy.cfg: ~0.6 s).
+RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 
 class BenchError(RuntimeError):
@@ -38,14 +44,29 @@ class BenchError(RuntimeError):
 
 @dataclass(frozen=True)
 class ConnectionOptions:
-    target: str  # host:port
+    target: str  # host:port or any gRPC target (dns:///name:port); a label when replicas is set
     tls: bool = False  # TLS with the system's root certificates
     tls_ca: str | None = None  # PEM file of the root certificate(s); implies TLS
     auth_token: str | None = None  # sent as `authorization: Bearer <token>` metadata
+    replicas: tuple[str, ...] = ()  # IP:PORT of each replica: one round_robin channel over all
+    load_balancing: str | None = None  # gRPC policy (round_robin for a dns:/// fleet)
 
     def open_channel(self) -> grpc.aio.Channel:
+        """The channel the load goes through (all replicas when they are listed)."""
+        try:
+            target, options = channel_target_and_options(self.replicas or self.target,
+                                                          self.load_balancing)
+        except ValueError as exc:
+            raise BenchError(str(exc)) from None
+        return self._channel(target, options)
+
+    def stats_channels(self) -> list[grpc.aio.Channel]:
+        """One channel per listed replica, for their GetStats (none when none are listed)."""
+        return [self._channel(replica, []) for replica in self.replicas]
+
+    def _channel(self, target: str, options: list) -> grpc.aio.Channel:
         if self.tls_ca is None and not self.tls:
-            return grpc.aio.insecure_channel(self.target)
+            return grpc.aio.insecure_channel(target, options=options)
         root_certificates = None
         if self.tls_ca is not None:
             try:
@@ -53,7 +74,7 @@ class ConnectionOptions:
             except OSError as exc:
                 raise BenchError(f"--tls-ca {self.tls_ca}: {exc.strerror}") from None
         credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-        return grpc.aio.secure_channel(self.target, credentials)
+        return grpc.aio.secure_channel(target, credentials, options=options)
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -83,6 +104,9 @@ class RunOptions:
     # How long to wait for the server to go idle before each GetStats snapshot.
     settle_timeout_s: float = 10.0
     show_progress: bool = True
+    # Resend a request refused with UNAVAILABLE before any token (loading, draining or dead
+    # replica) up to this many times; a stream that delivered a token is never resent.
+    max_retries: int = 5
 
 
 @dataclass(frozen=True)
@@ -135,18 +159,44 @@ def build_generate_request(req: BenchRequest, request_id: str) -> generation_pb2
 
 async def send_request(stub: generation_pb2_grpc.GenerationServiceStub, req: BenchRequest,
                        request_id: str, metadata: tuple[tuple[str, str], ...],
-                       timeout_s: float | None) -> RequestRecord:
-    """Stream one request; cancel it after req.cancel_after_tokens tokens when set."""
+                       timeout_s: float | None, max_retries: int = 0) -> RequestRecord:
+    """Stream one request, resent while it is refused with UNAVAILABLE before any message;
+    times count from the first send."""
     message = build_generate_request(req, request_id)
+    send_time = time.perf_counter()
+    deadline = None if timeout_s is None else send_time + timeout_s
+    attempt = 0
+    while True:
+        remaining = None if deadline is None else max(0.0, deadline - time.perf_counter())
+        record, received = await _send_once(stub, req, message, metadata, remaining, send_time)
+        backoff_s = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+        if (received or record.error_code != grpc.StatusCode.UNAVAILABLE.name
+                or attempt >= max_retries
+                or (deadline is not None and time.perf_counter() + backoff_s >= deadline)):
+            return dataclasses.replace(record, num_retries=attempt)
+        await asyncio.sleep(backoff_s)
+        attempt += 1
+
+
+async def _send_once(stub: generation_pb2_grpc.GenerationServiceStub, req: BenchRequest,
+                     message: generation_pb2.GenerateRequest,
+                     metadata: tuple[tuple[str, str], ...], timeout_s: float | None,
+                     send_time: float) -> tuple[RequestRecord, bool]:
+    """One attempt; cancels after req.cancel_after_tokens tokens when set. Returns the record
+    and whether any message arrived."""
     chunk_times: list[float] = []
     num_tokens = 0
     final = None
-    send_time = time.perf_counter()
+    replica_id = ""
+    received = False
     end_time = send_time
     call = stub.GenerateStream(message, metadata=metadata, timeout=timeout_s)
     try:
         async for response in call:
             end_time = time.perf_counter()
+            if not received:
+                received = True
+                replica_id = replica_of(await call.initial_metadata())
             if response.token_ids or response.text:
                 chunk_times.append(end_time)
             num_tokens += len(response.token_ids)
@@ -155,33 +205,57 @@ async def send_request(stub: generation_pb2_grpc.GenerationServiceStub, req: Ben
             elif req.cancel_after_tokens is not None and num_tokens >= req.cancel_after_tokens:
                 call.cancel()
                 return RequestRecord(send_time, tuple(chunk_times), end_time, req.input_len,
-                                     num_tokens, success=False, cancelled=True)
+                                     num_tokens, success=False, cancelled=True,
+                                     replica_id=replica_id), True
     except grpc.aio.AioRpcError as exc:
         return RequestRecord(send_time, tuple(chunk_times), time.perf_counter(), req.input_len,
-                             num_tokens, success=False, error_code=exc.code().name)
+                             num_tokens, success=False, error_code=exc.code().name,
+                             replica_id=replica_id or replica_of(exc.trailing_metadata())
+                             ), received
     if final is None:
         return RequestRecord(send_time, tuple(chunk_times), end_time, req.input_len, num_tokens,
-                             success=False, error_code=NO_FINISH_REASON)
+                             success=False, error_code=NO_FINISH_REASON,
+                             replica_id=replica_id), received
     return RequestRecord(send_time, tuple(chunk_times), end_time, final.usage.prompt_tokens,
                          final.usage.completion_tokens, success=True,
-                         finish_reason=generation_pb2.FinishReason.Name(final.finish_reason))
+                         finish_reason=generation_pb2.FinishReason.Name(final.finish_reason),
+                         replica_id=replica_id), True
 
 
-async def fetch_stats(channel: grpc.aio.Channel,
+def _stats_fields(message) -> dict[str, float]:
+    """A GetStatsResponse as flat numbers; a nested message's fields get its name as prefix
+    (load.num_requests -> load_num_requests)."""
+    values: dict[str, float] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type is None:
+            values[field.name] = value
+        else:
+            values.update({f"{field.name}_{name}": sub_value
+                           for name, sub_value in _stats_fields(value).items()})
+    return values
+
+
+async def fetch_stats(channels: list[grpc.aio.Channel],
                       metadata: tuple[tuple[str, str], ...]) -> dict[str, float]:
-    stub = model_pb2_grpc.ModelServiceStub(channel)
-    response = await stub.GetStats(model_pb2.GetStatsRequest(), metadata=metadata,
-                                   timeout=PROBE_TIMEOUT_S)
-    return {field.name: getattr(response, field.name) for field in response.DESCRIPTOR.fields}
+    """GetStats of each channel's server, summed field by field."""
+    total: dict[str, float] = {}
+    for channel in channels:
+        stub = model_pb2_grpc.ModelServiceStub(channel)
+        response = await stub.GetStats(model_pb2.GetStatsRequest(), metadata=metadata,
+                                       timeout=PROBE_TIMEOUT_S)
+        for name, value in _stats_fields(response).items():
+            total[name] = total.get(name, 0) + value
+    return total
 
 
-async def settled_stats(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...],
+async def settled_stats(channels: list[grpc.aio.Channel], metadata: tuple[tuple[str, str], ...],
                         timeout_s: float) -> dict[str, float]:
     """GetStats once nothing runs or waits (aborts of cancelled streams land asynchronously),
-    or after timeout_s when other traffic keeps the server busy."""
+    or after timeout_s when other traffic keeps the servers busy."""
     deadline = time.monotonic() + timeout_s
     while True:
-        stats = await fetch_stats(channel, metadata)
+        stats = await fetch_stats(channels, metadata)
         idle = stats["num_running"] == 0 and stats["num_waiting"] == 0
         if idle or time.monotonic() >= deadline:
             return stats
@@ -189,13 +263,16 @@ async def settled_stats(channel: grpc.aio.Channel, metadata: tuple[tuple[str, st
 
 
 async def run_benchmark(channel: grpc.aio.Channel, metadata: tuple[tuple[str, str], ...],
-                        requests: list[BenchRequest], options: RunOptions) -> RunResult:
-    """Warm up, snapshot GetStats, send the workload on its arrival schedule, snapshot again."""
+                        requests: list[BenchRequest], options: RunOptions,
+                        stats_channels: list[grpc.aio.Channel] | None = None) -> RunResult:
+    """Warm up, snapshot GetStats, send the workload on its arrival schedule, snapshot again.
+    stats_channels: the servers whose GetStats are summed (default: channel's)."""
     stub = generation_pb2_grpc.GenerationServiceStub(channel)
+    stats_channels = stats_channels or [channel]
     run_id = uuid.uuid4().hex[:8]
     if options.num_warmups > 0:
         await _warm_up(stub, requests, metadata, options, run_id)
-    stats_before = await settled_stats(channel, metadata, options.settle_timeout_s)
+    stats_before = await settled_stats(stats_channels, metadata, options.settle_timeout_s)
     offsets = arrival_offsets(len(requests), options.request_rate, options.burstiness,
                               options.seed)
     semaphore = asyncio.Semaphore(options.max_concurrency or len(requests))
@@ -208,13 +285,13 @@ async def run_benchmark(channel: grpc.aio.Channel, metadata: tuple[tuple[str, st
                 await asyncio.sleep(delay)
             async with semaphore:
                 record = await send_request(stub, req, f"bench-{run_id}-{index}", metadata,
-                                            options.request_timeout_s)
+                                            options.request_timeout_s, options.max_retries)
             progress.update(1)
             return record
 
         records = await asyncio.gather(*(send_at(i, req) for i, req in enumerate(requests)))
         duration_s = time.perf_counter() - start
-    stats_after = await settled_stats(channel, metadata, options.settle_timeout_s)
+    stats_after = await settled_stats(stats_channels, metadata, options.settle_timeout_s)
     return RunResult(list(records), duration_s, stats_before, stats_after)
 
 
@@ -229,7 +306,7 @@ async def _warm_up(stub: generation_pb2_grpc.GenerationServiceStub, requests: li
     async def send(index: int, req: BenchRequest) -> RequestRecord:
         async with semaphore:
             return await send_request(stub, req, f"warmup-{run_id}-{index}", metadata,
-                                      options.request_timeout_s)
+                                      options.request_timeout_s, options.max_retries)
 
     records = await asyncio.gather(*(send(i, req) for i, req in enumerate(warmups)))
     failed = [rec.error_code for rec in records if not rec.success]

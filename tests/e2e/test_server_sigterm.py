@@ -1,5 +1,6 @@
 """`python -m apex_grpc serve` as a real process on the tiny model: SIGTERM while streaming
-lets the in-flight streams finish, refuses new requests with UNAVAILABLE, exits 0."""
+lets the in-flight streams finish, refuses new requests with UNAVAILABLE, turns readiness (not
+liveness) off, exits 0."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def test_sigterm_during_streaming_drains_and_exits_zero(tiny_config_path):
             firsts = [next(stream) for stream in streams]
             process.send_signal(signal.SIGTERM)
             read_until(process, "event=draining", lines, timeout_s=120)
+            # Draining: not ready, still live (the process answers until it exits).
+            assert client.health() == "NOT_SERVING" and client.health("") == "SERVING"
             with pytest.raises(ApexError) as late:
                 client.generate(text="too late", max_new_tokens=2)
             rests = [list(stream) for stream in streams]

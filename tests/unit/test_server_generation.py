@@ -114,6 +114,10 @@ class _ExpiredContext:
 
     def __init__(self) -> None:
         self.aborted_with = None
+        self.trailing_metadata = ()
+
+    def set_trailing_metadata(self, metadata) -> None:
+        self.trailing_metadata = tuple(metadata)
 
     def time_remaining(self) -> float:
         return -0.01

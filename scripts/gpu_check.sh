@@ -61,11 +61,18 @@ torch.zeros(1, device='cuda')
 print('64-bit stream memory ops:', s(0))"
 # The CUDA tests first: the hybrid runtime's native CUDA hand-off must be right before it is
 # timed.
-step gpu-tests 120 python3 -m pytest -q -p no:cacheprovider \
+step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_layer_handoff.py tests/kernels/test_triton_attention.py \
   tests/e2e/test_hybrid_equivalence.py tests/model/test_torch_ref.py \
   tests/kernels/test_cpu_attention_validation.py tests/kernels/test_decode_layers.py \
   tests/kernels/test_gpu_attention_bench.py
+# Paged decode (single-pass, split-KV, a split sweep) against dense SDPA, batch 1/4/16 x
+# context 512/2048/8192, inside CUDA graphs: one JSON line per case.
+step gpu-attention 120 python3 -m apex_grpc.bench.gpu_attention
+# The policy grid starts no serving run after 200 s and kills a stuck one after 45 s; on this
+# step's timeout it prints what it measured (SIGTERM).
+step policy-grid 270 python3 -m apex_grpc.bench.policy_grid --out /tmp/apex-policy-grid
+sed -n '/^== policy-grid exit/,$p' "$OUT/gpu_check.log" | grep -E '^(\||PASS|MISS|TPOT|error)'
 # The default wait with the workload; with GPU_CHECK_WAITS=1 each wait on its own too
 # (absolute step times drift from one process to the next, so the default is measured twice
 # more).
@@ -76,10 +83,3 @@ if [ "${GPU_CHECK_WAITS:-0}" = 1 ]; then
       --cuda-layer-wait $wait
   done
 fi
-# Paged decode (single-pass, split-KV, a split sweep) against dense SDPA, batch 1/4/16 x
-# context 512/2048/8192, inside CUDA graphs: one JSON line per case.
-step gpu-attention 90 python3 -m apex_grpc.bench.gpu_attention
-# The policy grid starts no serving run after 200 s and kills a stuck one after 45 s; on this
-# step's timeout it prints what it measured (SIGTERM).
-step policy-grid 270 python3 -m apex_grpc.bench.policy_grid --out /tmp/apex-policy-grid
-sed -n '/^== policy-grid exit/,$p' "$OUT/gpu_check.log" | grep -E '^(\||PASS|MISS|TPOT|error)'

@@ -183,7 +183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--l2-factor", type=float, default=4.0,
                         help="KV copies cycled per graph hold this many L2 caches (0: one "
                              "copy, L2-hot)")
-    parser.add_argument("--watchdog-s", type=float, default=240.0,
+    parser.add_argument("--watchdog-s", type=float, default=110.0,
                         help="abort with a traceback if the run hangs this long")
     return parser.parse_args(argv)
 
@@ -198,6 +198,13 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError as error:
         sys.exit(f"gpu_attention: triton is needed for the kernels under test ({error})")
     faulthandler.dump_traceback_later(args.watchdog_s, exit=True)
+    try:
+        run_cases(triton_paged, args)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def run_cases(kernels, args: argparse.Namespace) -> None:
     device = torch.device("cuda")
     dtype = DTYPES[args.dtype]
     scale = HEAD_DIM ** -0.5
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             count = kv_copies(first.kv_bytes, l2_bytes, args.l2_factor)
             cases = [first] + [build_case(batch, context_len, args.block_size, dtype, device)
                                for _ in range(count - 1)]
-            result = run_case(triton_paged, cases, scale, args.replays)
+            result = run_case(kernels, cases, scale, args.replays)
             result.update({"device": properties.name, "dtype": args.dtype,
                            "block_size": args.block_size})
             print(f"# batch {batch:3d} context {context_len:5d}: sdpa {result['sdpa_us']:7.1f} "
@@ -221,8 +228,6 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(result), flush=True)
             del cases, first
             torch.cuda.empty_cache()
-    faulthandler.cancel_dump_traceback_later()
-
 
 if __name__ == "__main__":
     main()

@@ -104,8 +104,10 @@ def run_step(name: str, cmd: list[str], timeout_s: float, log_path: Path) -> str
     return out
 
 
-def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
-    """SIGTERM to the process group the step started, SIGKILL if it outlives the grace."""
+def _kill_group(proc: subprocess.Popen, grace_s: float = 2.0) -> None:
+    """SIGTERM to the process group the step started, SIGKILL if it outlives the grace (short:
+    gpu_check.sh's timeout SIGKILLs this script 5 s after its own SIGTERM, and a server left
+    behind would hold the GPU)."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -369,7 +371,7 @@ def grid_spec(args: argparse.Namespace) -> GridSpec:
         num_requests=args.num_requests or (6 if smoke else 24),
         input_len=args.input_len or (48 if smoke else 256),
         output_len=args.output_len or (12 if smoke else 96), range_ratio=0.2,
-        tpot_slo_ms=args.tpot_slo_ms or (200.0 if smoke else 50.0),
+        tpot_slo_ms=args.tpot_slo_ms or (1000.0 if smoke else 50.0),
         host_kv_tokens=4096 if smoke else 32768, max_num_seqs=64, max_batched_tokens=2048,
         block_size=16, profile_budget_s=3.0 if smoke else 25.0,
         num_warmups=0 if smoke else 1, seed=0)

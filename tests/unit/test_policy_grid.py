@@ -25,7 +25,10 @@ def test_smoke_grid_measures_and_predicts_every_policy(tmp_path):
                          rf"({NUMBER}) \| ({NUMBER}) \|", re.MULTILINE)
         match = row.search(done.stdout)
         assert match, f"no complete row for {policy}:\n{done.stdout}"
-        assert all(float(value) > 0 for value in match.groups())
+        tput, sim_tput, ratio, goodput, sim_goodput = map(float, match.groups())
+        # Goodput may be 0 (on a loaded 2-core machine a TPOT can miss even the loose target).
+        assert tput > 0 and sim_tput > 0 and ratio >= 0 and goodput >= 0 and sim_goodput >= 0, \
+            match.group(0)
     summary = json.loads(next(line for line in done.stdout.splitlines()
                               if line.startswith('{"bench": "policy_grid"')))
     assert summary["errors"] == []

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build the native kernel, run the CUDA tests, the hybrid runtime
-# benchmark, the decode attention kernels against dense SDPA inside CUDA graphs, and the policy
-# grid (profile, then serve gpu-only/neo/apex at four GPU KV budgets beside the simulator's
-# prediction). Every step has its own timeout (a blocked CUDA wait must not burn the lease),
+# One call on the GPU machine: build the native kernel, run the CUDA tests, the decode
+# attention kernels against dense SDPA inside CUDA graphs, the policy grid (profile, then serve
+# gpu-only/neo/apex at four GPU KV budgets beside the simulator's prediction) and the hybrid
+# runtime benchmark. Every step has its own timeout (a blocked CUDA wait must not burn the lease),
 # cut to what is left of the script's GPU_CHECK_LIMIT_S (default 540 s: the device tool stops a
 # command at 600 s); a normal run should take about 7-8 minutes. Logs and the JSON lines
 # (gpu_check.log, figures.jsonl) go to $OUT (or /tmp/apex-gpu); the grid's own logs and results
@@ -10,11 +10,13 @@
 # GPU_CHECK_WAITS=1 adds the hybrid benchmark once per CPU -> GPU wait (issue 9's comparison,
 # about 1.5 minutes more).
 #
-# The GPU image lacks the gguf package (the model loader imports it); carry it as a wheel (see
-# the device tool's README):
-#   echo /.whl/ >> .git/info/exclude
+# The GPU image lacks gguf (the model loader imports it) and the gRPC health and reflection
+# packages (the server's, for the policy grid), and its grpcio/protobuf may be older than the
+# committed stubs need; carry them as wheels (about 8 MB; see the device tool's README):
+#   echo /.whl/ >> "$(git rev-parse --git-common-dir)/info/exclude"
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux2014_x86_64 -d .whl gguf
+#     --implementation cp --platform manylinux2014_x86_64 -d .whl gguf==0.19.0 \
+#     grpcio==1.85.4 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2
 # and run:  bash scripts/gpu_check.sh        (with .whl carried)
 # The embedded model's wheel (89 MB) is over the tool's 64 MiB limit: its tests skip there.
 set -u

@@ -71,7 +71,7 @@ step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider \
 # Paged decode (single-pass, split-KV, a split sweep) against dense SDPA, batch 1/4/16 x
 # context 512/2048/8192, inside CUDA graphs: one JSON line per case.
 step gpu-attention 120 python3 -m apex_grpc.bench.gpu_attention
-# The policy grid starts no serving run after 200 s and kills a stuck one after 45 s; on this
+# The policy grid starts no serving run after 235 s and kills a stuck one after 45 s; on this
 # step's timeout it prints what it measured (SIGTERM).
 step policy-grid 270 python3 -m apex_grpc.bench.policy_grid --out /tmp/apex-policy-grid
 sed -n '/^== policy-grid exit/,$p' "$OUT/gpu_check.log" | grep -E '^(\||PASS|MISS|TPOT|error)'

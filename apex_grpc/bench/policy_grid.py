@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-len", type=int, default=None)
     parser.add_argument("--tpot-slo-ms", type=float, default=None)
     parser.add_argument("--deadline-s", type=float, default=None,
-                        help="start no serving run after this long (default 200; smoke 50)")
+                        help="start no serving run after this long (default 235; smoke 50)")
     return parser
 
 
@@ -372,7 +372,7 @@ def grid_spec(args: argparse.Namespace) -> GridSpec:
         input_len=args.input_len or (48 if smoke else 256),
         output_len=args.output_len or (12 if smoke else 96), range_ratio=0.2,
         tpot_slo_ms=args.tpot_slo_ms or (1000.0 if smoke else 50.0),
-        host_kv_tokens=4096 if smoke else 32768, max_num_seqs=64, max_batched_tokens=2048,
+        host_kv_tokens=4096 if smoke else 16384, max_num_seqs=64, max_batched_tokens=2048,
         block_size=16, profile_budget_s=3.0 if smoke else 25.0,
         num_warmups=0 if smoke else 1, seed=0)
 
@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = grid_spec(args)
     timeouts = ({"profile": 60, "simulate": 30, "ready": 30, "bench": 30} if args.smoke else
                 {"profile": 120, "simulate": 60, "ready": 45, "bench": 45})
-    deadline = args.deadline_s or (50.0 if args.smoke else 200.0)
+    deadline = args.deadline_s or (50.0 if args.smoke else 235.0)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     cells, errors = run_grid(spec, out, timeouts, deadline)
     print(format_table(spec, cells))

@@ -8,7 +8,8 @@
 # (gpu_check.log, figures.jsonl) go to $OUT (or /tmp/apex-gpu); the grid's own logs and results
 # stay on the machine under /tmp/apex-policy-grid (the tool brings back few files).
 # GPU_CHECK_WAITS=1 adds the hybrid benchmark once per CPU -> GPU wait (issue 9's comparison,
-# about 1.5 minutes more).
+# about 1.5 minutes more). GPU_CHECK_STEPS="build gpu-attention policy-grid" runs only the
+# named steps (issue 15's figures in about 5.5 minutes).
 #
 # The GPU image lacks gguf (the model loader imports it) and the gRPC health and reflection
 # packages (the server's, for the policy grid), and its grpcio/protobuf may be older than the
@@ -34,6 +35,7 @@ TOTAL_LIMIT=${GPU_CHECK_LIMIT_S:-540}
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2 start=$SECONDS
   shift 2
+  case " ${GPU_CHECK_STEPS:-$name} " in *" $name "*) ;; *) return ;; esac
   local left=$((TOTAL_LIMIT - SECONDS))
   if [ "$left" -lt 20 ]; then
     echo "== $name skipped: the script's ${TOTAL_LIMIT}s are spent" | tee -a "$OUT/gpu_check.log"

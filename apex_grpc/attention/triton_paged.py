@@ -3,9 +3,12 @@
 Owns the kernels and the code that sizes and launches them:
 - store_kv: writes this pass's k/v rows into their cache slots (one program per (row, kv head)).
 - paged_decode_attention: one query per sequence. One program per (sequence, kv head, split)
-  handles the whole GQA group of q heads, so every K/V tile is loaded once per group; long
-  contexts are cut into splits (flash-decoding) whose partial results a second kernel merges by
-  their log-sum-exp.
+  handles the whole GQA group of q heads, so every K/V tile is loaded once per group. When the
+  (sequence, kv head) grid leaves SMs idle (small batches), each context is cut into splits
+  (split-KV, flash-decoding) whose partial outputs a second kernel merges exactly by their
+  log-sum-exp; a large batch takes the single-pass kernel. Each sequence divides its own
+  length among the splits on the device, so the launch depends only on (num_seqs, num_splits),
+  not on the step's context lengths (a CUDA graph can replay it as the contexts grow).
 - paged_prefill_attention: a chunk of queries per sequence attending causally over the
   sequence's whole paged context (earlier chunks included). Rows of a tile are
   (query, head-in-group) pairs, again so each K/V tile serves the whole group.
@@ -38,7 +41,9 @@ _LOG2_E = 1.4426950408889634
 _DECODE_BLOCK_N = 64  # keys per decode tile
 _PREFILL_BLOCK_M = 64  # (query, head) rows per prefill tile
 _PREFILL_BLOCK_N = 64  # keys per prefill tile
-_MIN_SPLIT_LEN = 256  # shorter splits cost more in the merge than they win in parallelism
+# Keys per split at least: two tiles, so a program overlaps one tile's loads with the other's
+# math; shorter splits add partial writes and merge work for no more parallelism.
+_MIN_SPLIT_LEN = 2 * _DECODE_BLOCK_N
 _MAX_SPLITS = 64
 _MIN_DOT_SIZE = 16  # tl.dot needs every dimension >= 16 on NVIDIA GPUs
 
@@ -108,7 +113,7 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
 
 @triton.jit
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-                         out_ptr, partial_out_ptr, partial_lse_ptr, qk_scale, split_len,
+                         out_ptr, partial_out_ptr, partial_lse_ptr, qk_scale,
                          stride_q_token, stride_q_head, stride_out_token, stride_out_head,
                          stride_cache_block, stride_cache_head, stride_cache_token,
                          stride_table_seq,
@@ -134,6 +139,9 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], dtype=tl.float32)
+    # This sequence's own split length, in whole tiles; trailing splits of a short sequence
+    # start past its end and see no keys.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     key_start = split * split_len
     key_end = tl.minimum(key_start + split_len, seq_len)
     table_row_ptr = block_tables_ptr + seq * stride_table_seq
@@ -306,24 +314,28 @@ def sm_count(device: torch.device) -> int:
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
-    """Splits per sequence so that decode fills every SM about twice, never shorter than
-    _MIN_SPLIT_LEN keys each: few long sequences split, a large batch does not."""
+    """Splits per sequence for a decode launch. The single-pass kernel runs one program per
+    (sequence, kv head); once that grid holds two programs per SM (e.g. batch >= 33 at 8 kv
+    heads on 132 SMs) it keeps the GPU busy and splitting would only add the merge: 1. A smaller
+    grid (batch 1-16) leaves SMs idle, so the context is split until the grid fills every SM
+    about twice, with splits no shorter than _MIN_SPLIT_LEN keys and at most _MAX_SPLITS."""
     most = max(1, min(_MAX_SPLITS, math.ceil(max_seq_len / _MIN_SPLIT_LEN)))
     wanted = math.ceil(2 * num_sms / max(1, num_seqs * num_kv_heads))
     return max(1, min(wanted, most))
 
 
 def plan_decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
-                       device: torch.device, num_splits: int | None = None) -> tuple[int, int]:
-    """(split_len, num_splits) of a decode launch: num_splits (chosen by choose_num_splits when
-    None) rounded to whole key tiles per split, recounted so that no split starts past
-    max_seq_len."""
+                       device: torch.device, num_splits: int | None = None) -> int:
+    """The split count of a decode launch: num_splits (chosen by choose_num_splits when None),
+    lowered so that the longest sequence, cut into whole key tiles, leaves no split empty.
+    With a fixed max_seq_len (the context capacity) and num_splits the launch is the same at
+    every step."""
     if max_seq_len < 1 or (num_splits is not None and num_splits < 1):
         raise ValueError(f"max_seq_len ({max_seq_len}) and num_splits ({num_splits}) must be >= 1")
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, sm_count(device))
     split_len = math.ceil(math.ceil(max_seq_len / num_splits) / _DECODE_BLOCK_N) * _DECODE_BLOCK_N
-    return split_len, math.ceil(max_seq_len / split_len)
+    return math.ceil(max_seq_len / split_len)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -346,8 +358,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          f"{tuple(seq_lens.shape)} must have one row per query ({num_seqs})")
     if num_seqs == 0:
         return out
-    split_len, num_splits = plan_decode_splits(num_seqs, num_kv_heads, max_seq_len, q.device,
-                                               num_splits)
+    num_splits = plan_decode_splits(num_seqs, num_kv_heads, max_seq_len, q.device, num_splits)
     head_dim_pad = _pow2_at_least(head_dim, _MIN_DOT_SIZE)
     write_partial = num_splits > 1
     partial_shape = (num_seqs, q.shape[1], num_splits) if write_partial else (1,)
@@ -356,7 +367,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                               device=q.device)
     _paged_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse,
-        scale * _LOG2_E, split_len, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        scale * _LOG2_E, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=_pow2_at_least(group, _MIN_DOT_SIZE), HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, BLOCK_N=_DECODE_BLOCK_N,

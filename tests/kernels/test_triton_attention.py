@@ -212,12 +212,48 @@ def test_bad_inputs_are_rejected_with_the_problem_named():
         TritonPagedAttention(torch.zeros(2, 4, 4, 16, 64, device=DEVICE), 1.0)
 
 
+# Split-KV cases. Under the interpreter sm_count is 1, so splits are forced; each case asserts
+# the split path runs. Lengths are off multiples of the block size (16/32) and of the split.
+@pytest.mark.parametrize("dtype,num_heads,num_kv_heads,head_dim,block_size,seq_lens,max_seq_len,"
+                         "num_splits,expected_splits", [
+    (torch.bfloat16, 8, 1, 128, 16, [1000], 1000, 5, 4),  # batch 1, GQA 8: 4 splits of 256
+    (torch.float32, 8, 2, 64, 16, [1, 77, 523], 523, 4, 3),  # GQA 4, short rows' empty splits
+    (torch.float16, 2, 2, 128, 32, [200, 333], 333, 3, 3),  # GQA 1
+    # a fixed capacity (as a CUDA graph would launch it) far above the context: 8 splits of
+    # which the sequence fills two
+    (torch.bfloat16, 4, 1, 64, 16, [100], 1024, 8, 8),
+])
+def test_split_kv_decode_matches_float64_reference(dtype, num_heads, num_kv_heads, head_dim,
+                                                   block_size, seq_lens, max_seq_len,
+                                                   num_splits, expected_splits):
+    q, k_cache, v_cache, tables = _random_case(dtype, num_heads, num_kv_heads, head_dim,
+                                               block_size, seq_lens, [1] * len(seq_lens))
+    assert triton_paged.plan_decode_splits(len(seq_lens), num_kv_heads, max_seq_len, DEVICE,
+                                           num_splits) == expected_splits
+    seq_lens_tensor = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    scale = head_dim ** -0.5
+    ref = _reference(q, k_cache, v_cache, tables, seq_lens, [1] * len(seq_lens), scale)
+    split = triton_paged.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens_tensor,
+                                                max_seq_len, scale, num_splits=num_splits)
+    single = triton_paged.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens_tensor,
+                                                 max_seq_len, scale, num_splits=1)
+    assert _relative_error(split, ref) < TOLERANCE[dtype]
+    assert _relative_error(single, ref) < TOLERANCE[dtype]
+
+
 def test_split_count_grows_only_when_the_batch_cannot_fill_the_gpu():
-    assert triton_paged.choose_num_splits(1, 8, 8192, num_sms=132) == 32
+    # Batch 1 at 8 kv heads on 132 SMs: 33 splits fill every SM twice (32 by whole tiles).
+    assert triton_paged.choose_num_splits(1, 8, 8192, num_sms=132) == 33
+    assert triton_paged.plan_decode_splits(1, 8, 8192, DEVICE, num_splits=33) == 32
+    assert triton_paged.choose_num_splits(16, 8, 8192, num_sms=132) == 3
+    # 264 (sequence, kv head) programs already fill every SM twice: the single-pass kernel.
+    assert triton_paged.choose_num_splits(33, 8, 8192, num_sms=132) == 1
     assert triton_paged.choose_num_splits(256, 8, 8192, num_sms=132) == 1
-    assert triton_paged.choose_num_splits(1, 8, 300, num_sms=132) == 2  # >= 256 keys per split
+    assert triton_paged.choose_num_splits(1, 8, 300, num_sms=132) == 3  # >= 128 keys per split
+    assert triton_paged.choose_num_splits(1, 8, 100, num_sms=132) == 1
+    assert triton_paged.choose_num_splits(1, 1, 1 << 20, num_sms=132) == 64  # at most 64
     # 4 splits of 300 keys round up to whole 64-key tiles: 128 keys each, so only 3 are needed.
-    assert triton_paged.plan_decode_splits(1, 8, 300, DEVICE, num_splits=4) == (128, 3)
+    assert triton_paged.plan_decode_splits(1, 8, 300, DEVICE, num_splits=4) == 3
 
 
 def test_factory_picks_triton_only_for_a_cuda_cache():

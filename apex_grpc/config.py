@@ -1,7 +1,8 @@
 """Frozen configuration dataclasses, validated on construction.
 
 ModelConfig describes a Llama-family decoder (what a checkpoint's config.json or GGUF metadata
-says); EngineConfig describes how the server runs it (KV tiers, batch limits, policy).
+says, read through the architecture table in model/architectures.py); EngineConfig describes how
+the server runs it (KV tiers, batch limits, policy).
 """
 
 from __future__ import annotations
@@ -10,13 +11,6 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Any
-
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-)
-
 
 class ConfigError(ValueError):
     """A configuration value is missing, inconsistent or unsupported."""
@@ -50,16 +44,12 @@ class ModelConfig:
     # Qwen2 puts biases on q/k/v; Llama may set attention_bias for all of q/k/v/o.
     qkv_bias: bool = False
     o_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each q and k head before RoPE
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = "unnamed"
 
     def __post_init__(self) -> None:
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ConfigError(
-                f"unsupported architecture {self.architecture!r}; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim"):
             if getattr(self, name) <= 0:
@@ -82,48 +72,8 @@ class ModelConfig:
         """Bytes of K plus V for one token over all layers."""
         return 2 * self.num_hidden_layers * self.kv_size * dtype_bytes
 
-    @classmethod
-    def from_hf_dict(cls, cfg: dict[str, Any], name: str = "unnamed") -> ModelConfig:
-        """Build from a Hugging Face config.json dict."""
-        archs = cfg.get("architectures") or [_arch_from_model_type(cfg.get("model_type"))]
-        arch = archs[0]
-        try:
-            num_heads = int(cfg["num_attention_heads"])
-            hidden = int(cfg["hidden_size"])
-            eos = cfg.get("eos_token_id")
-            eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-            is_qwen2 = arch == "Qwen2ForCausalLM"
-            attention_bias = bool(cfg.get("attention_bias", False))
-            return cls(
-                architecture=arch,
-                vocab_size=int(cfg["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(cfg["intermediate_size"]),
-                num_hidden_layers=int(cfg["num_hidden_layers"]),
-                num_attention_heads=num_heads,
-                num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
-                head_dim=int(cfg.get("head_dim") or hidden // num_heads),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if is_qwen2 else 1e-5)),
-                rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                rope_scaling=cfg.get("rope_scaling"),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                qkv_bias=is_qwen2 or attention_bias,
-                o_bias=attention_bias and not is_qwen2,
-                bos_token_id=cfg.get("bos_token_id"),
-                eos_token_ids=tuple(int(e) for e in eos_ids),
-                name=name,
-            )
-        except KeyError as exc:
-            raise ConfigError(f"config.json lacks required field {exc.args[0]!r}") from None
-
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
-
-
-def _arch_from_model_type(model_type: str | None) -> str:
-    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "qwen2": "Qwen2ForCausalLM"}.get(model_type or "", f"unknown model_type {model_type!r}")
 
 
 class Policy(str, enum.Enum):

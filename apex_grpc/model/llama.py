@@ -1,4 +1,6 @@
-"""The Llama-family decoder (Llama-2/3/3.1/3.2, SmolLM2, Mistral without sliding window, Qwen2).
+"""The Llama-family decoder (Llama-2/3/3.1/3.2, SmolLM2, Mistral and Qwen2 without sliding window,
+Qwen3): one decoder for all of them, the optional parts (q/k/v/o biases, per-head q/k norms,
+tied embeddings) switched on by the ModelConfig that model/architectures.py's table produced.
 
 The model never touches the KV cache: each layer's pre-attention part returns rotated q/k/v, the
 attention backend (given per-batch metadata) stores k/v and attends, and the post-attention part
@@ -16,7 +18,8 @@ from torch import nn
 
 from apex_grpc.attention.base import AttentionBackend, AttentionMetadata
 from apex_grpc.config import ModelConfig
-from apex_grpc.model.layers import GatedMLP, Linear, RMSNorm, RopeAngles, RotaryEmbedding
+from apex_grpc.model.layers import (GatedMLP, Linear, RMSNorm, RopeAngles, RotaryEmbedding,
+                                    rms_norm_heads_)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -32,6 +35,10 @@ class LlamaDecoderLayer(nn.Module):
         self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, config.qkv_bias,
                                dtype, device)
         self.o_proj = Linear(self.q_size, hidden, config.o_bias, dtype, device)
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps, dtype, device)
         self.mlp = GatedMLP(hidden, config.intermediate_size, dtype, device)
 
@@ -40,13 +47,18 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden [n, hidden_size] (residual None on the first layer), rope of the rows'
         positions -> q [n, num_heads, head_dim], k/v [n, num_kv_heads, head_dim] (RoPE applied),
-        residual. q, k and v are views of one buffer: each row holds q|k|v contiguously."""
+        residual. q, k and v are views of one buffer: each row holds q|k|v contiguously.
+        Per-head q/k norms (Qwen3) run here, before RoPE, so every execution strategy gets
+        them."""
         normed, residual = self.input_layernorm(hidden, residual)
         qkv = self.qkv_proj(normed)
         num_tokens = hidden.shape[0]
         heads = qkv.view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        # q and k are adjacent in the projection: one rotation covers both.
-        RotaryEmbedding.rotate_(heads[:, :self.num_heads + self.num_kv_heads], rope)
+        # q and k are adjacent in the projection: one norm and one rotation cover both.
+        qk = heads[:, :self.num_heads + self.num_kv_heads]
+        if self.q_norm is not None:
+            rms_norm_heads_(qk, self.num_heads, self.q_norm, self.k_norm)
+        RotaryEmbedding.rotate_(qk, rope)
         q, k, v = heads.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
         return q, k, v, residual
 

@@ -1,6 +1,4 @@
-"""The Llama-family decoder (Llama-2/3/3.1/3.2, SmolLM2, Mistral and Qwen2 without sliding window,
-Qwen3): one decoder for all of them, the optional parts (q/k/v/o biases, per-head q/k norms,
-tied embeddings) switched on by the ModelConfig that model/architectures.py's table produced.
+"""The Llama-family decoder (Llama-2/3/3.1/3.2, SmolLM2, Mistral without sliding window, Qwen2).
 
 The model never touches the KV cache: each layer's pre-attention part returns rotated q/k/v, the
 attention backend (given per-batch metadata) stores k/v and attends, and the post-attention part
@@ -18,8 +16,7 @@ from torch import nn
 
 from apex_grpc.attention.base import AttentionBackend, AttentionMetadata
 from apex_grpc.config import ModelConfig
-from apex_grpc.model.layers import (GatedMLP, Linear, RMSNorm, RopeAngles, RotaryEmbedding,
-                                    rms_norm_heads_)
+from apex_grpc.model.layers import GatedMLP, Linear, RMSNorm, RopeAngles, RotaryEmbedding
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -57,7 +54,7 @@ class LlamaDecoderLayer(nn.Module):
         # q and k are adjacent in the projection: one norm and one rotation cover both.
         qk = heads[:, :self.num_heads + self.num_kv_heads]
         if self.q_norm is not None:
-            rms_norm_heads_(qk, self.num_heads, self.q_norm, self.k_norm)
+            RMSNorm.normalize_heads_(qk, self.num_heads, self.q_norm, self.k_norm)
         RotaryEmbedding.rotate_(qk, rope)
         q, k, v = heads.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
         return q, k, v, residual
@@ -71,6 +68,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    """One decoder for every row of model/architectures.py (Llama, Mistral, Qwen2, Qwen3): the
+    optional parts (q/k/v/o biases, per-head q/k norms, tied embeddings) are switched on by the
+    ModelConfig the table produced, never by a per-model copy of this code."""
+
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.config = config

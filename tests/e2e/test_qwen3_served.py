@@ -18,6 +18,8 @@ from apex_grpc.config import KVPlacement, Policy, ServeOptions
 from clients.client import ApexClient
 
 NUM_GREEDY = 32
+# On CUDA the GPU tier runs the Triton kernels and host rows cross PCIe: the same tokens.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TEXTS = ["def f(x):\n    return x**2  # café naïve 東京 🙂👍🏽 12345",
          "The quick brown fox jumps over the lazy dog.", "中文分词测试，汉字和标点符号。"]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 🙂"}]
@@ -44,9 +46,10 @@ def _hf_greedy(hf_model, prompt: list[int]) -> list[int]:
     return ids[len(prompt):]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("variant", ["qwen3_tied", "qwen3_untied"])
 def test_served_greedy_tokens_match_transformers_in_every_placement(
-        start_server, tiny_qwen_checkpoint, tiny_bpe_tokenizer, variant):
+        start_server, tiny_qwen_checkpoint, tiny_bpe_tokenizer, variant, device):
     checkpoint = tiny_qwen_checkpoint(variant)
     hf_tokenizer = tiny_bpe_tokenizer
     requests = [{"text": text} for text in TEXTS] + [{"chat": CHAT}]
@@ -56,7 +59,7 @@ def test_served_greedy_tokens_match_transformers_in_every_placement(
     expected = [_hf_greedy(checkpoint.hf_model, prompt) for prompt in prompts]
     for mode, (policy, placement, counter) in MODES.items():
         server = start_server(serve_options=ServeOptions(
-            model=str(checkpoint.path), device="cpu", dtype="float32", policy=policy,
+            model=str(checkpoint.path), device=device, dtype="float32", policy=policy,
             kv_placement=placement, gpu_kv_blocks=64, host_kv_gb=0.01, max_num_seqs=8,
             cpu_attention_threads=1, profile="none"))
         with ApexClient(server.target) as client:

@@ -152,3 +152,13 @@ def test_mistral_checkpoint_as_llama_gguf_serves_its_greedy_tokens(tiny_hf_check
         for _ in range(32):
             ids.append(int(hf_model(torch.tensor([ids])).logits[0, -1].argmax()))
     assert GreedyGenerator(model, 1, 72).generate([prompt], 32)[0] == ids[40:]
+
+
+def test_dummy_qwen3_weights_keep_unit_norms(tmp_path):
+    """Random weights for benchmarks: every RMSNorm, q/k norms included, starts at one."""
+    path = _config_dir(tmp_path, QWEN3) / "config.json"
+    model, config, _, _ = load_model(None, "dummy", "cpu", torch.float32,
+                                     dummy_config=str(path))
+    layer = model.layers[0]
+    assert config.qk_norm and layer.q_norm.weight.shape == (128,)
+    assert bool((layer.q_norm.weight == 1).all() and (layer.k_norm.weight == 1).all())

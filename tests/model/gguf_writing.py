@@ -75,7 +75,9 @@ def write_gguf(path, hf_model, tensor_type: GGMLQuantizationType, arch: str = "l
     writer = GGUFWriter(str(path), arch)
     if add_tokenizer is not None:
         add_tokenizer(writer)
-    for key, value in (("vocab_size", config.vocab_size), ("context_length", 512),
+    if arch == "llama":  # the qwen files leave it to the embedding's rows (loader fallback)
+        writer.add_uint32("llama.vocab_size", config.vocab_size)
+    for key, value in (("context_length", 512),
                        ("embedding_length", config.hidden_size),
                        ("feed_forward_length", config.intermediate_size),
                        ("block_count", config.num_hidden_layers),

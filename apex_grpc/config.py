@@ -1,8 +1,7 @@
 """Frozen configuration dataclasses, validated on construction.
 
 ModelConfig describes a Llama-family decoder (what a checkpoint's config.json or GGUF metadata
-says, read through the architecture table in model/architectures.py); EngineConfig describes how
-the server runs it (KV tiers, batch limits, policy).
+says); EngineConfig describes how the server runs it (KV tiers, batch limits, policy).
 """
 
 from __future__ import annotations
@@ -11,6 +10,14 @@ import dataclasses
 import enum
 from dataclasses import dataclass
 from typing import Any
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",  # the rows of model/architectures.py (a test keeps the two equal)
+)
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, inconsistent or unsupported."""
@@ -50,6 +57,11 @@ class ModelConfig:
     name: str = "unnamed"
 
     def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"unsupported architecture {self.architecture!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim"):
             if getattr(self, name) <= 0:

@@ -13,7 +13,9 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf_writing import byte_level_bpe_metadata, write_gguf, write_llama_gguf
 
+from apex_grpc.config import SUPPORTED_ARCHITECTURES
 from apex_grpc.model import CheckpointError, load_model
+from apex_grpc.model.architectures import ARCHITECTURES
 from apex_grpc.model.hf_loader import read_hf_model_config
 
 SHAPE = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
@@ -51,6 +53,10 @@ WINDOW_CASES = {
     # Llama has no sliding window: transformers ignores the key.
     "llama_stray_key": ({**LLAMA, "sliding_window": 16}, None),
 }
+
+
+def test_config_validation_names_exactly_the_table_rows():
+    assert sorted(SUPPORTED_ARCHITECTURES) == sorted(arch.hf_class for arch in ARCHITECTURES)
 
 
 def _config_dir(tmp_path, cfg: dict):

@@ -84,6 +84,57 @@ class ModelConfig:
         """Bytes of K plus V for one token over all layers."""
         return 2 * self.num_hidden_layers * self.kv_size * dtype_bytes
 
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any], name: str = "unnamed") -> ModelConfig:
+        """Build from a Hugging Face config.json dict (rope settings as rope_theta /
+        rope_scaling). What differs per architecture (biases, q/k norms, transformers' defaults,
+        sliding windows) comes from the table in model/architectures.py."""
+        # At call time: the table is a leaf, but importing it runs apex_grpc.model's __init__,
+        # which needs this module complete.
+        from apex_grpc.model import architectures as table
+
+        arch = table.hf_architecture(cfg)
+        if arch is None:
+            named = (cfg.get("architectures") or [f"model_type {cfg.get('model_type')!r}"])[0]
+            raise ConfigError(f"unsupported architecture {named!r}; "
+                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        try:
+            num_heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            max_positions = int(cfg.get("max_position_embeddings", 4096))
+            refusal = table.window_refusal(table.sliding_window_in_use(cfg, arch.sliding_window),
+                                           max_positions, f"this {arch.hf_class} config")
+            if refusal:
+                raise ConfigError(refusal)
+            eos = cfg.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+            attention_bias = bool(cfg.get("attention_bias", False))
+            qkv_bias, o_bias = arch.fixed_bias or (attention_bias, attention_bias)
+            return cls(
+                architecture=arch.hf_class,
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_attention_heads=num_heads,
+                num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
+                head_dim=int(cfg.get("head_dim") or arch.default_head_dim
+                             or hidden // num_heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", table.DEFAULT_RMS_NORM_EPS)),
+                rope_theta=float(cfg.get("rope_theta", 10000.0)),
+                rope_scaling=cfg.get("rope_scaling"),
+                max_position_embeddings=max_positions,
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qkv_bias=qkv_bias,
+                o_bias=o_bias,
+                qk_norm=arch.qk_norm,
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=tuple(int(e) for e in eos_ids),
+                name=name,
+            )
+        except KeyError as exc:
+            raise ConfigError(f"config.json lacks required field {exc.args[0]!r}") from None
+
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 

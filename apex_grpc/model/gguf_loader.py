@@ -24,8 +24,8 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, dequantize
 
 from apex_grpc.config import ConfigError, ModelConfig
-from apex_grpc.model.architectures import (Architecture, architecture,
-                                           check_window_covers_context, gguf_architecture)
+from apex_grpc.model.architectures import (Architecture, by_gguf_name, by_hf_class, gguf_names,
+                                           window_refusal)
 from apex_grpc.model.weights import CheckpointError, CheckpointFileNotFoundError, WeightSink
 
 SUPPORTED_TYPES = frozenset({
@@ -74,10 +74,12 @@ def hf_tensor_name(gguf_name: str) -> str | None:
 
 
 def file_architecture(metadata: dict[str, Any], path: str) -> Architecture:
-    try:
-        return gguf_architecture(metadata.get("general.architecture"))
-    except ConfigError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
+    name = metadata.get("general.architecture")
+    arch = by_gguf_name(name)
+    if arch is None:
+        raise CheckpointError(f"{path}: unsupported GGUF architecture {name!r}; supported: "
+                              f"{', '.join(repr(n) for n in gguf_names())}")
+    return arch
 
 
 def config_from_gguf(reader: GGUFReader, metadata: dict[str, Any], path: str) -> ModelConfig:
@@ -116,11 +118,9 @@ def _config_fields(arch: Architecture, metadata: dict[str, Any], tensor_names: s
     if rope_dim != head_dim:
         raise CheckpointError(f"{path}: partial rotary ({rope_dim} of {head_dim}) unsupported")
     max_positions = int(get("context_length", 4096))
-    try:
-        check_window_covers_context(get("attention.sliding_window"), max_positions,
-                                    "this GGUF file")
-    except ConfigError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
+    refusal = window_refusal(get("attention.sliding_window"), max_positions, "this GGUF file")
+    if refusal:
+        raise CheckpointError(f"{path}: {refusal}")
     eos = metadata.get("tokenizer.ggml.eos_token_id")
     return dict(
         architecture=arch.hf_class,
@@ -205,7 +205,7 @@ def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def load_gguf_weights(reader: GGUFReader, config: ModelConfig, sink: WeightSink,
                       path: str) -> None:
-    interleaved = architecture(config.architecture).gguf_interleaved_rope
+    interleaved = by_hf_class(config.architecture).gguf_interleaved_rope
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
         if name is None or not sink.wants(name):

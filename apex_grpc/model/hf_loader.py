@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from apex_grpc.config import ConfigError, ModelConfig
-from apex_grpc.model.architectures import model_config_from_hf
+from apex_grpc.model.layers import rope_inv_freq
 from apex_grpc.model.weights import CheckpointError, CheckpointFileNotFoundError, WeightSink
 
 SINGLE_FILE = "model.safetensors"
@@ -45,7 +45,7 @@ def read_json(path: str) -> dict[str, Any]:
 def normalize_hf_config(raw: dict[str, Any]) -> dict[str, Any]:
     """transformers >= 5 writes rope settings as `rope_parameters` (theta inside); older
     versions use top-level `rope_theta` and `rope_scaling`. Map the new form onto the old one,
-    which model_config_from_hf reads."""
+    which ModelConfig.from_hf_dict reads."""
     cfg = dict(raw)
     rope = cfg.get("rope_parameters")
     if isinstance(rope, dict):
@@ -61,6 +61,7 @@ def read_hf_model_config(model_dir: str, name: str | None = None) -> ModelConfig
     """ModelConfig from config.json, with EOS ids from generation_config.json when present."""
     config_path = os.path.join(model_dir, "config.json")
     cfg = normalize_hf_config(read_json(config_path))
+    check_supported_features(cfg, config_path)
     generation_path = os.path.join(model_dir, "generation_config.json")
     if os.path.isfile(generation_path):
         eos = read_json(generation_path).get("eos_token_id")
@@ -70,10 +71,28 @@ def read_hf_model_config(model_dir: str, name: str | None = None) -> ModelConfig
                             source=model_dir)
 
 
+def check_supported_features(cfg: dict[str, Any], source: str) -> None:
+    """Reject settings the decoder would otherwise silently compute wrong."""
+    activation = cfg.get("hidden_act", "silu")
+    if activation != "silu":
+        raise CheckpointError(f"{source}: hidden_act {activation!r} is not supported (silu only)")
+    if cfg.get("mlp_bias"):
+        raise CheckpointError(f"{source}: mlp_bias=true is not supported")
+    if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise CheckpointError(f"{source}: partial rotary embeddings (partial_rotary_factor "
+                              f"{cfg['partial_rotary_factor']}) are not supported")
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "?")
+        raise CheckpointError(f"{source}: quantized safetensors checkpoints ({method}) are not "
+                              "supported; use an unquantized checkpoint or a GGUF file")
+
+
 def config_from_dict(cfg: dict[str, Any], name: str, source: str) -> ModelConfig:
-    """Through the architecture table; anything unsupported is a CheckpointError naming source."""
     try:
-        return model_config_from_hf(cfg, name)
+        config = ModelConfig.from_hf_dict(cfg, name=name)
+        # An unsupported rope type: refused now, not when the model is built.
+        rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        return config
     except ConfigError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
 

@@ -21,7 +21,8 @@ import torch
 from apex_grpc.config import ModelConfig
 from apex_grpc.model.gguf_loader import (check_tensor_types, config_from_gguf, gguf_metadata,
                                          load_gguf_weights, open_gguf)
-from apex_grpc.model.hf_loader import (config_from_dict, load_hf_weights, normalize_hf_config,
+from apex_grpc.model.hf_loader import (check_supported_features, config_from_dict,
+                                       load_hf_weights, normalize_hf_config,
                                        read_hf_model_config, read_json)
 from apex_grpc.model.llama import LlamaForCausalLM
 from apex_grpc.model.weights import CheckpointError, CheckpointFileNotFoundError, WeightSink
@@ -132,6 +133,7 @@ def resolve_dummy_config(name_or_path: str | None) -> ModelConfig:
     if name == "config":
         name = os.path.basename(os.path.dirname(os.path.abspath(path)))
     cfg = normalize_hf_config(read_json(path))
+    check_supported_features(cfg, path)
     return config_from_dict(cfg, name, source=path)
 
 

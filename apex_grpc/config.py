@@ -21,6 +21,7 @@ SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",  # the rows of model/architectures.py (a test keeps the two equal)
 )
 
 
@@ -59,6 +60,7 @@ class ModelConfig:
     # Qwen2 puts biases on q/k/v; Llama may set attention_bias for all of q/k/v/o.
     qkv_bias: bool = False
     o_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each q and k head before RoPE
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = "unnamed"
@@ -93,32 +95,48 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], name: str = "unnamed") -> ModelConfig:
-        """Build from a Hugging Face config.json dict."""
-        archs = cfg.get("architectures") or [_arch_from_model_type(cfg.get("model_type"))]
-        arch = archs[0]
+        """Build from a Hugging Face config.json dict (rope settings as rope_theta /
+        rope_scaling). What differs per architecture (biases, q/k norms, transformers' defaults,
+        sliding windows) comes from the table in model/architectures.py."""
+        # At call time: the table is a leaf, but importing it runs apex_grpc.model's __init__,
+        # which needs this module complete.
+        from apex_grpc.model import architectures as table
+
+        arch = table.hf_architecture(cfg)
+        if arch is None:
+            named = (cfg.get("architectures") or [f"model_type {cfg.get('model_type')!r}"])[0]
+            raise ConfigError(f"unsupported architecture {named!r}; "
+                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
         try:
             num_heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
+            max_positions = int(cfg.get("max_position_embeddings", 4096))
+            refusal = table.window_refusal(table.sliding_window_in_use(cfg, arch.sliding_window),
+                                           max_positions, f"this {arch.hf_class} config")
+            if refusal:
+                raise ConfigError(refusal)
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-            is_qwen2 = arch == "Qwen2ForCausalLM"
             attention_bias = bool(cfg.get("attention_bias", False))
+            qkv_bias, o_bias = arch.fixed_bias or (attention_bias, attention_bias)
             return cls(
-                architecture=arch,
+                architecture=arch.hf_class,
                 vocab_size=int(cfg["vocab_size"]),
                 hidden_size=hidden,
                 intermediate_size=int(cfg["intermediate_size"]),
                 num_hidden_layers=int(cfg["num_hidden_layers"]),
                 num_attention_heads=num_heads,
                 num_key_value_heads=int(cfg.get("num_key_value_heads") or num_heads),
-                head_dim=int(cfg.get("head_dim") or hidden // num_heads),
-                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6 if is_qwen2 else 1e-5)),
+                head_dim=int(cfg.get("head_dim") or arch.default_head_dim
+                             or hidden // num_heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", table.DEFAULT_RMS_NORM_EPS)),
                 rope_theta=float(cfg.get("rope_theta", 10000.0)),
                 rope_scaling=cfg.get("rope_scaling"),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+                max_position_embeddings=max_positions,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                qkv_bias=is_qwen2 or attention_bias,
-                o_bias=attention_bias and not is_qwen2,
+                qkv_bias=qkv_bias,
+                o_bias=o_bias,
+                qk_norm=arch.qk_norm,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
                 name=name,
@@ -128,11 +146,6 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
-
-
-def _arch_from_model_type(model_type: str | None) -> str:
-    return {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "qwen2": "Qwen2ForCausalLM"}.get(model_type or "", f"unknown model_type {model_type!r}")
 
 
 class Policy(str, enum.Enum):

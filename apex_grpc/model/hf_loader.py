@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from apex_grpc.config import ConfigError, ModelConfig
+from apex_grpc.model.layers import rope_inv_freq
 from apex_grpc.model.weights import CheckpointError, CheckpointFileNotFoundError, WeightSink
 
 SINGLE_FILE = "model.safetensors"
@@ -77,11 +78,21 @@ def check_supported_features(cfg: dict[str, Any], source: str) -> None:
         raise CheckpointError(f"{source}: hidden_act {activation!r} is not supported (silu only)")
     if cfg.get("mlp_bias"):
         raise CheckpointError(f"{source}: mlp_bias=true is not supported")
+    if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise CheckpointError(f"{source}: partial rotary embeddings (partial_rotary_factor "
+                              f"{cfg['partial_rotary_factor']}) are not supported")
+    if cfg.get("quantization_config"):
+        method = cfg["quantization_config"].get("quant_method", "?")
+        raise CheckpointError(f"{source}: quantized safetensors checkpoints ({method}) are not "
+                              "supported; use an unquantized checkpoint or a GGUF file")
 
 
 def config_from_dict(cfg: dict[str, Any], name: str, source: str) -> ModelConfig:
     try:
-        return ModelConfig.from_hf_dict(cfg, name=name)
+        config = ModelConfig.from_hf_dict(cfg, name=name)
+        # An unsupported rope type: refused now, not when the model is built.
+        rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        return config
     except ConfigError as exc:
         raise CheckpointError(f"{source}: {exc}") from exc
 

@@ -1,4 +1,5 @@
-"""Building blocks of the Llama-family decoder: linear layers, RMSNorm, rotary embedding, MLP.
+"""Building blocks of the Llama-family decoder: linear layers, RMSNorm (also per q/k head),
+rotary embedding, MLP.
 
 Parameters are allocated uninitialised (torch.empty) directly on the target device and dtype:
 loaders overwrite every one of them, and skipping the default init keeps large models cheap to
@@ -60,6 +61,17 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
         return self._normalize(x), x
+
+    @staticmethod
+    def normalize_heads_(qk: torch.Tensor, num_q_heads: int, q_norm: RMSNorm,
+                         k_norm: RMSNorm) -> None:
+        """Qwen3's per-head norms, in place: qk [n, num_q_heads + num_kv_heads, head_dim]
+        holds the q heads then the k heads (any row stride); q_norm's weight [head_dim] scales
+        every q head, k_norm's every k head. In place keeps q|k|v one buffer (see
+        RotaryEmbedding.rotate_); one float32 normalisation serves both."""
+        normed = F.rms_norm(qk.float(), (qk.shape[-1],), eps=q_norm.eps).to(qk.dtype)
+        torch.mul(normed[:, :num_q_heads], q_norm.weight, out=qk[:, :num_q_heads])
+        torch.mul(normed[:, num_q_heads:], k_norm.weight, out=qk[:, num_q_heads:])
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:

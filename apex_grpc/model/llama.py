@@ -38,6 +38,10 @@ class LlamaDecoderLayer(nn.Module):
         self.qkv_proj = Linear(hidden, self.q_size + 2 * self.kv_size, config.qkv_bias,
                                dtype, device)
         self.o_proj = Linear(self.q_size, hidden, config.o_bias, dtype, device)
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps, dtype, device)
         self.mlp = GatedMLP(hidden, config.intermediate_size, dtype, device)
 
@@ -46,13 +50,18 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden [n, hidden_size] (residual None on the first layer), rope of the rows'
         positions -> q [n, num_heads, head_dim], k/v [n, num_kv_heads, head_dim] (RoPE applied),
-        residual. q, k and v are views of one buffer: each row holds q|k|v contiguously."""
+        residual. q, k and v are views of one buffer: each row holds q|k|v contiguously.
+        Per-head q/k norms (Qwen3) run here, before RoPE, so every execution strategy gets
+        them."""
         normed, residual = self.input_layernorm(hidden, residual)
         qkv = self.qkv_proj(normed)
         num_tokens = hidden.shape[0]
         heads = qkv.view(num_tokens, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
-        # q and k are adjacent in the projection: one rotation covers both.
-        RotaryEmbedding.rotate_(heads[:, :self.num_heads + self.num_kv_heads], rope)
+        # q and k are adjacent in the projection: one norm and one rotation cover both.
+        qk = heads[:, :self.num_heads + self.num_kv_heads]
+        if self.q_norm is not None:
+            RMSNorm.normalize_heads_(qk, self.num_heads, self.q_norm, self.k_norm)
+        RotaryEmbedding.rotate_(qk, rope)
         q, k, v = heads.split((self.num_heads, self.num_kv_heads, self.num_kv_heads), dim=1)
         return q, k, v, residual
 
@@ -65,6 +74,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    """One decoder for every row of model/architectures.py (Llama, Mistral, Qwen2, Qwen3): the
+    optional parts (q/k/v/o biases, per-head q/k norms, tied embeddings) are switched on by the
+    ModelConfig the table produced, never by a per-model copy of this code."""
+
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.config = config

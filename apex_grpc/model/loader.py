@@ -147,7 +147,7 @@ def load_dummy(name_or_path: str | None, device: torch.device, dtype: torch.dtyp
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for param_name, param in model.named_parameters():
-            if param_name.endswith("layernorm.weight") or param_name == "norm.weight":
+            if param_name.endswith("norm.weight"):  # every RMSNorm, q/k norms included
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, DUMMY_WEIGHT_STD, generator=generator)

@@ -48,6 +48,9 @@ def weight_targets(model: LlamaForCausalLM) -> dict[str, WeightTarget]:
             targets[f"{name}.weight"] = WeightTarget(layer.qkv_proj.weight, start, rows)
             if layer.qkv_proj.bias is not None:
                 targets[f"{name}.bias"] = WeightTarget(layer.qkv_proj.bias, start, rows)
+        if layer.q_norm is not None:
+            targets[f"{prefix}self_attn.q_norm.weight"] = _whole(layer.q_norm.weight)
+            targets[f"{prefix}self_attn.k_norm.weight"] = _whole(layer.k_norm.weight)
         targets[f"{prefix}self_attn.o_proj.weight"] = _whole(layer.o_proj.weight)
         if layer.o_proj.bias is not None:
             targets[f"{prefix}self_attn.o_proj.bias"] = _whole(layer.o_proj.bias)

@@ -1,7 +1,9 @@
 """Tokenizers described by GGUF metadata (`tokenizer.ggml.*`), built as `tokenizers.Tokenizer`s.
 
 Two kinds, named by tokenizer.ggml.model:
-- "gpt2": byte-level BPE with the file's merges (Llama-3, SmolLM2, Qwen2).
+- "gpt2": byte-level BPE with the file's merges (Llama-3, SmolLM2, Qwen2, Qwen3), split into
+  words first by the regex its tokenizer.ggml.pre names (an unknown name is refused: another
+  split gives other ids).
 - "llama": sentencepiece BPE (Llama-2, Mistral). The file has pieces, scores and types but no
   merges: sentencepiece merges the adjacent pair whose concatenation is the highest-scoring
   normal piece, so every split of a normal piece into two vocabulary pieces becomes a merge,
@@ -33,6 +35,10 @@ _SPACE_MARK = "\u2581"
 # Llama-3's split regex (llama.cpp pre-tokenizer "llama-bpe"); others use GPT-2's.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2/Qwen3 ("qwen2"): Llama-3's split but one digit per piece.
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+# tokenizer.ggml.pre values whose split we know ("default", "gpt2" or none: GPT-2's regex).
+_PRE_TOKENIZERS = ("default", "gpt2", "llama-bpe", "qwen2", "smollm")
 
 
 def _required(metadata: dict[str, Any], key: str) -> Any:
@@ -41,11 +47,20 @@ def _required(metadata: dict[str, Any], key: str) -> Any:
     return metadata[key]
 
 
+def _regex_then_bytes(split: str) -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
 def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
+    if pre not in _PRE_TOKENIZERS:
+        raise TokenizerError(f"GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not "
+                             f"supported; supported: {', '.join(_PRE_TOKENIZERS)}")
     if pre == "llama-bpe":
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(tokenizers.Regex(_LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        return _regex_then_bytes(_LLAMA3_SPLIT)
+    if pre == "qwen2":
+        return _regex_then_bytes(_QWEN2_SPLIT)
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":  # SmolLM splits every digit before the GPT-2 regex
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
@@ -65,8 +80,10 @@ def _byte_level_bpe(metadata: dict[str, Any], tokens: list[str],
                                  "token")
     bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
     tokenizer = tokenizers.Tokenizer(bpe)
-    tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(
-        str(metadata.get("tokenizer.ggml.pre", "gpt2")))
+    pre = str(metadata.get("tokenizer.ggml.pre", "default"))
+    tokenizer.pre_tokenizer = _byte_level_pre_tokenizer(pre)
+    if pre == "qwen2":  # Qwen's own tokenizer composes the text (NFC) before splitting it
+        tokenizer.normalizer = normalizers.NFC()
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 

@@ -74,9 +74,10 @@ def _write_gguf(path, arch: str, tensor_type: GGMLQuantizationType) -> None:
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    path = tmp_path / "qwen.gguf"
-    _write_gguf(path, "qwen2", GGMLQuantizationType.F32)
-    with pytest.raises(CheckpointError, match="unsupported GGUF architecture 'qwen2'"):
+    path = tmp_path / "phi3.gguf"
+    _write_gguf(path, "phi3", GGMLQuantizationType.F32)
+    with pytest.raises(CheckpointError, match="unsupported GGUF architecture 'phi3'; "
+                                              "supported: 'llama', 'qwen2', 'qwen3'"):
         load_model(str(path), "auto", "cpu", torch.float32)
 
 

@@ -17,7 +17,8 @@ NUM_GREEDY = 32
 MAX_RELATIVE_ERROR = 1e-4
 # Every variant of tests/conftest.py TINY_VARIANTS (named here: parametrize needs them at
 # collection time, and test modules should not import conftest).
-VARIANTS = ["head_dim_48", "llama3_rope", "llama_gqa", "llama_tied", "qwen2_bias"]
+VARIANTS = ["head_dim_48", "llama3_rope", "llama_gqa", "llama_tied", "mistral", "qwen2_bias",
+            "qwen3_tied", "qwen3_untied"]
 
 
 def _relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -65,6 +66,11 @@ def test_config_reflects_variant_features(tiny_hf_checkpoint):
     assert tied.tie_word_embeddings and not qwen.tie_word_embeddings
     assert qwen.qkv_bias and qwen.architecture == "Qwen2ForCausalLM"
     assert rope.rope_theta == 500000.0 and rope.rope_scaling["rope_type"] == "llama3"
+    qwen3 = load_model(str(tiny_hf_checkpoint("qwen3_untied").path), "auto", "cpu",
+                       torch.float32)[1]
+    assert qwen3.architecture == "Qwen3ForCausalLM" and qwen3.qk_norm
+    assert (qwen3.head_dim, qwen3.hidden_size // qwen3.num_attention_heads) == (40, 24)
+    assert not (qwen3.qkv_bias or qwen3.o_bias or qwen3.tie_word_embeddings or qwen.qk_norm)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -119,6 +119,12 @@ def test_shipped_configs_have_published_shapes():
     assert llama31.rope_scaling["rope_type"] == "llama3" and llama31.rope_theta == 500000.0
     # KV bytes per token in bf16: 128 KiB for Llama-3.1-8B (MEASUREMENTS.md).
     assert llama31.kv_bytes_per_token(2) == 128 * 1024
+    # Qwen3: head_dim 128 whatever hidden / heads is (64 for the 0.6B), q/k norms, no biases.
+    small, qwen3 = resolve_dummy_config("qwen3-0.6b"), resolve_dummy_config("qwen3-8b")
+    assert (small.head_dim, small.hidden_size // small.num_attention_heads) == (128, 64)
+    assert small.tie_word_embeddings and not qwen3.tie_word_embeddings
+    assert qwen3.qk_norm and not (qwen3.qkv_bias or qwen3.o_bias)
+    assert qwen3.kv_bytes_per_token(2) == 144 * 1024
 
 
 def test_dummy_weights_from_a_config_path(tiny_hf_checkpoint):

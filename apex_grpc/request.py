@@ -5,6 +5,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 class FinishReason(enum.IntEnum):
@@ -117,6 +121,8 @@ class Request:
     finish_reason: FinishReason = FinishReason.UNSPECIFIED
     # Scheduler bookkeeping: consecutive iterations this host-resident request sat out.
     num_skipped_steps: int = 0
+    # Seeded per request (sampled, not greedy, with a seed): the plan hands it to the sampler.
+    generator: torch.Generator | None = None
 
     @property
     def all_ids(self) -> list[int]:

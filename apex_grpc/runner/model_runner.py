@@ -16,17 +16,10 @@ from apex_grpc.attention.base import AttentionMetadata
 from apex_grpc.attention.hybrid import HybridAttention
 from apex_grpc.kv_cache.storage import KVStorage
 from apex_grpc.platform import synchronize
-from apex_grpc.request import SamplingParams, TokenLogprob
+from apex_grpc.request import TokenLogprob
 from apex_grpc.runner.input_batch import build_input_batch
 from apex_grpc.sampler import Sampler
 from apex_grpc.scheduler.plan import StepPlan, Strategy
-
-
-@dataclass(frozen=True)
-class SamplingInput:
-    params: SamplingParams
-    generator: torch.Generator | None
-    prior_token_ids: list[int] | None  # prompt + output, only when a penalty needs them
 
 
 @dataclass(frozen=True)
@@ -46,7 +39,7 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, sampling: dict[str, SamplingInput]) -> StepResult:
+    def execute(self, plan: StepPlan) -> StepResult:
         moved = self.storage.apply_moves(plan.moves)
         if moved is not None:  # freed source blocks may be rewritten by this step
             moved.make_current_stream_wait()
@@ -66,9 +59,10 @@ class ModelRunner:
                 synchronize(self.device)
                 return StepResult({}, {})
             logits = self.model.compute_logits(hidden[batch.sample_rows])
-            inputs = [sampling[rid] for rid in batch.sample_request_ids]
-            out = self.sampler(logits, [i.params for i in inputs], [i.generator for i in inputs],
-                               [i.prior_token_ids or [] for i in inputs])
+            seqs = {s.request_id: s for s in plan.all_seqs}
+            rows = [seqs[rid] for rid in batch.sample_request_ids]
+            out = self.sampler(logits, [r.sampling for r in rows], [r.generator for r in rows],
+                               [r.prior_token_ids or [] for r in rows])
         finally:
             self.attention.end_step()
         sampled = dict(zip(batch.sample_request_ids, out.token_ids))

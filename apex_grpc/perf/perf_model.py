@@ -224,9 +224,6 @@ class PerfModel:
     profile: Profile
     ewma_alpha: float = 0.2
     scale: dict[Strategy, float] = field(default_factory=lambda: {s: 1.0 for s in Strategy})
-    last_strategy: Strategy = Strategy.GPU_ONLY
-    last_predicted_ms: float = 0.0
-    last_measured_ms: float = 0.0
     num_observations: int = 0
 
     def __post_init__(self) -> None:
@@ -347,9 +344,6 @@ class PerfModel:
             return
         ratio = measured_ms / predicted_ms
         self.scale[strategy] *= (1.0 - self.ewma_alpha) + self.ewma_alpha * ratio
-        self.last_strategy = strategy
-        self.last_predicted_ms = predicted_ms
-        self.last_measured_ms = measured_ms
         self.num_observations += 1
 
 

@@ -174,7 +174,7 @@ class Scheduler:
     def _evict_for_growth(self, gpu_decodes: list[Request], moves: list[KVMove]) -> int:
         """Evict the newest GPU decodes to the host while this step's growth does not fit, as
         long as the CPU can carry them or parking beats recompute; the rest is preempted by
-        _schedule_running, exactly as GPU_ONLY would. Returns the GPU blocks the remaining
+        _schedule_gpu_running, exactly as GPU_ONLY would. Returns the GPU blocks the remaining
         decodes still need this step."""
         growth = sum(self.kv.num_new_blocks(r.request_id, r.num_tokens) for r in gpu_decodes)
         while growth > self.kv.pools[Tier.GPU].num_free and gpu_decodes:

@@ -159,7 +159,3 @@ class Request:
     def is_prefilling(self) -> bool:
         """True while the prompt (or prompt+output after a preemption) still lacks KV."""
         return self.num_uncomputed_tokens > 1 or not self.output_ids
-
-    @property
-    def finished(self) -> bool:
-        return self.status == RequestStatus.FINISHED

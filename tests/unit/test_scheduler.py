@@ -12,7 +12,7 @@ from apex_grpc.kv_cache.manager import KVCacheManager
 from apex_grpc.request import (FinishReason, Request, RequestStatus, SamplingParams,
                                StoppingParams, Tier)
 from apex_grpc.scheduler.apex_chooser import DEFAULT_MAX_SKIPPED_STEPS, ApexChooser
-from apex_grpc.scheduler.chooser import HostRow, SimpleChooser
+from apex_grpc.scheduler.chooser import Choice, HostRow, SimpleChooser
 from apex_grpc.scheduler.host_gate import ApexHostGate
 from apex_grpc.perf.perf_model import PerfModel
 from apex_grpc.scheduler.plan import Strategy
@@ -343,3 +343,61 @@ def test_block_runs_pair_consecutive_blocks_for_contiguous_copies():
     assert block_runs((4, 5, 6, 9, 10, 2), (0, 1, 2, 3, 7, 8)) == \
         [(4, 0, 3), (9, 3, 1), (10, 7, 1), (2, 8, 1)]
     assert block_runs((), ()) == []
+
+
+class _SitOutChooser:
+    """Runs no host decode (GPU_ONLY every step) and records what it was offered."""
+
+    def __init__(self) -> None:
+        self.offered: list[list[str]] = []
+
+    def choose(self, gpu_seqs, host_decodes) -> Choice:
+        self.offered.append([h.request_id for h in host_decodes])
+        return Choice(Strategy.GPU_ONLY, ())
+
+
+def test_host_decodes_that_sit_out_are_neither_charged_nor_grown():
+    # Alternate placement: r0 on the GPU, r1 on the host; both decode after one step.
+    chooser = _SitOutChooser()
+    config = EngineConfig(block_size=4, num_gpu_blocks=16, num_host_blocks=16, max_num_seqs=8,
+                          max_batched_tokens=12, max_model_len=128, policy=Policy.APEX,
+                          kv_placement=KVPlacement.ALTERNATE)
+    sched = Scheduler(config, KVCacheManager(4, 16, 16), chooser)
+    sched.add_request(make_request("r0", 4, max_new=20))
+    sched.add_request(make_request("r1", 4, max_new=20))
+    run_step(sched)
+    host_table = list(sched.kv.block_table("r1"))
+    sched.add_request(make_request("late", 30))
+    plan = run_step(sched)
+    assert chooser.offered[-1] == ["r1"] and plan.strategy == Strategy.GPU_ONLY
+    assert sched.kv.block_table("r1") == host_table and sched.requests["r1"].num_skipped_steps == 1
+    # Admission spends all the budget the GPU decode left (12 - 1), none held for r1.
+    assert [(s.request_id, s.num_new_tokens) for s in plan.all_seqs] == [("late", 11), ("r0", 1)]
+
+
+@pytest.mark.parametrize("token,stopping,expected", [
+    (2, StoppingParams(max_new_tokens=8), FinishReason.EOS),
+    (2, StoppingParams(max_new_tokens=8, ignore_eos=True), FinishReason.UNSPECIFIED),
+    (2, StoppingParams(max_new_tokens=8, min_new_tokens=2), FinishReason.UNSPECIFIED),
+    (9, StoppingParams(max_new_tokens=8, stop_token_ids=(9,)), FinishReason.STOP),
+    (9, StoppingParams(max_new_tokens=8, stop_token_ids=(9,), min_new_tokens=2),
+     FinishReason.UNSPECIFIED),
+    (7, StoppingParams(max_new_tokens=1), FinishReason.LENGTH),
+    (7, StoppingParams(max_new_tokens=8), FinishReason.CONTEXT_LIMIT),  # 7 + 1 = max_model_len
+    (7, StoppingParams(max_new_tokens=8), FinishReason.UNSPECIFIED),
+])
+def test_update_applies_token_level_stops_and_frees_finished_requests(token, stopping, expected):
+    max_model_len = 8 if expected == FinishReason.CONTEXT_LIMIT else 128
+    config = EngineConfig(block_size=4, num_gpu_blocks=16, num_host_blocks=0, max_num_seqs=8,
+                          max_batched_tokens=32, max_model_len=max_model_len)
+    sched = Scheduler(config, KVCacheManager(4, 16, 0), eos_token_ids=(2,))
+    req = Request("r", list(range(10, 17)), SamplingParams(), stopping)
+    sched.add_request(req)
+    plan = sched.schedule()
+    [new] = sched.update(plan, {"r": token})
+    assert (new.req, new.token_id, new.finish_reason) == (req, token, expected)
+    assert req.output_ids == [token] and req.num_computed_tokens == 7
+    finished = expected != FinishReason.UNSPECIFIED
+    assert (req.status == RequestStatus.FINISHED) == finished and req.finish_reason == expected
+    assert sched.kv.used_blocks(Tier.GPU) == (0 if finished else 2)
+    assert ("r" in sched.requests) != finished

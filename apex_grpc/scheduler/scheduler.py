@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
 
 from apex_grpc.config import EngineConfig, KVPlacement, Policy
 from apex_grpc.kv_cache.manager import KVCacheManager, KVMove
@@ -32,9 +31,9 @@ from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan, Strategy
 _GPU_ADMISSION_WATERMARK = 0.01
 
 
-@dataclass(frozen=True, slots=True)
-class NewToken:
-    """One request's sampled token from update(), and whether it finished the request."""
+class NewToken(NamedTuple):
+    """One request's sampled token from update(), and whether it finished the request (a
+    tuple: one is built per sampled row every step)."""
 
     req: Request
     token_id: int

@@ -249,6 +249,11 @@ class NeoChooser:
 TARGET_STEP_FRACTION = 0.85
 
 
+def target_step_ms(tpot_slo_ms: float | None) -> float | None:
+    """The decode step apex aims for under a TPOT target (its chooser and host gate)."""
+    return tpot_slo_ms * TARGET_STEP_FRACTION if tpot_slo_ms else None
+
+
 def make_chooser(policy: Policy, model: PerfModel, config: EngineConfig,
                  tpot_slo_ms: float | None) -> StrategyChooser:
     """The chooser of each policy over a performance model (gpu-only needs none)."""
@@ -256,5 +261,4 @@ def make_chooser(policy: Policy, model: PerfModel, config: EngineConfig,
         return SimpleChooser(Policy.GPU_ONLY)
     if policy == Policy.NEO:
         return NeoChooser(model, config)
-    target = tpot_slo_ms * TARGET_STEP_FRACTION if tpot_slo_ms else None
-    return ApexChooser(model, config, target_step_ms=target)
+    return ApexChooser(model, config, target_step_ms=target_step_ms(tpot_slo_ms))

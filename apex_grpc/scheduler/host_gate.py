@@ -17,8 +17,7 @@ from typing import Sequence
 
 from apex_grpc.config import EngineConfig, Policy
 from apex_grpc.perf.perf_model import PerfModel, StepShape
-from apex_grpc.scheduler.apex_chooser import (DEFAULT_MAX_SKIPPED_STEPS, TARGET_STEP_FRACTION,
-                                              with_host)
+from apex_grpc.scheduler.apex_chooser import DEFAULT_MAX_SKIPPED_STEPS, target_step_ms, with_host
 from apex_grpc.scheduler.chooser import HostRow
 from apex_grpc.scheduler.plan import Strategy
 
@@ -112,5 +111,4 @@ def make_host_gate(policy: Policy, model: PerfModel, config: EngineConfig,
     """apex's gate over a performance model; the other policies take what the tier holds."""
     if policy != Policy.APEX:
         return None
-    target = tpot_slo_ms * TARGET_STEP_FRACTION if tpot_slo_ms else None
-    return ApexHostGate(model, config, target_step_ms=target)
+    return ApexHostGate(model, config, target_step_ms=target_step_ms(tpot_slo_ms))

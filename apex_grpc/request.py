@@ -5,6 +5,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 # Most alternatives a request may ask for per generated token (validation rejects more; the
 # sampler computes at most this many).
@@ -121,6 +125,8 @@ class Request:
     finish_reason: FinishReason = FinishReason.UNSPECIFIED
     # Scheduler bookkeeping: consecutive iterations this host-resident request sat out.
     num_skipped_steps: int = 0
+    # Seeded per request (sampled, not greedy, with a seed): the plan hands it to the sampler.
+    generator: torch.Generator | None = None
 
     @property
     def all_ids(self) -> list[int]:
@@ -157,7 +163,3 @@ class Request:
     def is_prefilling(self) -> bool:
         """True while the prompt (or prompt+output after a preemption) still lacks KV."""
         return self.num_uncomputed_tokens > 1 or not self.output_ids
-
-    @property
-    def finished(self) -> bool:
-        return self.status == RequestStatus.FINISHED

@@ -43,16 +43,6 @@ class StopStringMatcher:
         self._held = ""
         self._finished = False
 
-    @property
-    def held_text(self) -> str:
-        """Text seen but not yet emitted because it may begin a stop string."""
-        return self._held
-
-    @property
-    def finished(self) -> bool:
-        """True once a stop string matched or flush() was called."""
-        return self._finished
-
     def push(self, text_delta: str) -> StopResult:
         """Feed the next piece of generated text; returns what may be streamed now."""
         if self._finished:

@@ -38,7 +38,6 @@ from apex_grpc.model.loader import load_model
 from apex_grpc.platform import default_cpu_attention_threads, share_cores_with_pool, synchronize
 from apex_grpc.request import SamplingParams, StoppingParams, Tier
 from apex_grpc.runner.input_batch import paged_batch_of
-from apex_grpc.runner.model_runner import SamplingInput
 from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan, Strategy
 
 BLOCK_SIZE = 16
@@ -73,13 +72,11 @@ def time_plans(core: EngineCore, plans: dict[str, StepPlan], num_steps: int
     rounds. The plans take turns step by step, so a drift in the machine's speed (clocks,
     other load) hits them all alike and sample i of each plan is comparable. Re-running a plan
     rewrites the same KV slots, so the cache stays the same size."""
-    sampling = {s.request_id: SamplingInput(SamplingParams(), None, None)
-                for plan in plans.values() for s in plan.all_seqs}
     times: dict[str, list[float]] = {name: [] for name in plans}
     for _ in range(num_steps + 2):
         for name, plan in plans.items():
             start = time.perf_counter()
-            core.runner.execute(plan, sampling)
+            core.runner.execute(plan)
             synchronize(core.device)
             times[name].append((time.perf_counter() - start) * 1e3)
     return {name: samples[2:] for name, samples in times.items()}

@@ -1,9 +1,10 @@
 """Serving benchmark for the embedded model on this machine.
 
 Prints output tokens/s through the real gRPC server at 1 and at 16 concurrent streams, and the
-engine overhead: the engine's decode step time (schedule + forward + sample + detokenize + stop
-checks) over a bare model forward of the same batch, measured side by side in this process.
-Ends with one JSON line of its figures.
+engine overhead: the engine's decode step time (schedule + execute + update + outputs:
+detokenize, stop checks) over the bare forward of the same batch (the runner executing the
+plan: forward and sampling), measured side by side in this process. Ends with one JSON line of
+its figures.
 
     python -m apex_grpc.bench.serving [--max-new-tokens 64] [--streams 1,16]
 """
@@ -22,14 +23,13 @@ from apex_grpc.config import EngineConfig, Policy, ServeOptions
 from apex_grpc.engine.builder import build_core, build_engine
 from apex_grpc.model.loader import load_model
 from apex_grpc.request import Request, SamplingParams, StoppingParams
-from apex_grpc.runner.input_batch import build_input_batch
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a map."
 
 
 def engine_overhead(num_streams: int, prompt_len: int, num_steps: int, device: torch.device,
                     dtype: torch.dtype) -> dict[str, float]:
-    """Median engine decode step vs a bare forward (to logits) of the same batch, alternating."""
+    """Median engine decode step vs the runner's execution of the same plan, alternating."""
     model, model_config, tokenizer, _ = load_model(None, "auto", device, dtype)
     config = EngineConfig(num_gpu_blocks=4096, max_num_seqs=num_streams, policy=Policy.GPU_ONLY,
                           max_model_len=2048)
@@ -46,17 +46,12 @@ def engine_overhead(num_streams: int, prompt_len: int, num_steps: int, device: t
         start = time.perf_counter()
         core.step()
         step_ms.append((time.perf_counter() - start) * 1e3)
-        # The same batch, forward only. schedule() without record_step() is idempotent: the
-        # next core.step() runs this plan for real; here it only rewrites the same KV slots.
+        # The same batch, executed only. schedule() without update() is idempotent: the next
+        # core.step() runs this plan for real; here it only rewrites the same KV slots.
         plan = core.scheduler.schedule()
-        with torch.inference_mode():
-            start = time.perf_counter()
-            batch = build_input_batch(plan, config.block_size, device)
-            core.runner.host.begin_step(batch.layout)
-            hidden = core.runner.forward(plan.strategy, batch)
-            model.compute_logits(hidden[batch.sample_rows])
-            core.runner.host.end_step()
-            bare_ms.append((time.perf_counter() - start) * 1e3)
+        start = time.perf_counter()
+        core.runner.execute(plan)  # returns sampled ids: the device has finished
+        bare_ms.append((time.perf_counter() - start) * 1e3)
     step, bare = statistics.median(step_ms), statistics.median(bare_ms)
     return {"streams": num_streams, "engine_step_ms": step, "bare_forward_ms": bare,
             "engine_overhead": step / bare}

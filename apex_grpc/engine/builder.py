@@ -27,6 +27,7 @@ from apex_grpc.platform import (default_cpu_attention_threads, device_name, reso
 from apex_grpc.runner.model_runner import ModelRunner
 from apex_grpc.scheduler.apex_chooser import make_chooser
 from apex_grpc.scheduler.chooser import SimpleChooser
+from apex_grpc.scheduler.host_gate import make_host_gate
 from apex_grpc.scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,11 @@ def build_core(config: EngineConfig, model: torch.nn.Module, model_config: Model
                          config.block_size, device)
     kv = KVCacheManager(config.block_size, config.num_gpu_blocks, config.num_host_blocks)
     eos = tokenizer.eos_token_ids if tokenizer is not None else model_config.eos_token_ids
-    chooser = SimpleChooser(config.policy) if perf_model is None else \
-        make_chooser(config.policy, perf_model, config, tpot_slo_ms)
-    return EngineCore(config, Scheduler(config, kv, chooser), runner, tokenizer, tuple(eos),
-                      device, perf_model)
+    if perf_model is None:
+        chooser, host_gate = SimpleChooser(config.policy), None
+    else:
+        chooser = make_chooser(config.policy, perf_model, config, tpot_slo_ms)
+        host_gate = make_host_gate(config.policy, perf_model, config, tpot_slo_ms)
+    scheduler = Scheduler(config, kv, chooser, host_gate, eos_token_ids=eos)
+    return EngineCore(config, scheduler, runner, tokenizer, device, perf_model)
+

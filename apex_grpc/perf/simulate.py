@@ -2,7 +2,8 @@
 
 No model and no tensors: each step takes the performance model's predicted time for the plan
 plus its KV moves (evictions, parks and restores copy whole blocks before the forward pass),
-sampled tokens are placeholders, and a request finishes at its output length. Prints per-policy
+sampled tokens are placeholders, and Scheduler.update finishes requests exactly as in the
+engine (here at max_new_tokens, each request's output length). Prints per-policy
 output throughput, goodput under a TPOT target and TTFT/TPOT percentiles, or (--grid) the
 acceptance grid over GPU KV budgets and TPOT targets.
 """
@@ -15,17 +16,22 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from apex_grpc.config import EngineConfig, Policy
 from apex_grpc.kv_cache.manager import KVCacheManager
 from apex_grpc.request import Request, SamplingParams, StoppingParams, Tier
-from apex_grpc.scheduler.apex_chooser import make_chooser
 from apex_grpc.perf.perf_model import PerfModel, Profile
-from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
+from apex_grpc.scheduler.apex_chooser import make_chooser
+from apex_grpc.scheduler.chooser import HostDecode
+from apex_grpc.scheduler.host_gate import make_host_gate
+from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan, Strategy
 from apex_grpc.scheduler.scheduler import Scheduler
 
 _CHOOSE_ROWS = 256
+# The token every simulated row samples. The simulated scheduler knows no EOS ids, so it
+# never ends a request; max_new_tokens does.
+PLACEHOLDER_TOKEN = 0
 
 
 @dataclass(frozen=True)
@@ -77,13 +83,14 @@ def build_scheduler(policy: Policy, setup: Setup, model: PerfModel,
         max_batched_tokens=setup.max_batched_tokens, max_model_len=max_model_len,
         policy=policy, max_step_stretch=setup.max_step_stretch)
     kv = KVCacheManager(setup.block_size, config.num_gpu_blocks, num_host_blocks)
-    return Scheduler(config, kv, make_chooser(policy, model, config, setup.tpot_slo_ms))
+    return Scheduler(config, kv, make_chooser(policy, model, config, setup.tpot_slo_ms),
+                     make_host_gate(policy, model, config, setup.tpot_slo_ms))
 
 
 @dataclass
 class _Timeline:
     arrival_ms: float
-    output_len: int
+    output_len: int = 0  # known once the request finishes
     first_token_ms: float | None = None
     finish_ms: float | None = None
 
@@ -102,37 +109,51 @@ def simulate(policy: Policy, setup: Setup, profile: Profile, workload: Workload,
     model = PerfModel(profile)
     specs = workload.requests()
     scheduler = build_scheduler(policy, setup, model, max(p + o for _, p, o in specs))
+    arrivals = [(arrival, Request(f"r{i}", [1] * prompt_len, SamplingParams(),
+                                  StoppingParams(max_new_tokens=output_len)))
+                for i, (arrival, prompt_len, output_len) in enumerate(specs)]
+    return run_simulation(scheduler, model, arrivals, check_integrity=check_integrity)
+
+
+def placeholder_tokens(plan: StepPlan) -> dict[str, int]:
+    return {s.request_id: PLACEHOLDER_TOKEN for s in plan.all_seqs if s.samples}
+
+
+def run_simulation(scheduler: Scheduler, model: PerfModel, arrivals: list[tuple[float, Request]],
+                   sample: Callable[[StepPlan], Mapping[str, int]] = placeholder_tokens,
+                   check_integrity: bool = False) -> SimResult:
+    """Step scheduler in simulated time until every request finished: a request joins at its
+    arrival (ms), a step takes the predicted time of its plan and moves, sample gives each
+    step's tokens and Scheduler.update appends them and finishes requests."""
     timelines: dict[str, _Timeline] = {}
-    pending = [(arrival, f"r{i}", p, o) for i, (arrival, p, o) in enumerate(specs)]
-    pending.reverse()  # pop() takes the earliest
+    pending = sorted(arrivals, key=lambda item: item[0])
+    pending.reverse()  # pop() takes the earliest (the first of equal arrivals)
+    block_size = scheduler.config.block_size
     now_ms, busy_ms, steps = 0.0, 0.0, {s: 0 for s in Strategy}
     while pending or scheduler.has_work:
         while pending and pending[-1][0] <= now_ms:
-            arrival, req_id, prompt_len, output_len = pending.pop()
-            scheduler.add_request(Request(req_id, [1] * prompt_len, SamplingParams(),
-                                          StoppingParams(max_new_tokens=output_len,
-                                                         ignore_eos=True)))
-            timelines[req_id] = _Timeline(arrival, output_len)
+            arrival, req = pending.pop()
+            scheduler.add_request(req)
+            timelines[req.request_id] = _Timeline(arrival)
         plan = scheduler.schedule() if scheduler.has_work else None
         if plan is None or plan.is_empty:
             if not pending:
-                raise RuntimeError(f"{policy.value}: requests wait but nothing can be scheduled "
-                                   "(a prompt larger than the KV tiers?)")
+                raise RuntimeError(f"{scheduler.config.policy.value}: requests wait but nothing "
+                                   "can be scheduled (a prompt larger than the KV tiers?)")
             now_ms = max(now_ms, pending[-1][0])
             continue
         step_ms = model.predict_plan_ms(plan) + sum(
-            model.copy_ms(len(m.src_blocks) * setup.block_size, m.dst_tier) for m in plan.moves)
+            model.copy_ms(len(m.src_blocks) * block_size, m.dst_tier) for m in plan.moves)
         now_ms += step_ms
         busy_ms += step_ms
         steps[plan.strategy] += 1
-        sampled = {s.request_id: 0 for s in plan.all_seqs if s.samples}
-        for req in scheduler.record_step(plan, sampled):
-            line = timelines[req.request_id]
+        for new in scheduler.update(plan, sample(plan)):
+            line = timelines[new.req.request_id]
             if line.first_token_ms is None:
                 line.first_token_ms = now_ms
-            if req.num_output_tokens >= line.output_len:
+            if new.finished:
                 line.finish_ms = now_ms
-                scheduler.remove(req)
+                line.output_len = new.req.num_output_tokens
         if check_integrity:
             scheduler.kv.check_integrity()
     counters = {"preemptions": scheduler.num_preemptions, "evictions": scheduler.num_evictions,
@@ -177,16 +198,15 @@ def measure_choose_us(profile: Profile, policy: Policy, num_rows: int = _CHOOSE_
     model = PerfModel(profile)
     config = EngineConfig(num_host_blocks=1, max_num_seqs=num_rows, policy=policy)
     chooser = make_chooser(policy, model, config, tpot_slo_ms)
-    rows = [ScheduledSeq(f"r{i}", (1,), 900 + i, tuple(range(57)),
-                         Tier.GPU if i < num_rows // 8 else Tier.HOST, True)
-            for i in range(num_rows)]
-    gpu = tuple(r for r in rows if r.tier == Tier.GPU)
-    host = tuple(r for r in rows if r.tier == Tier.HOST)
-    skipped = {r.request_id: i % 4 for i, r in enumerate(host)}
+    num_gpu = num_rows // 8
+    gpu = [ScheduledSeq(f"g{i}", (1,), 900 + i, tuple(range(57)), Tier.GPU, True)
+           for i in range(num_gpu)]
+    host = [HostDecode(f"h{i}", 900 + num_gpu + i, i % 4, False)
+            for i in range(num_rows - num_gpu)]
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        choice = chooser.choose(gpu, (), host, skipped)
+        choice = chooser.choose(gpu, host)
         times.append((time.perf_counter() - start) * 1e6)
     return _percentile(times, 50), choice.predicted_step_ms
 

@@ -21,7 +21,7 @@ class InputBatch:
     positions: torch.Tensor  # [num_tokens] int64 on the compute device
     layout: BatchLayout
     sample_rows: torch.Tensor  # [num_sampling_seqs] int64: last row of each sampling sequence
-    sample_request_ids: tuple[str, ...]
+    sample_seqs: tuple[ScheduledSeq, ...]  # the sampling sequences, in row order
 
     @property
     def num_tokens(self) -> int:
@@ -60,17 +60,17 @@ def build_input_batch(plan: StepPlan, block_size: int, device: torch.device) -> 
     seqs = [s for part in parts for s in part]
     ids = [t for s in seqs for t in s.token_ids]
     positions = [p for s in seqs for p in range(s.num_computed_tokens, s.seq_len)]
-    sample_rows, sample_ids = [], []
+    sample_rows, sample_seqs = [], []
     row = 0
     for seq in seqs:
         row += seq.num_new_tokens
         if seq.samples:
             sample_rows.append(row - 1)
-            sample_ids.append(seq.request_id)
+            sample_seqs.append(seq)
     return InputBatch(
         input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
         positions=torch.tensor(positions, dtype=torch.int64, device=device),
         layout=layout,
         sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=device),
-        sample_request_ids=tuple(sample_ids),
+        sample_seqs=tuple(sample_seqs),
     )

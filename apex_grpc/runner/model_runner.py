@@ -14,18 +14,11 @@ from apex_grpc.attention.host import HostAttention
 from apex_grpc.kv_cache.storage import KVStorage
 from apex_grpc.model.llama import LlamaForCausalLM
 from apex_grpc.platform import synchronize
-from apex_grpc.request import SamplingParams, TokenLogprob
+from apex_grpc.request import TokenLogprob
 from apex_grpc.runner.executors import EXECUTORS, StepExecutor
 from apex_grpc.runner.input_batch import InputBatch, build_input_batch
 from apex_grpc.sampler import Sampler
 from apex_grpc.scheduler.plan import StepPlan, Strategy
-
-
-@dataclass(frozen=True)
-class SamplingInput:
-    params: SamplingParams
-    generator: torch.Generator | None
-    prior_token_ids: list[int] | None  # prompt + output, only when a penalty needs them
 
 
 @dataclass(frozen=True)
@@ -49,7 +42,7 @@ class ModelRunner:
             for strategy, executor in EXECUTORS.items()}
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, sampling: dict[str, SamplingInput]) -> StepResult:
+    def execute(self, plan: StepPlan) -> StepResult:
         moved = self.storage.apply_moves(plan.moves)
         if moved is not None:  # freed source blocks may be rewritten by this step
             moved.make_current_stream_wait()
@@ -62,18 +55,18 @@ class ModelRunner:
         try:
             self.host.begin_step(batch.layout)
             hidden = self.forward(plan.strategy, batch)
-            if not batch.sample_request_ids:
+            rows = batch.sample_seqs
+            if not rows:
                 synchronize(self.device)
                 return StepResult({}, {})
             logits = self.model.compute_logits(hidden[batch.sample_rows])
-            inputs = [sampling[rid] for rid in batch.sample_request_ids]
-            out = self.sampler(logits, [i.params for i in inputs], [i.generator for i in inputs],
-                               [i.prior_token_ids or [] for i in inputs])
+            out = self.sampler(logits, [r.sampling for r in rows], [r.generator for r in rows],
+                               [r.prior_token_ids or [] for r in rows])
         finally:
             self.host.end_step()
-        sampled = dict(zip(batch.sample_request_ids, out.token_ids))
-        logprobs = {rid: lp for rid, lp in zip(batch.sample_request_ids, out.logprobs)
-                    if lp is not None}
+        ids = [r.request_id for r in rows]
+        sampled = dict(zip(ids, out.token_ids))
+        logprobs = {rid: lp for rid, lp in zip(ids, out.logprobs) if lp is not None}
         return StepResult(sampled, logprobs)
 
     def forward(self, strategy: Strategy, batch: InputBatch) -> torch.Tensor:

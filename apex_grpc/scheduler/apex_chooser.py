@@ -6,28 +6,23 @@ with a prefix of the host rows (longest-waiting first) and, only where NEO's ine
 hold, ASYMMETRIC_PIPELINE with its prefix, under a step limit (max_step_stretch x GPU_ONLY's
 step, or a TPOT target when one is given). Without a target it picks the highest tokens/s;
 with one it serves as many host rows as fit (a skipped step adds a whole step to that row's
-TPOT). A host row that sat out max_skipped_steps iterations always runs.
+TPOT). A host row that sat out max_skipped_steps iterations always runs. choose() costs one
+pass over the rows (a stable sort on capped waits, prefix sums of contexts) plus O(log n)
+predictions on one step's cached GPU-side costs.
 
-admits_to_host gates the host tier (admission and eviction): a row joins only if the step
-stays within the limit at the host rows' final lengths and the row does not lower predicted
-tokens/s. Where hybrid execution does not pay, nothing reaches the host tier and apex
-schedules exactly as gpu-only does. parks_on_host decides, for an evicted decode the CPU
-cannot carry every step, between parking it on the host (KV copied there and back) and
-preemption by recompute, by the predicted cost of each. choose() costs one pass over the rows
-(a stable sort on capped waits, prefix sums of contexts) plus O(log n) predictions on one
-step's cached GPU-side costs.
+Which requests reach the host tier at all (bandwidth-aware admission, parking) is the host
+gate's decision (host_gate.py), fed by the same performance model.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from itertools import accumulate
-from typing import AbstractSet, Mapping, Sequence
+from typing import Sequence
 
 from apex_grpc.config import EngineConfig, Policy
-from apex_grpc.scheduler.chooser import Choice, HostRow, SimpleChooser, StrategyChooser
 from apex_grpc.perf.perf_model import PerfModel, StepCosts, StepShape
+from apex_grpc.scheduler.chooser import Choice, HostDecode, SimpleChooser, StrategyChooser
 from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
 
 # Consecutive iterations a host-resident request may sit out before it must run.
@@ -45,7 +40,7 @@ class _Option:
     tokens_per_ms: float
 
 
-def _with_host(shape: StepShape, num_host: int, host_ctx_tokens: int) -> StepShape:
+def with_host(shape: StepShape, num_host: int, host_ctx_tokens: int) -> StepShape:
     return replace(shape, num_host_decodes=num_host, host_ctx_tokens=host_ctx_tokens)
 
 
@@ -64,17 +59,15 @@ class _ServiceOrder:
     num_admitted: int  # order[:num_admitted] are the forced and the admitted rows
 
 
-def _order_for_service(host_decode_seqs: Sequence[ScheduledSeq], skipped: Mapping[str, int],
-                       max_skipped: int, parked: AbstractSet[str]) -> _ServiceOrder:
-    get = skipped.get
-    waits = [get(s.request_id, 0) for s in host_decode_seqs]
+def _order_for_service(host_decodes: Sequence[HostDecode], max_skipped: int) -> _ServiceOrder:
+    waits = [h.num_skipped_steps for h in host_decodes]
     if max(waits) > max_skipped:
         waits = [min(w, max_skipped) for w in waits]  # all forced rows rank alike
     num_forced = waits.count(max_skipped)
-    if parked:
+    if any(h.parked for h in host_decodes):
         # Disjoint ranks: forced above admitted (max_skipped+1+wait) above parked (wait).
-        ranks = [w + (max_skipped + 1) * (w == max_skipped or s.request_id not in parked)
-                 for s, w in zip(host_decode_seqs, waits)]
+        ranks = [w + (max_skipped + 1) * (w == max_skipped or not h.parked)
+                 for h, w in zip(host_decodes, waits)]
         num_admitted = sum(1 for r in ranks if r > max_skipped)
     else:
         ranks, num_admitted = waits, len(waits)
@@ -149,31 +142,26 @@ class ApexChooser:
     def step_limit_ms(self, gpu_only_ms: float) -> float:
         return max(self.config.max_step_stretch * gpu_only_ms, self.target_step_ms or 0.0)
 
-    def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],
-               host_prefill_seqs: tuple[ScheduledSeq, ...],
-               host_decode_seqs: tuple[ScheduledSeq, ...],
-               num_skipped_steps: Mapping[str, int],
-               parked: AbstractSet[str] = frozenset()) -> Choice:
+    def choose(self, gpu_seqs: Sequence[ScheduledSeq],
+               host_decodes: Sequence[HostDecode]) -> Choice:
         model = self.perf_model
-        base = model.shape_of_seqs(gpu_seqs, host_prefill_seqs)
+        base = model.shape_of_seqs(gpu_seqs)
         costs = model.step_costs(base)
         gpu_only_ms = costs.predict_ms(Strategy.GPU_ONLY, 0, 0)
-        if not host_decode_seqs:
+        if not host_decodes:
             return Choice(Strategy.GPU_ONLY, (), gpu_only_ms)
-        service = _order_for_service(host_decode_seqs, num_skipped_steps,
-                                     self.max_skipped_steps, parked)
-        # A host decode's context is its cached tokens plus the one it computes now.
-        cached = [s.num_computed_tokens for s in host_decode_seqs]
-        ctx_prefix = list(accumulate([cached[i] + 1 for i in service.order], initial=0))
+        service = _order_for_service(host_decodes, self.max_skipped_steps)
+        ctx_prefix = list(accumulate([host_decodes[i].ctx_len for i in service.order],
+                                     initial=0))
         limit = self.step_limit_ms(gpu_only_ms)
         strategies = [Strategy.ASYNC_OVERLAP]
-        if model.pipeline_can_win(_with_host(base, len(cached), ctx_prefix[-1])):
+        if model.pipeline_can_win(with_host(base, len(host_decodes), ctx_prefix[-1])):
             strategies.append(Strategy.ASYMMETRIC_PIPELINE)
         hybrid = [self._best_prefix(_Prefixes(s, costs, base.num_gpu_sampled, ctx_prefix),
                                     service, limit) for s in strategies]
         gpu_only = _Option(Strategy.GPU_ONLY, 0, gpu_only_ms, _tokens_per_ms(base, 0, gpu_only_ms))
         best = self._pick(gpu_only, hybrid, service, base.num_gpu_tokens > 0, limit)
-        rows = tuple(host_decode_seqs[i] for i in sorted(service.order[:best.num_host]))
+        rows = tuple(host_decodes[i] for i in sorted(service.order[:best.num_host]))
         return Choice(best.strategy, rows, best.step_ms)
 
     def _pick(self, gpu_only: _Option, hybrid: list[_Option], service: _ServiceOrder,
@@ -228,72 +216,6 @@ class ApexChooser:
                 best = candidate
         return best
 
-    def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_rows: Sequence[HostRow],
-                       new_row: HostRow) -> bool:
-        """Bandwidth-aware admission, every host row running: (a) with all host rows at
-        their final length the step stays within the admission limit (TPOT for the rest of
-        their lives), and (b) at their mean remaining length the extra row does not lower
-        predicted tokens/s. (b) keeps apex at least as good as GPU_ONLY: a row that does not
-        pay waits (new request), or is parked or preempted (evicted decode, parks_on_host)."""
-        model = self.perf_model
-        base = model.shape_of([], gpu_decode_ctx)
-        gpu_only_ms = model.predict_ms(Strategy.GPU_ONLY, base)
-        rows = list(host_rows) + [new_row]
-        worst_ms = self._hybrid_ms(base, len(rows), sum(r.final_ctx_len for r in rows))
-        if worst_ms > self.admission_limit_ms(gpu_only_ms):
-            return False
-        before_ms = gpu_only_ms
-        if host_rows:
-            before_ms = self._hybrid_ms(base, len(host_rows),
-                                        sum(r.mean_ctx_len for r in host_rows))
-        after_ms = self._hybrid_ms(base, len(rows), sum(r.mean_ctx_len for r in rows))
-        num_rows = len(gpu_decode_ctx) + len(host_rows)
-        # The row pays when its extra step time is at most what one token costs now, plus,
-        # for an evicted decode, the recompute that preemption would cost, spread over the
-        # tokens it has left.
-        allowance_ms = before_ms / num_rows if num_rows else math.inf
-        if new_row.num_recompute_tokens:
-            num_left = max(1, 2 * (new_row.final_ctx_len - new_row.mean_ctx_len))
-            allowance_ms += model.recompute_ms(new_row.num_recompute_tokens,
-                                               gpu_decode_ctx) / num_left
-        return after_ms - before_ms <= allowance_ms
-
-    def parks_on_host(self, gpu_decode_ctx: Sequence[int], num_kv_tokens: int,
-                      num_park_steps: int, num_parked_together: int) -> bool:
-        """Swap instead of recompute: a GPU decode that must leave and that the CPU cannot
-        carry every step is parked on the host (served when a step has room, restored when
-        the GPU has) when parking is predicted cheaper than prefilling it again beside the GPU
-        decodes. Parking costs the copy out and back plus one forced CPU run per wait bound
-        over the num_park_steps it expects to wait; a forced run costs its share of the extra
-        step time of the rows forced with it (num_parked_together, this one included, spread
-        over the bound). A slow CPU or a long wait keeps the GPU_ONLY choice (preemption)."""
-        model = self.perf_model
-        base = model.shape_of([], gpu_decode_ctx)
-        num_per_step = -(-max(1, num_parked_together) // (self.max_skipped_steps + 1))
-        forced_ms = self._hybrid_ms(base, num_per_step, num_per_step * (num_kv_tokens + 1)) - \
-            model.predict_ms(Strategy.GPU_ONLY, base)
-        num_forced_runs = num_park_steps // (self.max_skipped_steps + 1)
-        park_ms = model.park_round_trip_ms(num_kv_tokens) + \
-            num_forced_runs * max(0.0, forced_ms) / num_per_step
-        return park_ms < model.recompute_ms(num_kv_tokens, gpu_decode_ctx)
-
-    def admission_limit_ms(self, gpu_only_ms: float) -> float:
-        """The step a decode-only batch may take once host rows join: the TPOT target's step
-        when one is given (never stretched past it), else max_step_stretch x GPU_ONLY."""
-        if self.target_step_ms is not None:
-            return self.target_step_ms
-        return self.config.max_step_stretch * gpu_only_ms
-
-    def _hybrid_ms(self, base: StepShape, num_host: int, host_ctx_tokens: int) -> float:
-        """The faster hybrid step with every host row running (the pipeline only where its
-        inequality can hold)."""
-        costs = self.perf_model.step_costs(base)
-        step_ms = costs.predict_ms(Strategy.ASYNC_OVERLAP, num_host, host_ctx_tokens)
-        if self.perf_model.pipeline_can_win(_with_host(base, num_host, host_ctx_tokens)):
-            step_ms = min(step_ms, costs.predict_ms(Strategy.ASYMMETRIC_PIPELINE, num_host,
-                                                    host_ctx_tokens))
-        return step_ms
-
 
 class NeoChooser:
     """NEO's rule: pipeline all host rows when the model says that beats GPU_ONLY; otherwise
@@ -305,38 +227,31 @@ class NeoChooser:
         self.config = config
         self.max_skipped_steps = max_skipped_steps
 
-    def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_rows: Sequence[HostRow],
-                       new_row: HostRow) -> bool:
-        return True  # NEO offloads whatever the host tier can hold
-
-    def parks_on_host(self, gpu_decode_ctx: Sequence[int], num_kv_tokens: int,
-                      num_park_steps: int, num_parked_together: int) -> bool:
-        return False  # never asked: admits_to_host already takes every row
-
-    def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],
-               host_prefill_seqs: tuple[ScheduledSeq, ...],
-               host_decode_seqs: tuple[ScheduledSeq, ...],
-               num_skipped_steps: Mapping[str, int],
-               parked: AbstractSet[str] = frozenset()) -> Choice:
+    def choose(self, gpu_seqs: Sequence[ScheduledSeq],
+               host_decodes: Sequence[HostDecode]) -> Choice:
         model = self.perf_model
-        base = model.shape_of_seqs(gpu_seqs, host_prefill_seqs)
+        base = model.shape_of_seqs(gpu_seqs)
         gpu_only_ms = model.predict_ms(Strategy.GPU_ONLY, base)
-        if not host_decode_seqs:
+        if not host_decodes:
             return Choice(Strategy.GPU_ONLY, (), gpu_only_ms)
-        full = model.shape_of_seqs(gpu_seqs, host_prefill_seqs, host_decode_seqs)
+        full = with_host(base, len(host_decodes), sum(h.ctx_len for h in host_decodes))
         pipeline_ms = model.predict_ms(Strategy.ASYMMETRIC_PIPELINE, full)
-        starving = any(num_skipped_steps.get(s.request_id, 0) >= self.max_skipped_steps
-                       for s in host_decode_seqs)
-        pipeline_wins = _tokens_per_ms(full, len(host_decode_seqs), pipeline_ms) > \
+        starving = any(h.num_skipped_steps >= self.max_skipped_steps for h in host_decodes)
+        pipeline_wins = _tokens_per_ms(full, len(host_decodes), pipeline_ms) > \
             _tokens_per_ms(base, 0, gpu_only_ms)
         if starving or pipeline_wins or base.num_gpu_tokens == 0:
-            return Choice(Strategy.ASYMMETRIC_PIPELINE, host_decode_seqs, pipeline_ms)
+            return Choice(Strategy.ASYMMETRIC_PIPELINE, tuple(host_decodes), pipeline_ms)
         return Choice(Strategy.GPU_ONLY, (), gpu_only_ms)
 
 
 # Share of the TPOT target apex lets a decode step take: prefill steps run longer, and a
 # request's TPOT averages over both.
 TARGET_STEP_FRACTION = 0.85
+
+
+def target_step_ms(tpot_slo_ms: float | None) -> float | None:
+    """The decode step apex aims for under a TPOT target (its chooser and host gate)."""
+    return tpot_slo_ms * TARGET_STEP_FRACTION if tpot_slo_ms else None
 
 
 def make_chooser(policy: Policy, model: PerfModel, config: EngineConfig,
@@ -346,5 +261,4 @@ def make_chooser(policy: Policy, model: PerfModel, config: EngineConfig,
         return SimpleChooser(Policy.GPU_ONLY)
     if policy == Policy.NEO:
         return NeoChooser(model, config)
-    target = tpot_slo_ms * TARGET_STEP_FRACTION if tpot_slo_ms else None
-    return ApexChooser(model, config, target_step_ms=target)
+    return ApexChooser(model, config, target_step_ms=target_step_ms(tpot_slo_ms))

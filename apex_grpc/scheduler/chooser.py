@@ -1,24 +1,43 @@
-"""Strategy choosers: given this iteration's candidate rows, pick the execution strategy and
-which host-resident decode rows run.
+"""The strategy chooser seam: given this step's running GPU rows and the host-resident decodes
+that may run, pick the execution strategy and which host decodes run (asked once per step,
+before any budget or KV block is spent on host rows).
 
-SimpleChooser is the fixed rule of each policy (every host row runs every step). The APEX
-chooser, which weighs predicted step times from the performance model, lives in apex_chooser.py.
+Also the host-tier gate seam: bandwidth-aware admission to the host tier and parking (only
+policies with a performance model have one, host_gate.py).
+
+SimpleChooser is the fixed rule of each policy (every host row runs every step). The APEX and
+NEO choosers, which weigh predicted step times from the performance model, live in
+apex_chooser.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import AbstractSet, Mapping, Protocol, Sequence
+from typing import Protocol, Sequence
 
 from apex_grpc.config import Policy
 from apex_grpc.scheduler.plan import ScheduledSeq, Strategy
 
 
+@dataclass(frozen=True, slots=True)
+class HostDecode:
+    """A running host-resident decode that may run this step (nothing charged for it yet)."""
+
+    request_id: str
+    num_computed_tokens: int  # cached KV; the step attends over these and its new token
+    num_skipped_steps: int  # consecutive steps it sat out (a chooser bounds the wait)
+    parked: bool  # parked on the host instead of preempted: runs when a step has room
+
+    @property
+    def ctx_len(self) -> int:
+        return self.num_computed_tokens + 1
+
+
 @dataclass(frozen=True)
 class Choice:
     strategy: Strategy
-    host_decode_seqs: tuple[ScheduledSeq, ...]
-    predicted_step_ms: float = 0.0
+    host_decodes: tuple[HostDecode, ...]  # the ones that run, a subset in the given order
+    predicted_step_ms: float = 0.0  # of the rows the chooser saw (admissions come later)
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,21 +55,21 @@ class HostRow:
 
 
 class StrategyChooser(Protocol):
-    def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],
-               host_prefill_seqs: tuple[ScheduledSeq, ...],
-               host_decode_seqs: tuple[ScheduledSeq, ...],
-               num_skipped_steps: Mapping[str, int],
-               parked: AbstractSet[str] = frozenset()) -> Choice:
-        """Pick the strategy and the host decode rows that run this step (a subset of
-        host_decode_seqs, in order). num_skipped_steps: consecutive steps each host-resident
-        request has sat out, so a chooser can bound how long any request waits. parked: the
-        host rows parked there instead of preempted (see parks_on_host)."""
+    def choose(self, gpu_seqs: Sequence[ScheduledSeq],
+               host_decodes: Sequence[HostDecode]) -> Choice:
+        """Pick the strategy and the host decodes that run beside gpu_seqs (the running
+        GPU-tier rows already scheduled this step)."""
         ...
+
+
+class HostTierGate(Protocol):
+    """Bandwidth-aware use of the host tier. Without a gate the host tier's capacity is the
+    only limit on admission and eviction, and nothing is parked."""
 
     def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_rows: Sequence[HostRow],
                        new_row: HostRow) -> bool:
-        """Bandwidth-aware admission: may one more host-resident request join (by admission
-        or eviction) given the GPU rows' contexts and the host rows already resident?"""
+        """May one more host-resident request join (by admission or eviction) given the GPU
+        rows' contexts and the host rows already resident?"""
         ...
 
     def parks_on_host(self, gpu_decode_ctx: Sequence[int], num_kv_tokens: int,
@@ -68,21 +87,10 @@ class SimpleChooser:
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
 
-    def choose(self, gpu_seqs: tuple[ScheduledSeq, ...],
-               host_prefill_seqs: tuple[ScheduledSeq, ...],
-               host_decode_seqs: tuple[ScheduledSeq, ...],
-               num_skipped_steps: Mapping[str, int],
-               parked: AbstractSet[str] = frozenset()) -> Choice:
-        if not host_decode_seqs:
+    def choose(self, gpu_seqs: Sequence[ScheduledSeq],
+               host_decodes: Sequence[HostDecode]) -> Choice:
+        if not host_decodes:
             return Choice(Strategy.GPU_ONLY, ())
         if self.policy == Policy.NEO:
-            return Choice(Strategy.ASYMMETRIC_PIPELINE, host_decode_seqs)
-        return Choice(Strategy.ASYNC_OVERLAP, host_decode_seqs)
-
-    def admits_to_host(self, gpu_decode_ctx: Sequence[int], host_rows: Sequence[HostRow],
-                       new_row: HostRow) -> bool:
-        return True  # no performance model: the host tier's capacity is the only limit
-
-    def parks_on_host(self, gpu_decode_ctx: Sequence[int], num_kv_tokens: int,
-                      num_park_steps: int, num_parked_together: int) -> bool:
-        return False  # never asked: admits_to_host already takes every row
+            return Choice(Strategy.ASYMMETRIC_PIPELINE, tuple(host_decodes))
+        return Choice(Strategy.ASYNC_OVERLAP, tuple(host_decodes))

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from apex_grpc.kv_cache.manager import KVMove
-from apex_grpc.request import Tier
+from apex_grpc.request import SamplingParams, Tier
+
+if TYPE_CHECKING:
+    import torch
+
+_GREEDY = SamplingParams()
 
 
 class Strategy(enum.IntEnum):
@@ -25,6 +31,12 @@ class ScheduledSeq:
     block_table: tuple[int, ...]  # covers num_computed_tokens + len(token_ids) tokens
     tier: Tier  # where the request's KV lives (and where this step's k/v are written)
     samples: bool  # True when this step ends the prompt (or is a decode): sample a token
+    # How a sampling row draws its token: the request's parameters, its seeded generator, and
+    # its prompt + output ids when a repetition penalty needs them (plans built by hand for
+    # tests and benchmarks sample greedily).
+    sampling: SamplingParams = _GREEDY
+    generator: torch.Generator | None = None
+    prior_token_ids: list[int] | None = None
 
     @property
     def num_new_tokens(self) -> int:
@@ -49,7 +61,6 @@ class StepPlan:
     host_prefill_seqs: tuple[ScheduledSeq, ...]
     host_decode_seqs: tuple[ScheduledSeq, ...]
     moves: tuple[KVMove, ...]  # applied before the forward pass
-    predicted_step_ms: float = 0.0
 
     @property
     def all_seqs(self) -> tuple[ScheduledSeq, ...]:

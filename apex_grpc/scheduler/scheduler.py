@@ -1,35 +1,58 @@
-"""The iteration scheduler: memory bookkeeping, running requests, admission, then strategy.
+"""The iteration scheduler: owns the waiting and running requests and their KV bookkeeping.
+schedule() emits one StepPlan; update() applies the step's sampled tokens and finishes the
+requests that hit a token-level stop (EOS, stop token ids, length, context limit).
 
-Pure bookkeeping over Request objects and the KVCacheManager: it emits one StepPlan per
-iteration and never touches tensors, so the simulator drives this same code in simulated time.
+Pure bookkeeping over Request objects and the KVCacheManager: it never touches tensors, so the
+simulator drives this same code (schedule and update) in simulated time.
 
-A GPU decode that must leave the GPU goes to the host tier when the chooser says the CPU can
-carry it every step (admits_to_host), is parked there when copying its KV out and back is
-cheaper than recomputing it (parks_on_host: it runs when a step has room, within the bounded
-wait, and is restored first when the GPU has room), and is otherwise preempted by recompute.
+One step: tier moves, the running GPU-tier rows, then the chooser's one decision (strategy and
+which host-resident decodes run; only those are charged budget and grown), then admission
+spends what budget is left. A GPU decode that must leave the GPU goes to the host tier when
+the host gate says the CPU can carry it every step (admits_to_host), is parked there when
+copying its KV out and back is cheaper than recomputing it (parks_on_host: it runs when a step
+has room, within the bounded wait, and is restored first when the GPU has room), and is
+otherwise preempted by recompute.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Iterable, Mapping, NamedTuple
 
 from apex_grpc.config import EngineConfig, KVPlacement, Policy
 from apex_grpc.kv_cache.manager import KVCacheManager, KVMove
-from apex_grpc.request import Request, RequestStatus, Tier
-from apex_grpc.scheduler.chooser import HostRow, SimpleChooser, StrategyChooser
-from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan
+from apex_grpc.request import FinishReason, Request, RequestStatus, Tier
+from apex_grpc.scheduler.chooser import (Choice, HostDecode, HostRow, HostTierGate,
+                                         SimpleChooser, StrategyChooser)
+from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan, Strategy
 
 # Fraction of GPU blocks kept free at admission so running decodes can grow without preempting.
 _GPU_ADMISSION_WATERMARK = 0.01
 
 
+class NewToken(NamedTuple):
+    """One request's sampled token from update(), and whether it finished the request (a
+    tuple: one is built per sampled row every step)."""
+
+    req: Request
+    token_id: int
+    finish_reason: FinishReason  # UNSPECIFIED while the request runs on
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason != FinishReason.UNSPECIFIED
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig, kv: KVCacheManager,
-                 chooser: StrategyChooser | None = None) -> None:
+                 chooser: StrategyChooser | None = None, host_gate: HostTierGate | None = None,
+                 eos_token_ids: Iterable[int] = ()) -> None:
         self.config = config
         self.kv = kv
         self.chooser = chooser or SimpleChooser(config.policy)
+        self.host_gate = host_gate  # None: the host tier's capacity is the only limit
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order, oldest first
         self.requests: dict[str, Request] = {}  # every waiting or running request by id
@@ -56,8 +79,9 @@ class Scheduler:
     def hybrid_enabled(self) -> bool:
         return self.config.policy != Policy.GPU_ONLY and self.kv.total_blocks(Tier.HOST) > 0
 
-    def remove(self, req: Request) -> None:
-        """Take a request out of the queues and free its KV in both tiers (finish or abort)."""
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        """Take a request out of the queues and free its KV in both tiers: the one finish
+        path (token-level stops, stop strings, time limits, aborts, faults)."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
@@ -66,24 +90,56 @@ class Scheduler:
         self._parked.discard(req.request_id)
         self.requests.pop(req.request_id, None)
         req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
 
     def num_host_resident(self) -> int:
         return sum(1 for r in self.running if self.kv.tier_of(r.request_id) == Tier.HOST)
 
-    def record_step(self, plan: StepPlan, sampled: dict[str, int]) -> list[Request]:
-        """Advance every executed request past this step's tokens and append sampled tokens;
-        returns the requests that received a token, in row order."""
-        got_token = []
+    # -- after the step -----------------------------------------------------------------------
+    def update(self, plan: StepPlan, sampled: Mapping[str, int]) -> list[NewToken]:
+        """Apply an executed plan: every row's request advances past this step's tokens, the
+        sampled tokens (request id -> token id) are appended, and a request that hits a
+        token-level stop is finished. Returns one NewToken per sampled token, in row order."""
+        self._count_skipped_steps(plan)
+        new_tokens = []
         for seq in plan.all_seqs:
-            req = self.requests.get(seq.request_id)
-            if req is None:
-                continue  # finished (e.g. by a time limit) while the step ran
+            req = self.requests[seq.request_id]
             req.num_computed_tokens += seq.num_new_tokens
             token = sampled.get(seq.request_id)
-            if token is not None:
-                req.output_ids.append(token)
-                got_token.append(req)
-        return got_token
+            if token is None:
+                continue  # a prompt chunk that does not end the prompt
+            req.output_ids.append(token)
+            reason = self._stop_reason(req, token)
+            if reason != FinishReason.UNSPECIFIED:
+                self.finish(req, reason)
+            new_tokens.append(NewToken(req, token, reason))
+        return new_tokens
+
+    def _stop_reason(self, req: Request, token: int) -> FinishReason:
+        """Token-level stops of the token just appended: EOS and stop token ids (neither
+        before min_new_tokens), then the length and context limits."""
+        stopping = req.stopping
+        if req.num_output_tokens >= stopping.min_new_tokens:
+            if not stopping.ignore_eos and token in self.eos_token_ids:
+                return FinishReason.EOS
+            if token in stopping.stop_token_ids:
+                return FinishReason.STOP
+        if req.num_output_tokens >= stopping.max_new_tokens:
+            return FinishReason.LENGTH
+        if req.num_tokens >= self.config.max_model_len:
+            return FinishReason.CONTEXT_LIMIT
+        return FinishReason.UNSPECIFIED
+
+    def _count_skipped_steps(self, plan: StepPlan) -> None:
+        """The bounded-wait bookkeeping: a host-resident decode that ran this step has waited
+        0 steps, one that sat out waits one more (prefills admitted to the host this step do
+        not wait yet)."""
+        ran = {s.request_id for s in plan.host_decode_seqs}
+        admitted = {s.request_id for s in plan.host_prefill_seqs}
+        for req in self.running:
+            rid = req.request_id
+            if rid not in admitted and self.kv.tier_of(rid) == Tier.HOST:
+                req.num_skipped_steps = 0 if rid in ran else req.num_skipped_steps + 1
 
     # -- one iteration ------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
@@ -91,9 +147,11 @@ class Scheduler:
         self._rebalance_tiers(moves)
         budget = self.config.max_batched_tokens
         scheduled: list[ScheduledSeq] = []
-        budget = self._schedule_running(scheduled, moves, budget)
+        budget = self._schedule_gpu_running(scheduled, moves, budget)
+        choice = self.chooser.choose(scheduled, self._host_decode_candidates(budget))
+        budget = self._schedule_host_decodes(choice, scheduled, moves, budget)
         self._admit_waiting(scheduled, budget)
-        return self._make_plan(scheduled, moves)
+        return self._make_plan(scheduled, moves, choice.strategy)
 
     def _rebalance_tiers(self, moves: list[KVMove]) -> None:
         """Memory bookkeeping: evict to the host while the GPU tier cannot hold this step's
@@ -115,7 +173,7 @@ class Scheduler:
     def _evict_for_growth(self, gpu_decodes: list[Request], moves: list[KVMove]) -> int:
         """Evict the newest GPU decodes to the host while this step's growth does not fit, as
         long as the CPU can carry them or parking beats recompute; the rest is preempted by
-        _schedule_running, exactly as GPU_ONLY would. Returns the GPU blocks the remaining
+        _schedule_gpu_running, exactly as GPU_ONLY would. Returns the GPU blocks the remaining
         decodes still need this step."""
         growth = sum(self.kv.num_new_blocks(r.request_id, r.num_tokens) for r in gpu_decodes)
         while growth > self.kv.pools[Tier.GPU].num_free and gpu_decodes:
@@ -155,18 +213,40 @@ class Scheduler:
             self._parked.discard(req.request_id)
         return self.kv.move(req.request_id, dst)
 
-    def _schedule_running(self, scheduled: list[ScheduledSeq], moves: list[KVMove],
-                          budget: int) -> int:
+    def _schedule_gpu_running(self, scheduled: list[ScheduledSeq], moves: list[KVMove],
+                              budget: int) -> int:
+        """Running GPU-tier requests, oldest first: prompt chunks and decodes."""
         for req in list(self.running):
             if budget <= 0:
                 break
-            if req.status != RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop to make room
+            if req.status != RequestStatus.RUNNING or \
+                    self.kv.tier_of(req.request_id) != Tier.GPU:
+                continue  # preempted earlier in this loop to make room, or host-resident
             num_new = min(req.num_uncomputed_tokens, budget)
-            tier = self.kv.tier_of(req.request_id)
-            if not self._make_room(req, tier, req.num_computed_tokens + num_new, moves):
+            if not self._make_room(req, Tier.GPU, req.num_computed_tokens + num_new, moves):
                 continue
-            scheduled.append(self._scheduled_seq(req, num_new, tier))
+            scheduled.append(self._scheduled_seq(req, num_new, Tier.GPU))
+            budget -= num_new
+        return budget
+
+    def _host_decode_candidates(self, budget: int) -> list[HostDecode]:
+        """The host-resident decodes the budget could still take (one token each), oldest
+        first; the chooser picks the ones that run."""
+        host = [r for r in self.running if self.kv.tier_of(r.request_id) == Tier.HOST]
+        return [HostDecode(r.request_id, r.num_computed_tokens, r.num_skipped_steps,
+                           r.request_id in self._parked) for r in host[:max(0, budget)]]
+
+    def _schedule_host_decodes(self, choice: Choice, scheduled: list[ScheduledSeq],
+                               moves: list[KVMove], budget: int) -> int:
+        """Charge and grow only the host decodes the chooser picked."""
+        for row in choice.host_decodes:
+            req = self.requests[row.request_id]
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted to make room for an older host decode
+            num_new = req.num_uncomputed_tokens
+            if not self._make_room(req, Tier.HOST, req.num_computed_tokens + num_new, moves):
+                continue
+            scheduled.append(self._scheduled_seq(req, num_new, Tier.HOST))
             budget -= num_new
         return budget
 
@@ -247,9 +327,11 @@ class Scheduler:
                        req.num_computed_tokens if evicted else 0)
 
     def _host_can_carry(self, req: Request) -> bool:
-        """Ask the chooser whether req (new, or a GPU decode about to be evicted) pays as one
-        more host-resident row. GPU-tier prompts still prefilling count as the decode rows
+        """Ask the host gate whether req (new, or a GPU decode about to be evicted) pays as
+        one more host-resident row. GPU-tier prompts still prefilling count as the decode rows
         they are about to become; parked rows count as host rows (they run when they fit)."""
+        if self.host_gate is None:
+            return True
         gpu_ctx, host_rows = [], []
         for other in self.running:
             if other is req:
@@ -259,15 +341,17 @@ class Scheduler:
             else:
                 gpu_ctx.append(other.num_tokens)
         evicted = self.kv.tier_of(req.request_id) == Tier.GPU
-        return self.chooser.admits_to_host(gpu_ctx, host_rows, self._host_row(req, evicted))
+        return self.host_gate.admits_to_host(gpu_ctx, host_rows, self._host_row(req, evicted))
 
     def _parks(self, victim: Request) -> bool:
         """Park the GPU decode victim on the host instead of preempting it? Only with automatic
         placement and an empty queue: a parked row runs only when a step has room (or its wait
         bound forces it), so it should get GPU room back soon, which it does when the running
         set can only shrink; with requests waiting, freed room goes on to them. The chooser
-        weighs the copies and the forced runs over the expected wait against the recompute."""
-        if self.config.kv_placement != KVPlacement.AUTO or self.waiting:
+        gate weighs the copies and the forced runs over the expected wait against the
+        recompute."""
+        if self.host_gate is None or self.config.kv_placement != KVPlacement.AUTO or \
+                self.waiting:
             return False
         gpu_decodes = [r for r in self.running if r is not victim
                        and self.kv.tier_of(r.request_id) == Tier.GPU]
@@ -276,7 +360,7 @@ class Scheduler:
         # It waits until as many GPU decodes finish as there are parked rows ahead of it.
         steps_left = sorted(self._final_len(r) - r.num_tokens for r in gpu_decodes)
         num_park_steps = steps_left[min(len(self._parked), len(steps_left) - 1)]
-        return self.chooser.parks_on_host([r.num_tokens for r in gpu_decodes],
+        return self.host_gate.parks_on_host([r.num_tokens for r in gpu_decodes],
                                           victim.num_computed_tokens, num_park_steps,
                                           self._num_to_park(gpu_decodes))
 
@@ -301,36 +385,33 @@ class Scheduler:
 
     def _scheduled_seq(self, req: Request, num_new: int, tier: Tier) -> ScheduledSeq:
         start = req.num_computed_tokens
-        token_ids = req.token_slice(start, start + num_new)
+        samples = start + num_new == req.num_tokens
+        # A repetition penalty needs every earlier token; the copy is made only then.
+        wants_prior = samples and req.sampling.repetition_penalty != 1.0
         return ScheduledSeq(
             request_id=req.request_id,
-            token_ids=token_ids,
+            token_ids=req.token_slice(start, start + num_new),
             num_computed_tokens=start,
             block_table=tuple(self.kv.block_table(req.request_id)),
             tier=tier,
-            samples=start + num_new == req.num_tokens,
+            samples=samples,
+            sampling=req.sampling,
+            generator=req.generator,
+            prior_token_ids=req.all_ids if wants_prior else None,
         )
 
-    def _make_plan(self, scheduled: list[ScheduledSeq], moves: list[KVMove]) -> StepPlan:
+    def _make_plan(self, scheduled: list[ScheduledSeq], moves: list[KVMove],
+                   strategy: Strategy) -> StepPlan:
         # Prefill chunks first, then decodes: attention kernels split the GPU rows in two.
         gpu = tuple(sorted((s for s in scheduled if s.tier == Tier.GPU),
                            key=lambda s: s.is_decode))
         host = [s for s in scheduled if s.tier == Tier.HOST]
-        host_prefill = tuple(s for s in host if not s.is_decode)
         host_decode = tuple(s for s in host if s.is_decode)
-        skipped = {s.request_id: self.requests[s.request_id].num_skipped_steps
-                   for s in host_decode}
-        choice = self.chooser.choose(gpu, host_prefill, host_decode, skipped, self._parked)
-        selected = set(s.request_id for s in choice.host_decode_seqs)
-        for req in self.running:
-            if self.kv.tier_of(req.request_id) == Tier.HOST and not req.is_prefilling:
-                req.num_skipped_steps = 0 if req.request_id in selected else \
-                    req.num_skipped_steps + 1
         return StepPlan(
-            strategy=choice.strategy,
+            # Every picked host decode may have been preempted to make room for another.
+            strategy=strategy if host_decode else Strategy.GPU_ONLY,
             gpu_seqs=gpu,
-            host_prefill_seqs=host_prefill,
-            host_decode_seqs=choice.host_decode_seqs,
+            host_prefill_seqs=tuple(s for s in host if not s.is_decode),
+            host_decode_seqs=host_decode,
             moves=tuple(moves),
-            predicted_step_ms=choice.predicted_step_ms,
         )

@@ -17,11 +17,11 @@ def test_failing_step_gives_internal_and_the_server_keeps_serving(start_server):
     real_execute = runner.execute
     calls = []
 
-    def execute_failing_once(plan, sampling):
+    def execute_failing_once(plan):
         calls.append(plan)
         if len(calls) == 1:
             raise RuntimeError("injected device fault")
-        return real_execute(plan, sampling)
+        return real_execute(plan)
 
     runner.execute = execute_failing_once
     try:

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from apex_grpc.engine.builder import build_engine_core
-from apex_grpc.runner.model_runner import SamplingInput
-from apex_grpc.request import SamplingParams, Tier
+from apex_grpc.request import Tier
 from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan, Strategy
 
 from conftest import tiny_serve_options
@@ -25,19 +24,17 @@ def test_failure_in_a_middle_layer_releases_the_later_layers_jobs(tiny_config_pa
     core = build_engine_core(tiny_serve_options(tiny_config_path, policy="apex")).core
     runner = core.runner
     plan = host_decode_plan(core.config.block_size)
-    sampling = {s.request_id: SamplingInput(SamplingParams(), None, None)
-                for s in plan.all_seqs}
-    reference = runner.execute(plan, sampling).sampled
+    reference = runner.execute(plan).sampled
 
     layer = runner.model.layers[0]
     monkeypatch.setattr(layer, "post_attention",
                         lambda *args: (_ for _ in ()).throw(RuntimeError("injected")))
     with pytest.raises(RuntimeError, match="injected"):
-        runner.execute(plan, sampling)  # would hang in end_step if a job stayed gated
+        runner.execute(plan)  # would hang in end_step if a job stayed gated
     assert not runner.host._jobs
 
     monkeypatch.undo()
-    assert runner.execute(plan, sampling).sampled == reference
+    assert runner.execute(plan).sampled == reference
     core.close()
 
 

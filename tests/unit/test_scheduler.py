@@ -9,9 +9,11 @@ import pytest
 from apex_grpc.config import EngineConfig, KVPlacement, Policy
 from apex_grpc.kv_cache.block_pool import BlockPool, BlockPoolError
 from apex_grpc.kv_cache.manager import KVCacheManager
-from apex_grpc.request import Request, RequestStatus, SamplingParams, StoppingParams, Tier
+from apex_grpc.request import (FinishReason, Request, RequestStatus, SamplingParams,
+                               StoppingParams, Tier)
 from apex_grpc.scheduler.apex_chooser import DEFAULT_MAX_SKIPPED_STEPS, ApexChooser
-from apex_grpc.scheduler.chooser import HostRow, SimpleChooser
+from apex_grpc.scheduler.chooser import Choice, HostRow, SimpleChooser
+from apex_grpc.scheduler.host_gate import ApexHostGate
 from apex_grpc.perf.perf_model import PerfModel
 from apex_grpc.scheduler.plan import Strategy
 from apex_grpc.scheduler.scheduler import Scheduler
@@ -33,12 +35,10 @@ def make_request(rid: str, prompt_len: int, max_new: int = 8) -> Request:
 
 
 def run_step(sched: Scheduler):
-    """Schedule, pretend to execute (token 7 for each sampling row), retire finished requests."""
+    """Schedule, pretend to execute (token 7 for each sampling row), update (which retires
+    requests at max_new_tokens)."""
     plan = sched.schedule()
-    sampled = {s.request_id: 7 for s in plan.all_seqs if s.samples}
-    for req in sched.record_step(plan, sampled):
-        if req.num_output_tokens >= req.stopping.max_new_tokens:
-            sched.remove(req)
+    sched.update(plan, {s.request_id: 7 for s in plan.all_seqs if s.samples})
     sched.kv.check_integrity()
     return plan
 
@@ -173,7 +173,7 @@ def test_random_workload_keeps_pools_consistent_and_drains_completely():
             break
         run_step(sched)
         if rng.random() < 0.1 and sched.running:  # abort a random running request
-            sched.remove(rng.choice(sched.running))
+            sched.finish(rng.choice(sched.running), FinishReason.ABORTED)
         gpu = sched.kv.pools[Tier.GPU]
         host = sched.kv.pools[Tier.HOST]
         assert gpu.num_used <= gpu.num_total and host.num_used <= host.num_total
@@ -181,12 +181,11 @@ def test_random_workload_keeps_pools_consistent_and_drains_completely():
     assert sched.kv.used_blocks(Tier.GPU) == 0 and sched.kv.used_blocks(Tier.HOST) == 0
 
 
-class _RecordingChooser(SimpleChooser):
-    """Overlaps every host row; answers admits_to_host with a fixed verdict and records the
-    arguments it was asked with."""
+class _RecordingGate:
+    """Answers admits_to_host with a fixed verdict, records the arguments it was asked with,
+    and never parks."""
 
     def __init__(self, verdict: bool) -> None:
-        super().__init__(Policy.APEX)
         self.verdict = verdict
         self.calls: list[tuple[list[int], list[HostRow], HostRow]] = []
 
@@ -194,41 +193,47 @@ class _RecordingChooser(SimpleChooser):
         self.calls.append((list(gpu_decode_ctx), list(host_rows), new_row))
         return self.verdict
 
+    def parks_on_host(self, gpu_decode_ctx, num_kv_tokens, num_park_steps,
+                      num_parked_together) -> bool:
+        return False
 
-def _apex_with(chooser, **overrides) -> Scheduler:
+
+def _apex_with(gate, **overrides) -> Scheduler:
+    """APEX overlapping every host row, with the given host gate."""
     fields = dict(block_size=4, num_gpu_blocks=6, num_host_blocks=32, max_num_seqs=8,
                   max_batched_tokens=32, max_model_len=128, policy=Policy.APEX)
     fields.update(overrides)
     config = EngineConfig(**fields)
     return Scheduler(config, KVCacheManager(config.block_size, config.num_gpu_blocks,
-                                            config.num_host_blocks), chooser)
+                                            config.num_host_blocks),
+                     SimpleChooser(Policy.APEX), gate)
 
 
 def test_admission_asks_with_prefilling_gpu_rows_and_final_lengths():
-    chooser = _RecordingChooser(verdict=True)
-    sched = _apex_with(chooser, num_gpu_blocks=3)
+    gate = _RecordingGate(verdict=True)
+    sched = _apex_with(gate, num_gpu_blocks=3)
     for i in range(3):
         sched.add_request(make_request(f"r{i}", 8, max_new=8))
     plan = run_step(sched)
     assert [s.tier for s in plan.all_seqs] == [Tier.GPU, Tier.HOST, Tier.HOST]
     # r1: r0 (prefilling this very step on the GPU) counts as an 8-token GPU row.
-    gpu_ctx, host_rows, new_row = chooser.calls[0]
+    gpu_ctx, host_rows, new_row = gate.calls[0]
     assert gpu_ctx == [8] and host_rows == [] and new_row == HostRow(12, 16)
     # r2 sees r1 on the host at its mean remaining and final length.
-    assert chooser.calls[1] == ([8], [HostRow(12, 16)], HostRow(12, 16))
+    assert gate.calls[1] == ([8], [HostRow(12, 16)], HostRow(12, 16))
 
 
 def test_eviction_leaves_the_victim_out_of_the_gpu_rows():
-    chooser = _RecordingChooser(verdict=True)
-    sched = _apex_with(chooser)
+    gate = _RecordingGate(verdict=True)
+    sched = _apex_with(gate)
     for i in range(3):
         sched.add_request(make_request(f"r{i}", 7, max_new=6))
     run_step(sched)
     run_step(sched)
-    chooser.calls.clear()
+    gate.calls.clear()
     plan = run_step(sched)
     assert [m.request_id for m in plan.moves] == ["r2"]
-    gpu_ctx, host_rows, new_row = chooser.calls[0]
+    gpu_ctx, host_rows, new_row = gate.calls[0]
     # r2 has 8 tokens in its KV that preemption would recompute.
     assert gpu_ctx == [9, 9] and host_rows == [] and new_row == HostRow(11, 13, 8)
 
@@ -238,7 +243,7 @@ def test_apex_schedules_exactly_like_gpu_only_when_the_host_tier_does_not_pay():
     specs = [(rng.randint(3, 20), rng.randint(2, 12)) for _ in range(30)]
     runs = []
     for sched in (make_scheduler(num_gpu_blocks=12),
-                  _apex_with(_RecordingChooser(verdict=False), num_gpu_blocks=12)):
+                  _apex_with(_RecordingGate(verdict=False), num_gpu_blocks=12)):
         for i, (prompt_len, max_new) in enumerate(specs):
             sched.add_request(make_request(f"r{i}", prompt_len, max_new=max_new))
         plans = []
@@ -258,9 +263,10 @@ def _apex_on(profile) -> Scheduler:
     """APEX with the real chooser over a synthetic profile; 128 GPU KV tokens."""
     config = EngineConfig(block_size=16, num_gpu_blocks=8, num_host_blocks=32, max_num_seqs=8,
                           max_batched_tokens=128, max_model_len=256, policy=Policy.APEX)
+    model = PerfModel(profile)
     return Scheduler(config, KVCacheManager(config.block_size, config.num_gpu_blocks,
                                             config.num_host_blocks),
-                     ApexChooser(PerfModel(profile), config))
+                     ApexChooser(model, config), ApexHostGate(model, config))
 
 
 def _add_growing(sched: Scheduler, max_new_tokens: list[int]) -> None:
@@ -337,3 +343,61 @@ def test_block_runs_pair_consecutive_blocks_for_contiguous_copies():
     assert block_runs((4, 5, 6, 9, 10, 2), (0, 1, 2, 3, 7, 8)) == \
         [(4, 0, 3), (9, 3, 1), (10, 7, 1), (2, 8, 1)]
     assert block_runs((), ()) == []
+
+
+class _SitOutChooser:
+    """Runs no host decode (GPU_ONLY every step) and records what it was offered."""
+
+    def __init__(self) -> None:
+        self.offered: list[list[str]] = []
+
+    def choose(self, gpu_seqs, host_decodes) -> Choice:
+        self.offered.append([h.request_id for h in host_decodes])
+        return Choice(Strategy.GPU_ONLY, ())
+
+
+def test_host_decodes_that_sit_out_are_neither_charged_nor_grown():
+    # Alternate placement: r0 on the GPU, r1 on the host; both decode after one step.
+    chooser = _SitOutChooser()
+    config = EngineConfig(block_size=4, num_gpu_blocks=16, num_host_blocks=16, max_num_seqs=8,
+                          max_batched_tokens=12, max_model_len=128, policy=Policy.APEX,
+                          kv_placement=KVPlacement.ALTERNATE)
+    sched = Scheduler(config, KVCacheManager(4, 16, 16), chooser)
+    sched.add_request(make_request("r0", 4, max_new=20))
+    sched.add_request(make_request("r1", 4, max_new=20))
+    run_step(sched)
+    host_table = list(sched.kv.block_table("r1"))
+    sched.add_request(make_request("late", 30))
+    plan = run_step(sched)
+    assert chooser.offered[-1] == ["r1"] and plan.strategy == Strategy.GPU_ONLY
+    assert sched.kv.block_table("r1") == host_table and sched.requests["r1"].num_skipped_steps == 1
+    # Admission spends all the budget the GPU decode left (12 - 1), none held for r1.
+    assert [(s.request_id, s.num_new_tokens) for s in plan.all_seqs] == [("late", 11), ("r0", 1)]
+
+
+@pytest.mark.parametrize("token,stopping,expected", [
+    (2, StoppingParams(max_new_tokens=8), FinishReason.EOS),
+    (2, StoppingParams(max_new_tokens=8, ignore_eos=True), FinishReason.UNSPECIFIED),
+    (2, StoppingParams(max_new_tokens=8, min_new_tokens=2), FinishReason.UNSPECIFIED),
+    (9, StoppingParams(max_new_tokens=8, stop_token_ids=(9,)), FinishReason.STOP),
+    (9, StoppingParams(max_new_tokens=8, stop_token_ids=(9,), min_new_tokens=2),
+     FinishReason.UNSPECIFIED),
+    (7, StoppingParams(max_new_tokens=1), FinishReason.LENGTH),
+    (7, StoppingParams(max_new_tokens=8), FinishReason.CONTEXT_LIMIT),  # 7 + 1 = max_model_len
+    (7, StoppingParams(max_new_tokens=8), FinishReason.UNSPECIFIED),
+])
+def test_update_applies_token_level_stops_and_frees_finished_requests(token, stopping, expected):
+    max_model_len = 8 if expected == FinishReason.CONTEXT_LIMIT else 128
+    config = EngineConfig(block_size=4, num_gpu_blocks=16, num_host_blocks=0, max_num_seqs=8,
+                          max_batched_tokens=32, max_model_len=max_model_len)
+    sched = Scheduler(config, KVCacheManager(4, 16, 0), eos_token_ids=(2,))
+    req = Request("r", list(range(10, 17)), SamplingParams(), stopping)
+    sched.add_request(req)
+    plan = sched.schedule()
+    [new] = sched.update(plan, {"r": token})
+    assert (new.req, new.token_id, new.finish_reason) == (req, token, expected)
+    assert req.output_ids == [token] and req.num_computed_tokens == 7
+    finished = expected != FinishReason.UNSPECIFIED
+    assert (req.status == RequestStatus.FINISHED) == finished and req.finish_reason == expected
+    assert sched.kv.used_blocks(Tier.GPU) == (0 if finished else 2)
+    assert ("r" in sched.requests) != finished

@@ -14,6 +14,7 @@ from apex_grpc.perf.perf_model import PerfModel
 from apex_grpc.scheduler.plan import Strategy
 from apex_grpc.scheduler.scheduler import Scheduler
 from apex_grpc.scheduler.apex_chooser import make_chooser
+from apex_grpc.scheduler.host_gate import make_host_gate
 from apex_grpc.perf.simulate import (Setup, Workload, main,
                                           simulate,
                                           summarize)
@@ -56,7 +57,8 @@ def test_host_rows_wait_a_bounded_number_of_steps():
                           kv_placement=KVPlacement.ALTERNATE)
     scheduler = Scheduler(config, KVCacheManager(config.block_size, config.num_gpu_blocks,
                                                  config.num_host_blocks),
-                          make_chooser(Policy.APEX, model, config, None))
+                          make_chooser(Policy.APEX, model, config, None),
+                          make_host_gate(Policy.APEX, model, config, None))
     for i in range(10):
         scheduler.add_request(Request(f"r{i}", [1] * 60, SamplingParams(),
                                       StoppingParams(max_new_tokens=40)))
@@ -67,12 +69,10 @@ def test_host_rows_wait_a_bounded_number_of_steps():
         plan = scheduler.schedule()
         scheduler.kv.check_integrity()
         for req in list(scheduler.running):
-            assert req.num_skipped_steps <= DEFAULT_MAX_SKIPPED_STEPS
             saw_host |= scheduler.kv.tier_of(req.request_id) == Tier.HOST
-        for req in scheduler.record_step(plan, {s.request_id: 0 for s in plan.all_seqs
-                                                if s.samples}):
-            if req.num_output_tokens >= 40:
-                scheduler.remove(req)
+        scheduler.update(plan, {s.request_id: 0 for s in plan.all_seqs if s.samples})
+        for req in scheduler.running:
+            assert req.num_skipped_steps <= DEFAULT_MAX_SKIPPED_STEPS
     assert saw_host and not scheduler.has_work
 
 

@@ -62,9 +62,9 @@ def test_character_by_character_holds_back_only_possible_prefixes():
     matcher = StopStringMatcher(["STOP"], include_stop_strings=False)
     emits = [matcher.push(char).emit for char in "aSTxST"]
     assert emits == ["a", "", "", "STx", "", ""]
-    assert matcher.held_text == "ST"
-    assert matcher.flush() == "ST"
-    assert matcher.finished
+    assert matcher.flush() == "ST"  # held back, released when generation ends
+    with pytest.raises(RuntimeError, match="after the matcher finished"):
+        matcher.push("x")
 
 
 def test_include_stop_strings_keeps_the_match_and_drops_what_follows():

@@ -60,7 +60,7 @@ void scalar_accumulate(const float* p, const void* v, int num_rows, int num_toke
 
 template <DType kType>
 const KernelOps* scalar_table(const char* name) {
-  static const KernelOps ops{rows_to_float<kType>, scalar_scores<kType>, scalar_softmax,
+  static const KernelOps ops{rows_to_float<prepare_q_dtype(kType)>, scalar_scores<kType>, scalar_softmax,
                              scalar_accumulate<kType>, name};
   return &ops;
 }
@@ -73,6 +73,8 @@ const KernelOps* scalar_kernel_ops(DType dtype) {
       return scalar_table<DType::kFloat32>("scalar");
     case DType::kBFloat16:
       return scalar_table<DType::kBFloat16>("scalar");
+    case DType::kInt8:
+      return scalar_table<DType::kInt8>("scalar");
     default:
       return scalar_table<DType::kFloat16>("scalar");
   }

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from apex_grpc.config import CUDA_LAYER_WAITS, KVPlacement, Policy, ServeOptions
+from apex_grpc.config import CUDA_LAYER_WAITS, HostKVDtype, KVPlacement, Policy, ServeOptions
 
 AUTH_TOKEN_ENV = "APEX_GRPC_AUTH_TOKEN"
 # Subcommands owned by other modules; each gets the remaining argv untouched.
@@ -46,6 +46,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpu-kv-blocks", type=int, default=None)
     group.add_argument("--gpu-kv-gb", type=float, default=None)
     group.add_argument("--host-kv-gb", type=float, default=defaults.host_kv_gb)
+    group.add_argument("--host-kv-dtype", choices=[d.value for d in HostKVDtype],
+                       default=defaults.host_kv_dtype.value,
+                       help="host KV tier element type: auto (the model's dtype) or int8 "
+                            "(8-bit rows + a scale per token and kv head: half the bytes)")
     group.add_argument("--block-size", type=int, default=defaults.block_size)
     group.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
     group.add_argument("--max-batched-tokens", type=int, default=defaults.max_batched_tokens)
@@ -112,7 +116,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         model=args.model, load_format=args.load_format, dummy_config=args.dummy_config,
         device=args.device, dtype=args.dtype, policy=Policy(args.policy),
         kv_placement=KVPlacement(args.kv_placement), gpu_kv_blocks=args.gpu_kv_blocks,
-        gpu_kv_gb=args.gpu_kv_gb, host_kv_gb=args.host_kv_gb, block_size=args.block_size,
+        gpu_kv_gb=args.gpu_kv_gb, host_kv_gb=args.host_kv_gb,
+        host_kv_dtype=HostKVDtype(args.host_kv_dtype), block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_batched_tokens=args.max_batched_tokens,
         max_model_len=args.max_model_len, cpu_attention_threads=args.cpu_attention_threads,
         max_waiting=args.max_waiting, max_step_stretch=args.max_step_stretch,

@@ -143,6 +143,13 @@ class KVPlacement(str, enum.Enum):
     ALTERNATE = "alternate"
 
 
+class HostKVDtype(str, enum.Enum):
+    """The host KV tier's element type (kv_cache/quantized.py)."""
+
+    AUTO = "auto"  # the model's dtype: host blocks are plain copies of GPU blocks
+    INT8 = "int8"  # 8-bit rows with a float32 scale per token and kv head: half the bytes
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16
@@ -160,8 +167,13 @@ class EngineConfig:
     # How much longer than GPU_ONLY's a hybrid step may be predicted to take (TPOT guard).
     max_step_stretch: float = 1.25
     max_stop_strings: int = 16
+    host_kv_dtype: HostKVDtype = HostKVDtype.AUTO
 
     def __post_init__(self) -> None:
+        if not isinstance(self.host_kv_dtype, HostKVDtype):
+            raise ConfigError(f"host_kv_dtype must be one of "
+                              f"{', '.join(d.value for d in HostKVDtype)}, got "
+                              f"{self.host_kv_dtype!r}")
         positives = ("block_size", "num_gpu_blocks", "max_num_seqs", "max_batched_tokens",
                      "max_model_len", "cpu_attention_threads", "max_waiting")
         for name in positives:
@@ -195,6 +207,7 @@ class ServeOptions:
     gpu_kv_blocks: int | None = None
     gpu_kv_gb: float | None = None
     host_kv_gb: float | None = None  # None: a default sized for the device
+    host_kv_dtype: HostKVDtype = HostKVDtype.AUTO
     block_size: int = 16
     max_num_seqs: int = 64
     max_batched_tokens: int = 2048

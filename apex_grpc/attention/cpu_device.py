@@ -20,10 +20,10 @@ from apex_grpc.attention.torch_ref import TorchPagedAttention, paged_attention_r
 
 class NativeCpuPagedAttention:
     def __init__(self, gpu_kv: torch.Tensor, host_kv: torch.Tensor | None, scale: float,
-                 pool: CpuAttentionPool) -> None:
+                 pool: CpuAttentionPool, host_scales: torch.Tensor | None = None) -> None:
         if gpu_kv.device.type != "cpu":
             raise ValueError(f"NativeCpuPagedAttention needs a CPU KV cache, got {gpu_kv.device}")
-        self.torch_backend = TorchPagedAttention(gpu_kv, host_kv, scale)
+        self.torch_backend = TorchPagedAttention(gpu_kv, host_kv, scale, host_scales)
         self.gpu_kv = gpu_kv
         self.scale = scale
         self.pool = pool

@@ -78,9 +78,9 @@ class TritonPagedAttention:
     """AttentionBackend: GPU-tier rows through Triton, host-tier parts through torch."""
 
     def __init__(self, gpu_kv: torch.Tensor, host_kv: torch.Tensor | None,
-                 scale: float) -> None:
+                 scale: float, host_scales: torch.Tensor | None = None) -> None:
         # Checks the [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim] layout.
-        self.host_backend = TorchPagedAttention(gpu_kv, host_kv, scale)
+        self.host_backend = TorchPagedAttention(gpu_kv, host_kv, scale, host_scales)
         from apex_grpc.attention import triton_paged
 
         if gpu_kv.device.type != "cuda" and not triton_paged.INTERPRETED:
@@ -125,7 +125,8 @@ class TritonPagedAttention:
         have no earlier context) with fused SDPA on the device, k/v written to host slots."""
         rows = slice(batch.row_start, batch.row_start + batch.num_tokens)
         if self.host_kv.device == k.device:
-            write_kv(self.host_kv[layer_idx], batch.host_slot_mapping, k[rows], v[rows])
+            write_kv(self.host_kv[layer_idx], batch.host_slot_mapping, k[rows], v[rows],
+                     self.host_backend._host_scales(layer_idx))
         else:
             self._stage_host_write(layer_idx, batch, k[rows], v[rows])
         group = q.shape[1] // k.shape[1]
@@ -164,7 +165,8 @@ class TritonPagedAttention:
         pending.copied.synchronize()
         for layer in pending.layers:
             write_kv(self.host_kv[layer], pending.batch.host_slot_mapping,
-                     pending.staged[layer, 0], pending.staged[layer, 1])
+                     pending.staged[layer, 0], pending.staged[layer, 1],
+                     self.host_backend._host_scales(layer))
 
     def _attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 batch: PagedSeqBatch, split: KernelSplit, out: torch.Tensor) -> None:
@@ -184,12 +186,13 @@ class TritonPagedAttention:
 
 
 def make_gpu_attention_backend(gpu_kv: torch.Tensor, host_kv: torch.Tensor | None,
-                               scale: float) -> AttentionBackend:
+                               scale: float,
+                               host_scales: torch.Tensor | None = None) -> AttentionBackend:
     """TritonPagedAttention for a CUDA KV cache when triton imports, else TorchPagedAttention."""
     if gpu_kv.device.type == "cuda":
         try:
             import triton  # noqa: F401  (only asks whether it is installed)
         except ImportError:
-            return TorchPagedAttention(gpu_kv, host_kv, scale)
-        return TritonPagedAttention(gpu_kv, host_kv, scale)
-    return TorchPagedAttention(gpu_kv, host_kv, scale)
+            return TorchPagedAttention(gpu_kv, host_kv, scale, host_scales)
+        return TritonPagedAttention(gpu_kv, host_kv, scale, host_scales)
+    return TorchPagedAttention(gpu_kv, host_kv, scale, host_scales)

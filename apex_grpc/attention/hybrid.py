@@ -57,15 +57,18 @@ class HybridAttention:
     def __init__(self, gpu_backend: AttentionBackend, host_kv: torch.Tensor,
                  pool: CpuAttentionPool, scale: float, max_host_rows: int, num_heads: int,
                  num_kv_heads: int, head_dim: int, device: torch.device,
-                 layer_wait: str = CUDA_LAYER_WAITS[0]) -> None:
+                 layer_wait: str = CUDA_LAYER_WAITS[0],
+                 host_scales: torch.Tensor | None = None) -> None:
         self.gpu_backend = gpu_backend
         self.host_kv = host_kv  # [layers, 2, blocks, kv_heads, block_size, head_dim]
+        self.host_scales = host_scales  # an int8 host tier's scales (kv_cache/quantized.py)
         self.pool = pool
         self.scale = scale
         self.device = device
         self.num_layers = host_kv.shape[0]
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        dtype = host_kv.dtype
+        # The rows' dtype: the model's, which an int8 host tier does not share.
+        dtype = gpu_backend.gpu_kv.dtype if host_scales is not None else host_kv.dtype
         # Sized once from max_num_seqs; nothing is allocated per layer or per step. Each
         # staged row is q|k|v, as the fused projection leaves it: one copy per layer.
         self._qkv = pinned_empty((2, max_host_rows, num_heads + 2 * num_kv_heads, head_dim),
@@ -148,7 +151,7 @@ class HybridAttention:
             staging = tuple(LayerStaging(*self._qkv[p, :n].split(heads, dim=1), self._out[p, :n],
                                          self._lse[p, :n]) for p in range(2))
             submission = self._submissions[n] = self.pool.prepare_decode_layers(
-                staging, self.host_kv, self._flags, scale=self.scale)
+                staging, self.host_kv, self._flags, scale=self.scale, kv_scales=self.host_scales)
         self._num_staged = 0
         self._jobs = submission.submit(host.block_tables, host.seq_lens_tensor,
                                        host.slot_mapping, seq)

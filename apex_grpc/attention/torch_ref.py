@@ -13,12 +13,16 @@ from collections.abc import Sequence
 import torch
 
 from apex_grpc.attention.base import (AttentionMetadata, HostPrefillBatch, PagedSeqBatch)
+from apex_grpc.kv_cache.quantized import dequantized_blocks, write_quantized
 
 
 def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor) -> None:
+             v: torch.Tensor, scales: torch.Tensor | None = None) -> None:
     """cache [2, num_blocks, num_kv_heads, block_size, head_dim]; k/v [n, num_kv_heads, head_dim]
-    go to token slots block_id * block_size + offset."""
+    go to token slots block_id * block_size + offset. An int8 cache comes with its scales
+    [2, num_blocks, num_kv_heads, block_size] and gets the rows quantized."""
+    if scales is not None:
+        return write_quantized(cache, scales, slot_mapping, k, v)
     block_size = cache.shape[3]
     slots = slot_mapping.to(cache.device, torch.int64)
     block_ids = slots // block_size
@@ -130,13 +134,14 @@ class TorchPagedAttention:
     """AttentionBackend in plain torch for both tiers (CPU or CUDA; fp32, bf16, fp16)."""
 
     def __init__(self, gpu_kv: torch.Tensor, host_kv: torch.Tensor | None,
-                 scale: float) -> None:
+                 scale: float, host_scales: torch.Tensor | None = None) -> None:
         # [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim] per tier
         if gpu_kv.dim() != 6 or (host_kv is not None and host_kv.dim() != 6):
             raise ValueError("KV caches must be [num_layers, 2, num_blocks, num_kv_heads, "
                              "block_size, head_dim]")
         self.gpu_kv = gpu_kv
         self.host_kv = host_kv
+        self.host_scales = host_scales  # an int8 host tier's scales (kv_cache/quantized.py)
         self.scale = scale
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -150,7 +155,8 @@ class TorchPagedAttention:
         if meta.host_prefill is not None:
             self._host_prefill(layer_idx, meta.host_prefill, q, k, v, out)
         if meta.host_decode is not None:
-            self._paged(self._host_layer(layer_idx), meta.host_decode, q, k, v, out)
+            self._paged(self._host_layer(layer_idx), meta.host_decode, q, k, v, out,
+                        self._host_scales(layer_idx))
         return out
 
     def finish_step(self) -> None:
@@ -161,19 +167,27 @@ class TorchPagedAttention:
             raise ValueError("metadata has host-tier rows but this backend has no host KV cache")
         return self.host_kv[layer_idx]
 
+    def _host_scales(self, layer_idx: int) -> torch.Tensor | None:
+        return None if self.host_scales is None else self.host_scales[layer_idx]
+
     def _paged(self, cache: torch.Tensor, batch: PagedSeqBatch, q: torch.Tensor,
-               k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+               k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+               scales: torch.Tensor | None = None) -> None:
         rows = slice(batch.row_start, batch.row_end)
-        write_kv(cache, batch.slot_mapping, k[rows], v[rows])
+        write_kv(cache, batch.slot_mapping, k[rows], v[rows], scales)
+        tables = batch.block_tables
+        if scales is not None:  # an int8 tier: attend over its blocks dequantized
+            cache, tables = dequantized_blocks(cache, scales, tables, q.dtype)
         result = paged_attention_reference(
-            q[rows].to(cache.device), cache[0], cache[1], batch.block_tables, batch.seq_lens,
+            q[rows].to(cache.device), cache[0], cache[1], tables, batch.seq_lens,
             batch.query_lens, self.scale)
         out[rows] = result.to(out.device)
 
     def _host_prefill(self, layer_idx: int, batch: HostPrefillBatch, q: torch.Tensor,
                       k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
         rows = slice(batch.row_start, batch.row_start + batch.num_tokens)
-        write_kv(self._host_layer(layer_idx), batch.host_slot_mapping, k[rows], v[rows])
+        write_kv(self._host_layer(layer_idx), batch.host_slot_mapping, k[rows], v[rows],
+                 self._host_scales(layer_idx))
         row = batch.row_start
         for query_len in batch.query_lens:
             seq_rows = slice(row, row + query_len)

@@ -18,7 +18,8 @@ from apex_grpc.config import CUDA_LAYER_WAITS, EngineConfig, ModelConfig, Policy
 from apex_grpc.engine.async_engine import AsyncEngine
 from apex_grpc.engine.core import EngineCore
 from apex_grpc.kv_cache.manager import KVCacheManager
-from apex_grpc.kv_cache.storage import KVStorage, bytes_per_block
+from apex_grpc.kv_cache.quantized import checked_host_kv_dtype, resolve_host_kv_dtype
+from apex_grpc.kv_cache.storage import KVStorage, bytes_per_block, host_bytes_per_block
 from apex_grpc.model.loader import load_model
 from apex_grpc.platform import device_name, resolve_device, resolve_dtype
 from apex_grpc.runner.model_runner import ModelRunner
@@ -68,6 +69,8 @@ def _num_blocks(gib: float, block_bytes: int) -> int:
 def size_kv_tiers(opts: ServeOptions, model: ModelConfig, dtype: torch.dtype,
                   device: torch.device) -> tuple[int, int]:
     block_bytes = bytes_per_block(model, opts.block_size, dtype)
+    host_block_bytes = host_bytes_per_block(
+        model, opts.block_size, resolve_host_kv_dtype(opts.host_kv_dtype, dtype))
     if opts.gpu_kv_blocks is not None:
         num_gpu = opts.gpu_kv_blocks
     elif opts.gpu_kv_gb is not None:
@@ -82,12 +85,12 @@ def size_kv_tiers(opts: ServeOptions, model: ModelConfig, dtype: torch.dtype,
     else:
         host_gib = opts.host_kv_gb if opts.host_kv_gb is not None else (
             _CUDA_DEFAULT_HOST_KV_GIB if device.type == "cuda" else _CPU_DEFAULT_HOST_KV_GIB)
-        num_host = _num_blocks(host_gib, block_bytes)
+        num_host = _num_blocks(host_gib, host_block_bytes)
     if num_gpu < 1:
         raise ValueError(f"the GPU KV budget holds no block of {block_bytes} bytes")
     log.info("KV cache: GPU tier %d blocks (%.3f GiB, %d tokens), host tier %d blocks "
              "(%.3f GiB, %d tokens), block size %d", num_gpu, num_gpu * block_bytes / _GIB,
-             num_gpu * opts.block_size, num_host, num_host * block_bytes / _GIB,
+             num_gpu * opts.block_size, num_host, num_host * host_block_bytes / _GIB,
              num_host * opts.block_size, opts.block_size)
     return num_gpu, num_host
 
@@ -132,7 +135,8 @@ def build_engine_core(opts: ServeOptions) -> BuiltCore:
         max_batched_tokens=opts.max_batched_tokens,
         max_model_len=servable_model_len(opts, model_config, num_gpu_blocks),
         policy=opts.policy, kv_placement=opts.kv_placement, cpu_attention_threads=threads,
-        max_waiting=opts.max_waiting, max_step_stretch=opts.max_step_stretch)
+        max_waiting=opts.max_waiting, max_step_stretch=opts.max_step_stretch,
+        host_kv_dtype=opts.host_kv_dtype)
     core = build_core(config, model, model_config, tokenizer, dtype, device, perf_model,
                       opts.tpot_slo_ms, cuda_layer_wait=opts.cuda_layer_wait)
     return BuiltCore(core, model_config, name, tokenizer, dtype, device)
@@ -177,14 +181,15 @@ def build_core(config: EngineConfig, model: torch.nn.Module, model_config: Model
     """The synchronous engine over an already loaded model (tests build it directly). Without
     a performance model each policy follows its fixed rule (chooser.SimpleChooser)."""
     storage = KVStorage(model_config, config.block_size, config.num_gpu_blocks,
-                        config.num_host_blocks, dtype, device)
+                        config.num_host_blocks, dtype, device,
+                        host_dtype=checked_host_kv_dtype(config.host_kv_dtype, dtype))
     scale = model_config.head_dim ** -0.5
     pool = CpuAttentionPool(config.cpu_attention_threads)
     attention = HybridAttention(
         make_device_attention(storage, scale, pool), storage.host, pool, scale,
         config.max_num_seqs,
         model_config.num_attention_heads, model_config.num_key_value_heads,
-        model_config.head_dim, device, cuda_layer_wait)
+        model_config.head_dim, device, cuda_layer_wait, host_scales=storage.host_scales)
     runner = ModelRunner(model, storage, attention, config.block_size, device)
     kv = KVCacheManager(config.block_size, config.num_gpu_blocks, config.num_host_blocks)
     eos = tokenizer.eos_token_ids if tokenizer is not None else model_config.eos_token_ids
@@ -198,5 +203,6 @@ def make_device_attention(storage: KVStorage, scale: float,
                           pool: CpuAttentionPool) -> AttentionBackend:
     """Attention for the GPU tier: Triton on CUDA, the native kernel when the device is the CPU."""
     if storage.device.type == "cpu":
-        return NativeCpuPagedAttention(storage.gpu, storage.host, scale, pool)
-    return make_gpu_attention_backend(storage.gpu, storage.host, scale)
+        return NativeCpuPagedAttention(storage.gpu, storage.host, scale, pool,
+                                       storage.host_scales)
+    return make_gpu_attention_backend(storage.gpu, storage.host, scale, storage.host_scales)

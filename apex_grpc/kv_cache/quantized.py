@@ -12,35 +12,44 @@ quantize_rows; restores to the GPU go through dequantize_rows.
 
 from __future__ import annotations
 
-import enum
-
 import torch
 
+from apex_grpc.config import HostKVDtype
+
 __all__ = [
-    "HostKVDtype",
     "dequantize_rows",
+    "dequantized_blocks",
+    "checked_host_kv_dtype",
     "host_kv_element_bytes",
     "quantize_rows",
     "resolve_host_kv_dtype",
+    "write_quantized",
 ]
 
 QMAX = 127.0
 
 
-class HostKVDtype(str, enum.Enum):
-    AUTO = "auto"  # the model's dtype: the host tier is a plain copy of GPU blocks (default)
-    INT8 = "int8"  # 8-bit rows with a float32 scale per token and kv head
-
-
-def resolve_host_kv_dtype(name: str | HostKVDtype, model_dtype: torch.dtype) -> torch.dtype:
-    """The torch dtype of the host tier's elements for a --host-kv-dtype value; ValueError
-    names the field for anything else."""
-    try:
-        choice = HostKVDtype(name)
-    except ValueError:
-        choices = ", ".join(member.value for member in HostKVDtype)
-        raise ValueError(f"host_kv_dtype must be one of {choices}, got {name!r}") from None
+def resolve_host_kv_dtype(choice: HostKVDtype, model_dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype of the host tier's elements for a --host-kv-dtype choice."""
     return torch.int8 if choice == HostKVDtype.INT8 else model_dtype
+
+
+def checked_host_kv_dtype(choice: HostKVDtype, model_dtype: torch.dtype,
+                          isa: str | None = None) -> torch.dtype:
+    """resolve_host_kv_dtype, refusing (ValueError, at start-up) an int8 tier on a CPU whose
+    native kernel would attend it with scalar code only (isa: the kernel set for int8 KV,
+    asked of the native extension when None)."""
+    host_dtype = resolve_host_kv_dtype(choice, model_dtype)
+    if host_dtype == torch.int8:
+        if isa is None:
+            from apex_grpc.attention.cpu_kernel import best_isa
+
+            isa = best_isa(torch.int8)
+        if isa == "scalar":
+            raise ValueError("--host-kv-dtype int8 needs a CPU with AVX2 or AVX-512: here the "
+                             "native kernel would attend it with scalar code, slower than the "
+                             "16-bit tier; use --host-kv-dtype auto")
+    return host_dtype
 
 
 def host_kv_element_bytes(host_dtype: torch.dtype, head_dim: int) -> float:
@@ -65,3 +74,29 @@ def dequantize_rows(quantized: torch.Tensor, scales: torch.Tensor,
                     dtype: torch.dtype) -> torch.Tensor:
     """int8 [..., head_dim] and scales [...] -> rows [..., head_dim] of dtype."""
     return (quantized.float() * scales.unsqueeze(-1)).to(dtype)
+
+
+def write_quantized(cache: torch.Tensor, scales: torch.Tensor, slot_mapping: torch.Tensor,
+                    k: torch.Tensor, v: torch.Tensor) -> None:
+    """One layer of an int8 tier: cache [2, num_blocks, num_kv_heads, block_size, head_dim],
+    scales [2, num_blocks, num_kv_heads, block_size]; k/v [n, num_kv_heads, head_dim] (any
+    float dtype, any device) quantized into token slots block_id * block_size + offset."""
+    block_size = cache.shape[3]
+    slots = slot_mapping.to(cache.device, torch.int64)
+    block_ids, offsets = slots // block_size, slots % block_size
+    for kv, rows in enumerate((k, v)):
+        quantized, row_scales = quantize_rows(rows)
+        cache[kv, block_ids, :, offsets] = quantized.to(cache.device)
+        scales[kv, block_ids, :, offsets] = row_scales.to(cache.device)
+
+
+def dequantized_blocks(cache: torch.Tensor, scales: torch.Tensor, block_tables: torch.Tensor,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks an int8 layer's block_tables name, dequantized: (cache [2, num_used,
+    num_kv_heads, block_size, head_dim] of dtype, block_tables renumbered into it). For the
+    torch reference path; the native kernel reads the int8 blocks directly."""
+    used = torch.unique(block_tables.to(cache.device, torch.int64))
+    renumber = torch.zeros(cache.shape[1], dtype=torch.int32, device=cache.device)
+    renumber[used] = torch.arange(used.numel(), dtype=torch.int32, device=cache.device)
+    blocks = dequantize_rows(cache[:, used], scales[:, used], dtype)
+    return blocks, renumber[block_tables.to(cache.device, torch.int64)]

@@ -18,6 +18,7 @@ from apex_grpc.config import CUDA_LAYER_WAITS, EngineConfig, ModelConfig, Policy
 from apex_grpc.engine.async_engine import AsyncEngine
 from apex_grpc.engine.core import EngineCore
 from apex_grpc.kv_cache.manager import KVCacheManager
+from apex_grpc.kv_cache.host_kv_costs import with_host_kv_dtype
 from apex_grpc.kv_cache.quantized import checked_host_kv_dtype, resolve_host_kv_dtype
 from apex_grpc.kv_cache.storage import KVStorage, bytes_per_block, host_bytes_per_block
 from apex_grpc.model.loader import load_model
@@ -165,9 +166,10 @@ def load_perf_model(opts: ServeOptions, model: torch.nn.Module, model_config: Mo
 
         log.info("profiling the performance model (at most %.0f s)", _STARTUP_PROFILE_BUDGET_S)
         profile = profile_quick(model, model_config, dtype, device, threads,
-                                budget_s=_STARTUP_PROFILE_BUDGET_S)
+                                budget_s=_STARTUP_PROFILE_BUDGET_S,
+                                host_kv_dtype=opts.host_kv_dtype.value)
     else:
-        profile = Profile.load(choice)
+        profile = with_host_kv_dtype(Profile.load(choice), opts.host_kv_dtype.value)
         profile.check_matches(model_config, str(dtype).removeprefix("torch."),
                               device_name(device), threads)
     return PerfModel(profile)

@@ -43,9 +43,11 @@ class PoolBinding {
       : pool_(num_threads, std::move(pin_cores)) {
     for (int code = 0; code < 4; ++code) {
       const DType dtype = static_cast<DType>(code);
-      // bfloat16 dot products only exist for bfloat16; other dtypes fall back to plain avx512.
-      const bool bf16_only = isa == "avx512bf16" && dtype != DType::kBFloat16;
-      ops_[code] = ops_for(dtype, bf16_only ? std::string("avx512") : isa);
+      // bfloat16 dot products only exist for bfloat16 KV and integer ones for int8 KV; other
+      // dtypes fall back to plain avx512.
+      const bool other_dtype = (isa == "avx512bf16" && dtype != DType::kBFloat16) ||
+                               (isa == "avx512vnni" && dtype != DType::kInt8);
+      ops_[code] = ops_for(dtype, other_dtype ? std::string("avx512") : isa);
     }
   }
 

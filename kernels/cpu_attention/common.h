@@ -157,7 +157,8 @@ struct KernelOps {
 };
 
 // Returns the kernels for dtype on the best ISA this CPU supports (or the named one, for tests:
-// "avx512bf16", "avx512", "avx2", "scalar"; nullptr where that ISA is not available).
+// "avx512bf16" (bfloat16 KV only), "avx512vnni" (int8 KV only), "avx512", "avx2", "scalar";
+// nullptr where that ISA is not available).
 const KernelOps* select_kernel_ops(DType dtype, const char* isa = nullptr);
 
 const KernelOps* scalar_kernel_ops(DType dtype);
@@ -166,6 +167,8 @@ const KernelOps* avx2_kernel_ops(DType dtype);
 const KernelOps* avx512_kernel_ops(DType dtype, bool use_bf16_dot);
 // bfloat16 KV with AVX512-BF16 dot products (its softmax is the plain AVX-512 one).
 const KernelOps* avx512_bf16_kernel_ops();
+// int8 KV with AVX512-VNNI integer q . k (its softmax and p . v are the plain AVX-512 ones).
+const KernelOps* avx512_vnni_kernel_ops();
 #endif
 
 }  // namespace apex

@@ -10,9 +10,20 @@ import torch
 from apex_grpc.attention.cpu_kernel import CpuAttentionPool, append_kv
 from apex_grpc.kv_cache.quantized import dequantize_rows, quantize_rows
 from cpu_attention_reference import PagedCase, assert_close_to_reference, make_case, reference_decode
-from test_cpu_attention import available_isas
 
 Q_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def int8_isas() -> list[str]:
+    """Every kernel set this CPU runs for int8 KV (avx512bf16 has none of its own)."""
+    isas = []
+    for isa in ("avx512vnni", "avx512", "avx2", "scalar"):
+        try:
+            CpuAttentionPool(1, isa=isa).close()
+            isas.append(isa)
+        except ValueError:
+            pass
+    return isas
 
 
 def quantized(case: PagedCase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -21,8 +32,11 @@ def quantized(case: PagedCase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return k, v, k_scales, v_scales
 
 
-def dequantized_case(case: PagedCase, k, v, k_scales, v_scales) -> PagedCase:
-    return PagedCase(case.q, dequantize_rows(k, k_scales, torch.float64),
+def dequantized_case(case: PagedCase, k, v, k_scales, v_scales, isa: str = "") -> PagedCase:
+    """The float64 problem the kernel solves exactly: the cache dequantized, and q quantized
+    per row as well for kernel sets with integer q . k (avx512vnni)."""
+    q = dequantize_rows(*quantize_rows(case.q), torch.float64) if isa == "avx512vnni" else case.q
+    return PagedCase(q, dequantize_rows(k, k_scales, torch.float64),
                      dequantize_rows(v, v_scales, torch.float64), case.block_tables,
                      case.seq_lens)
 
@@ -42,20 +56,21 @@ def assert_matches_dequantized(out, lse, case: PagedCase, tolerance: float) -> N
     assert (lse.double() - expected_lse).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("isa", available_isas())
+@pytest.mark.parametrize("isa", int8_isas())
 @pytest.mark.parametrize("q_dtype", Q_DTYPES, ids=str)
-@pytest.mark.parametrize("head_dim,group", [(128, 4), (64, 8), (36, 7), (80, 1)])
+@pytest.mark.parametrize("head_dim,group", [(128, 4), (64, 8), (36, 7), (80, 1), (264, 2)])
 def test_int8_kv_matches_float64_reference(isa, q_dtype, head_dim, group):
-    """Odd head dims and groups reach every tail path; contexts leave partial tiles and blocks
-    and one is long enough to be split and merged."""
+    """Odd head dims and groups reach every tail path (264: past the tiled loops' 256);
+    contexts leave partial tiles and blocks and one is long enough to be split and merged."""
     case = make_case([1, 15, 17, 300, 3000], num_heads=2 * group, num_kv_heads=2,
                      head_dim=head_dim, dtype=q_dtype, seed=head_dim + group)
     k, v, k_scales, v_scales = quantized(case)
     with CpuAttentionPool(2, isa=isa) as pool:
+        assert pool.isa(torch.int8) == isa
         out, lse = run_int8(pool, case, k, v, k_scales, v_scales)
     # On the dequantized cache the kernel is exact up to float32 (and q/out dtype) rounding.
     tolerance = 1e-5 if q_dtype == torch.float32 else 1e-2
-    assert_matches_dequantized(out, lse, dequantized_case(case, k, v, k_scales, v_scales),
+    assert_matches_dequantized(out, lse, dequantized_case(case, k, v, k_scales, v_scales, isa),
                                tolerance)
     # Against the unquantized cache: the 8-bit error (~1% of a row's range per element) stays
     # small after the softmax average.
@@ -90,6 +105,7 @@ def test_fused_append_quantizes_like_quantize_rows(q_dtype):
     new_k[1, 0] = 0.0  # an all-zero row: scale 0
     fused = [t.clone() for t in (k, v, k_scales, v_scales)]
     with CpuAttentionPool(2) as pool:
+        isa = pool.isa(torch.int8)
         out, lse = run_int8(pool, case, *fused, new_k=new_k, new_v=new_v,
                             slot_mapping=slot_mapping)
     separate = [t.clone() for t in (k, v, k_scales, v_scales)]
@@ -102,7 +118,7 @@ def test_fused_append_quantizes_like_quantize_rows(q_dtype):
         slot_blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
         assert torch.equal(cache[slot_blocks, :, offsets], expected_q)
         assert torch.equal(scales[slot_blocks, :, offsets], expected_scales)
-    written = dequantized_case(case, *fused)
+    written = dequantized_case(case, *fused, isa=isa)
     assert_matches_dequantized(out, lse, written, 1e-5 if q_dtype == torch.float32 else 1e-2)
 
 

@@ -51,7 +51,8 @@ print('64-bit stream memory ops:', s(0))"
 step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_layer_handoff.py tests/kernels/test_triton_attention.py \
   tests/e2e/test_hybrid_equivalence.py tests/model/test_torch_ref.py \
-  tests/kernels/test_cpu_attention_validation.py tests/kernels/test_decode_layers.py
+  tests/kernels/test_cpu_attention_validation.py tests/kernels/test_decode_layers.py \
+  tests/e2e/test_host_kv_int8.py
 # The default wait with the workload, then each wait on its own (absolute step times drift
 # from one process to the next, so the default's overhead is measured twice more).
 step hybrid-bench 150 python3 -m apex_grpc.bench.hybrid

@@ -16,9 +16,12 @@ from apex_grpc.config import HostKVDtype
 from apex_grpc.kv_cache.quantized import host_kv_element_bytes, quantize_rows
 from apex_grpc.scheduler.perf_model import Profile, Table2D
 
-# CPU attention time per context token over an int8 tier / over a bf16 one: the native kernel's
-# context_tokens_per_s, bf16 over int8, batch 32 x 2048, Llama-3.1-8B heads, 2 threads
-# (python -m apex_grpc.bench.cpu_attention; docs/benchmarks.md).
+# CPU attention time per context token over an int8 tier / over a bf16 one where the kernel
+# reads at memory speed (the shipped profiles' 14-thread hosts): the bytes ratio, 264 / 512 per
+# token row and kv head (int8 + its scale vs bf16), rounded up. Where the kernel is compute-bound
+# instead (the 2-core development machine: 0.79-0.95 measured with
+# python -m apex_grpc.bench.cpu_attention, docs/benchmarks.md), measure the table itself:
+# apex-grpc profile --host-kv-dtype int8.
 INT8_CPU_COST_RATIO = 0.55
 
 

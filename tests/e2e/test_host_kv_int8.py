@@ -84,3 +84,31 @@ def test_build_core_gives_the_host_tier_its_dtype(tiny_gqa_model):
     storage = core.runner.storage
     assert storage.host.dtype == torch.int8 and storage.gpu.dtype == torch.float32
     assert storage.host_scales is not None
+
+
+def test_torch_reference_reads_an_int8_host_tier():
+    """The torch backend (the reference, and the host path of the Triton backend) writes host
+    decode rows quantized and attends the tier's blocks dequantized: the same result as a
+    float tier holding the dequantized values."""
+    from apex_grpc.attention.torch_ref import (TorchPagedAttention, build_metadata,
+                                               build_paged_batch)
+
+    torch.manual_seed(0)
+    shape = (2, 2, 12, 2, 4, 16)  # [layers, 2, blocks, kv_heads, block_size, head_dim]
+    values = torch.randn(shape)
+    quantized_kv, scales = quantize_rows(values)
+    float_kv = dequantize_rows(quantized_kv, scales, torch.float32)
+    gpu = torch.zeros((2, 2, 1, 2, 4, 16))
+    int8_backend = TorchPagedAttention(gpu, quantized_kv, 0.25, scales)
+    float_backend = TorchPagedAttention(gpu, float_kv, 0.25)
+    batch = build_paged_batch(0, [[3, 7, 1], [10, 2]], [9, 5], [1, 1], 4, "cpu")
+    meta = build_metadata(host_decode=batch)
+    q, k, v = torch.randn(2, 4, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+    out_int8 = int8_backend.forward(1, q, k, v, meta)
+    # The float tier gets the new rows as the int8 tier stores them.
+    k_stored = dequantize_rows(*quantize_rows(k), torch.float32)
+    v_stored = dequantize_rows(*quantize_rows(v), torch.float32)
+    out_float = float_backend.forward(1, q, k_stored, v_stored, meta)
+    assert torch.allclose(out_int8, out_float, atol=1e-5)
+    # Sequence 0 appends at position 9: its third block (id 1), offset 1.
+    assert torch.equal(quantized_kv[1, 0, 1, :, 1], quantize_rows(k[0])[0])

@@ -171,8 +171,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.host_kv_dtype, HostKVDtype):
-            raise ConfigError(f"host_kv_dtype must be one of "
-                              f"{', '.join(d.value for d in HostKVDtype)}, got "
+            raise ConfigError(f"host_kv_dtype must be a HostKVDtype (one of "
+                              f"{', '.join(d.value for d in HostKVDtype)}), got "
                               f"{self.host_kv_dtype!r}")
         positives = ("block_size", "num_gpu_blocks", "max_num_seqs", "max_batched_tokens",
                      "max_model_len", "cpu_attention_threads", "max_waiting")

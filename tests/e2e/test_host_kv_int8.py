@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apex_grpc.config import EngineConfig, HostKVDtype, ModelConfig
+from apex_grpc.config import ConfigError, EngineConfig, HostKVDtype, ModelConfig
 from apex_grpc.engine.builder import build_core
 from apex_grpc.kv_cache.manager import KVMove
 from apex_grpc.kv_cache.quantized import checked_host_kv_dtype, dequantize_rows, quantize_rows
@@ -46,7 +46,8 @@ def test_int8_refused_where_only_scalar_kernels_run():
 
 
 def test_engine_config_names_a_bad_host_kv_dtype():
-    with pytest.raises(Exception, match="host_kv_dtype must be one of auto, int8"):
+    with pytest.raises(ConfigError, match=r"host_kv_dtype must be a HostKVDtype \(one of auto, "
+                       r"int8\), got 'fp4'"):
         EngineConfig(host_kv_dtype="fp4")
 
 
@@ -112,3 +113,16 @@ def test_torch_reference_reads_an_int8_host_tier():
     assert torch.allclose(out_int8, out_float, atol=1e-5)
     # Sequence 0 appends at position 9: its third block (id 1), offset 1.
     assert torch.equal(quantized_kv[1, 0, 1, :, 1], quantize_rows(k[0])[0])
+
+
+def test_serve_flag_reaches_the_options_and_refuses_unknown_names(capsys):
+    from apex_grpc import cli
+
+    options = cli.serve_options(cli.build_parser().parse_args(
+        ["serve", "--host-kv-dtype", "int8"]))
+    assert options.host_kv_dtype is HostKVDtype.INT8
+    assert cli.serve_options(cli.build_parser().parse_args(["serve"])).host_kv_dtype \
+        is HostKVDtype.AUTO
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--host-kv-dtype", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err

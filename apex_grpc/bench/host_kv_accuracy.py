@@ -1,4 +1,4 @@
-"""Accuracy of the 8-bit host KV tier on the embedded model: python -m apex_grpc.bench.host_kv_accuracy.
+"""Accuracy of the 8-bit host KV tier: python -m apex_grpc.bench.host_kv_accuracy.
 
 Runs SmolLM2-135M (the embedded GGUF) with every token's KV in the host tier, once per host KV
 dtype (auto: the model's dtype; int8), through the serving paths: a host-bound prefill writes
@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
             results[dtype.value] = dict(nll=nll, outputs=outputs,
                                         seconds=time.perf_counter() - start)
             print(f"{dtype.value}: mean NLL {nll:.4f} (ppl {math.exp(nll):.2f}) over "
-                  f"{len(text) - 1 - PREFILL_TOKENS} tokens, {results[dtype.value]['seconds']:.0f} s",
-                  flush=True)
+                  f"{len(text) - 1 - PREFILL_TOKENS} tokens, "
+                  f"{results[dtype.value]['seconds']:.0f} s", flush=True)
     base, int8 = results["auto"], results["int8"]
     agree = [sum(a == b for a, b in zip(x, y)) for x, y in zip(base["outputs"], int8["outputs"])]
     for prompt, x, y, same in zip(PROMPTS, base["outputs"], int8["outputs"], agree):

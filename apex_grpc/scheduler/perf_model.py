@@ -190,7 +190,8 @@ class Profile:
                 d2h=Link(**data["d2h"]), h2d=Link(**data["h2d"]),
                 layer_launch_ms=float(data["layer_launch_ms"]),
                 layer_sync_ms=float(data["layer_sync_ms"]), head=t1(data["head"]),
-                host_kv_dtype=data.get("host_kv_dtype", "auto"), name=data.get("name", ""), notes=data.get("notes", ""), format_version=version)
+                host_kv_dtype=data.get("host_kv_dtype", "auto"), name=data.get("name", ""),
+                notes=data.get("notes", ""), format_version=version)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed profile: {exc!r}") from None
 

@@ -93,7 +93,8 @@ APEX_TARGET void vnni_scores(const float* prepared_q, const void* k, int num_row
     flip_tile(static_cast<const int8_t*>(k) + int64_t(token) * head_dim, count, head_dim,
               padded, tile);
     for (int g = 0; g < num_rows; ++g) {
-      const char* row = reinterpret_cast<const char*>(prepared_q) + int64_t(g) * row_bytes(head_dim);
+      const char* row =
+          reinterpret_cast<const char*>(prepared_q) + int64_t(g) * row_bytes(head_dim);
       float q_scale;
       int32_t q_sum;
       std::memcpy(&q_scale, row + padded, sizeof(q_scale));

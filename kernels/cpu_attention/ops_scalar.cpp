@@ -60,7 +60,8 @@ void scalar_accumulate(const float* p, const void* v, int num_rows, int num_toke
 
 template <DType kType>
 const KernelOps* scalar_table(const char* name) {
-  static const KernelOps ops{rows_to_float<prepare_q_dtype(kType)>, scalar_scores<kType>, scalar_softmax,
+  static const KernelOps ops{rows_to_float<prepare_q_dtype(kType)>, scalar_scores<kType>,
+                             scalar_softmax,
                              scalar_accumulate<kType>, name};
   return &ops;
 }

@@ -9,7 +9,8 @@ import torch
 
 from apex_grpc.attention.cpu_kernel import CpuAttentionPool, append_kv
 from apex_grpc.kv_cache.quantized import dequantize_rows, quantize_rows
-from cpu_attention_reference import PagedCase, assert_close_to_reference, make_case, reference_decode
+from cpu_attention_reference import (PagedCase, assert_close_to_reference, make_case,
+                                     reference_decode)
 
 Q_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

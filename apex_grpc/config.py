@@ -174,6 +174,13 @@ DEFAULT_HOST_KV_GB_ON_CUDA = 8.0
 CUDA_KV_MEMORY_FRACTION = 0.85
 
 
+class HostKVDtype(str, enum.Enum):
+    """The host KV tier's element type (kv_cache/quantized.py)."""
+
+    AUTO = "auto"  # the model's dtype: host blocks are plain copies of GPU blocks
+    INT8 = "int8"  # 8-bit rows with a float32 scale per token and kv head: half the bytes
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """What to load and where to run it: the flags `apex-grpc serve` and `apex-grpc profile`
@@ -210,8 +217,15 @@ class SchedulingOptions:
     max_step_stretch: float = flag(
         1.25, "how much longer than gpu-only's a hybrid step may be predicted to take "
               "(TPOT guard)")
+    host_kv_dtype: HostKVDtype = flag(
+        HostKVDtype.AUTO, "host KV tier element type: auto (the model's dtype) or int8 (8-bit "
+                          "rows + a scale per token and kv head: half the bytes)")
 
     def __post_init__(self) -> None:
+        if not isinstance(self.host_kv_dtype, HostKVDtype):
+            raise ConfigError(f"host_kv_dtype must be a HostKVDtype (one of "
+                              f"{', '.join(d.value for d in HostKVDtype)}), got "
+                              f"{self.host_kv_dtype!r}")
         for name in ("block_size", "max_num_seqs", "max_batched_tokens", "max_waiting"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

@@ -69,7 +69,7 @@ step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_layer_handoff.py tests/kernels/test_triton_attention.py \
   tests/e2e/test_hybrid_equivalence.py tests/model/test_torch_ref.py \
   tests/kernels/test_cpu_attention_validation.py tests/kernels/test_decode_layers.py \
-  tests/kernels/test_gpu_attention_bench.py
+  tests/kernels/test_gpu_attention_bench.py tests/e2e/test_host_kv_int8.py
 # Paged decode (single-pass, split-KV, a split sweep) against dense SDPA, batch 1/4/16 x
 # context 512/2048/8192, inside CUDA graphs: one JSON line per case.
 step gpu-attention 120 python3 -m apex_grpc.bench.gpu_attention

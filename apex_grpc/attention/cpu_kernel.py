@@ -6,7 +6,9 @@ every tensor of an in-flight job alive until it is waited on), the flag helpers 
 flag-gated jobs, append_kv, and paged_decode_attention on a lazily created default pool.
 
 KV layout per layer: k_cache, v_cache [num_blocks, num_kv_heads, block_size, head_dim],
-contiguous; slot = block_id * block_size + offset (apex_grpc/attention/base.py).
+contiguous; slot = block_id * block_size + offset (apex_grpc/attention/base.py). An 8-bit
+(torch.int8) cache comes with k_scales, v_scales [num_blocks, num_kv_heads, block_size] float32
+(apex_grpc/kv_cache/quantized.py); q, out and the appended rows keep the model's dtype.
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ class CpuAttentionPool:
         new_k: torch.Tensor | None = None,  # [num_seqs, num_kv_heads, head_dim]; like q
         new_v: torch.Tensor | None = None,
         slot_mapping: torch.Tensor | None = None,  # [num_seqs] int64
+        k_scales: torch.Tensor | None = None,  # 8-bit KV: [num_blocks, num_kv_heads, block_size]
+        v_scales: torch.Tensor | None = None,
         ready_flag: torch.Tensor | None = None,  # [1] int64: start once ready_flag[0] >= value
         ready_value: int = 0,
         done_flag: torch.Tensor | None = None,  # [1] int64: set to done_value when finished
@@ -122,8 +126,10 @@ class CpuAttentionPool:
             raise RuntimeError("the CPU attention pool is closed")
         tensors = (q, k_cache, v_cache, block_tables, seq_lens, out, lse)
         appends = (new_k, new_v, slot_mapping)
+        scales = (k_scales, v_scales)
         flags = (ready_flag, done_flag)
-        sizes = check_decode(*tensors, *appends, check_values=check_values)
+        sizes = check_decode(*tensors, *appends, check_values=check_values, k_scales=k_scales,
+                             v_scales=v_scales)
         for name, flag in zip(("ready_flag", "done_flag"), flags):
             if flag is not None:
                 check_flag(name, flag)
@@ -133,13 +139,15 @@ class CpuAttentionPool:
             *(tensor.data_ptr() if tensor is not None else 0 for tensor in appends),
             sizes.as_list(),
             DTYPE_CODES[q.dtype],
+            DTYPE_CODES[k_cache.dtype],
+            *(tensor.data_ptr() if tensor is not None else 0 for tensor in scales),
             scale,
             ready_flag.data_ptr() if ready_flag is not None else 0,
             int(ready_value),
             done_flag.data_ptr() if done_flag is not None else 0,
             int(done_value),
         )
-        keepalive = tuple(t for t in (*tensors, *appends, *flags) if t is not None)
+        keepalive = tuple(t for t in (*tensors, *appends, *scales, *flags) if t is not None)
         handle = JobHandle(native_job, out, lse, keepalive)
         self._track([handle])
         return handle
@@ -159,6 +167,8 @@ class CpuAttentionPool:
         flags: torch.Tensor,  # [2, num_layers, 1] int64: ready flags, then done flags
         *,
         scale: float | None = None,
+        kv_scales: torch.Tensor | None = None,  # 8-bit kv_cache: [num_layers, 2, num_blocks,
+                                                #   num_kv_heads, block_size] float32
     ) -> DecodeLayers:
         """The hybrid runtime's step submission with what stays the same from step to step
         (staging buffers, KV cache, flags) validated here, once; see DecodeLayers.submit."""
@@ -166,15 +176,19 @@ class CpuAttentionPool:
         num_layers = kv_cache.shape[0]
         _require_tensor("flags", flags, ndim=3, dtype=torch.int64)
         _require_shape("flags", flags, (2, num_layers, 1))
+        if kv_scales is not None:
+            _require_tensor("kv_scales", kv_scales, ndim=5, dtype=torch.float32)
+            _require_shape("kv_scales", kv_scales, tuple(kv_cache.shape[:5]))
+        layer_scales = (None, None) if kv_scales is None else (kv_scales[0, 0], kv_scales[0, 1])
         sizes = [check_decode_buffers(buffers.q, kv_cache[0, 0], kv_cache[0, 1], buffers.out,
-                                      buffers.lse, buffers.new_k, buffers.new_v)
+                                      buffers.lse, buffers.new_k, buffers.new_v, *layer_scales)
                  for buffers in staging]
         if sizes[0] != sizes[1]:
             raise ValueError(f"the two staging parities differ: {sizes[0]} vs {sizes[1]}")
         if staging[0].new_k is None:
             raise ValueError("the staging needs new_k/new_v: every layer appends its new token")
         return DecodeLayers(self, staging, kv_cache, flags, sizes[0],
-                            _resolve_scale(scale, sizes[0].head_dim))
+                            _resolve_scale(scale, sizes[0].head_dim), kv_scales)
 
     def wait(self, handle: JobHandle) -> tuple[torch.Tensor, torch.Tensor]:
         """Block (GIL released) until the job is done; a worker error raises RuntimeError."""
@@ -241,14 +255,19 @@ def append_kv(
     slot_mapping: torch.Tensor,  # [num_tokens] int64
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     v: torch.Tensor,
+    *,
+    k_scales: torch.Tensor | None = None,  # 8-bit caches: [num_blocks, num_kv_heads, block_size]
+    v_scales: torch.Tensor | None = None,
 ) -> None:
-    """Write each token's k/v rows into its cache slot (in the calling thread, GIL released)."""
-    check_append(k_cache, v_cache, slot_mapping, k, v)
+    """Write each token's k/v rows into its cache slot (in the calling thread, GIL released);
+    an 8-bit cache gets the rows quantized and their scales."""
+    check_append(k_cache, v_cache, slot_mapping, k, v, k_scales, v_scales)
     num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
     _native.append_kv(
-        k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(), k.data_ptr(),
-        v.data_ptr(), k.shape[0], num_kv_heads, head_dim, block_size, num_blocks,
-        DTYPE_CODES[k_cache.dtype],
+        k_cache.data_ptr(), v_cache.data_ptr(),
+        *(t.data_ptr() if t is not None else 0 for t in (k_scales, v_scales)),
+        slot_mapping.data_ptr(), k.data_ptr(), v.data_ptr(), k.shape[0], num_kv_heads,
+        head_dim, block_size, num_blocks, DTYPE_CODES[k.dtype], DTYPE_CODES[k_cache.dtype],
     )
 
 
@@ -292,8 +311,9 @@ class DecodeLayers:
 
     def __init__(self, pool: CpuAttentionPool, staging: tuple[LayerStaging, LayerStaging],
                  kv_cache: torch.Tensor, flags: torch.Tensor, sizes: DecodeSizes,
-                 scale: float) -> None:
+                 scale: float, kv_scales: torch.Tensor | None = None) -> None:
         self._pool = pool
+        self._kv_scales = kv_scales
         self._staging = staging
         self._kv_cache = kv_cache
         self._flags = flags
@@ -305,6 +325,10 @@ class DecodeLayers:
                                           buffers.lse)]
         self._layer_bytes = kv_cache.stride(0) * element
         self._v_offset_bytes = kv_cache.stride(1) * element
+        self._q_dtype_code = DTYPE_CODES[staging[0].q.dtype]
+        # (address, layer bytes, v offset bytes) of an 8-bit cache's scales, else zeros.
+        self._scales = (0, 0, 0) if kv_scales is None else (
+            kv_scales.data_ptr(), kv_scales.stride(0) * 4, kv_scales.stride(1) * 4)
 
     def submit(self, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                slot_mapping: torch.Tensor, value: int) -> list[JobHandle]:
@@ -320,11 +344,11 @@ class DecodeLayers:
                                       check_values=False)
         natives = pool._native.submit_decode_layers(
             self._kv_cache.shape[0], self._addresses, self._kv_cache.data_ptr(),
-            self._layer_bytes, self._v_offset_bytes, block_tables.data_ptr(),
-            seq_lens.data_ptr(), slot_mapping.data_ptr(), sizes.as_list(),
+            self._layer_bytes, self._v_offset_bytes, *self._scales, block_tables.data_ptr(),
+            seq_lens.data_ptr(), slot_mapping.data_ptr(), sizes.as_list(), self._q_dtype_code,
             DTYPE_CODES[self._kv_cache.dtype], self._scale, self._flags.data_ptr(), int(value))
-        keepalive = (self._kv_cache, block_tables, seq_lens, slot_mapping, self._flags,
-                     *self._staging)
+        keepalive = (self._kv_cache, self._kv_scales, block_tables, seq_lens, slot_mapping,
+                     self._flags, *self._staging)
         staging = self._staging
         handles = [JobHandle(native, staging[layer % 2].out, staging[layer % 2].lse, keepalive)
                    for layer, native in enumerate(natives)]
@@ -334,7 +358,8 @@ class DecodeLayers:
 
 # ---- validation at the boundary --------------------------------------------------------------
 
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,13 +421,31 @@ def check_flag(name: str, flag: torch.Tensor) -> None:
         raise ValueError(f"{name} must hold exactly one int64, got {flag.numel()}")
 
 
-def _check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.dtype:
+def _check_kv_cache(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k_scales: torch.Tensor | None,
+    v_scales: torch.Tensor | None, rows_name: str, rows_dtype: torch.dtype,
+) -> None:
+    """The caches (and an 8-bit cache's scales) for rows (q, or k of an append) of rows_dtype."""
     _require_tensor("k_cache", k_cache, ndim=4)
     if k_cache.dtype not in DTYPE_CODES:
-        raise TypeError(f"KV cache dtype must be float32, bfloat16 or float16, got {k_cache.dtype}")
+        raise TypeError(f"KV cache dtype must be float32, bfloat16, float16 or int8, got "
+                        f"{k_cache.dtype}")
     _require_tensor("v_cache", v_cache, ndim=4, dtype=k_cache.dtype)
     _require_shape("v_cache", v_cache, tuple(k_cache.shape))
-    return k_cache.dtype
+    if rows_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{rows_name} must be float32, bfloat16 or float16, got {rows_dtype}")
+    if k_cache.dtype != torch.int8:
+        if k_cache.dtype != rows_dtype:
+            raise TypeError(f"{rows_name} must be {k_cache.dtype} like the KV cache, got "
+                            f"{rows_dtype}")
+        if k_scales is not None or v_scales is not None:
+            raise ValueError("k_scales/v_scales belong to an int8 KV cache only")
+        return
+    for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+        if scales is None:
+            raise ValueError(f"an int8 KV cache needs {name}")
+        _require_tensor(name, scales, ndim=3, dtype=torch.float32)
+        _require_shape(name, scales, tuple(k_cache.shape[:3]))
 
 
 def _check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
@@ -457,11 +500,14 @@ def check_decode(
     slot_mapping: torch.Tensor | None,
     *,
     check_values: bool = True,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> DecodeSizes:
     """Raise TypeError/ValueError naming the first problem; return the problem's sizes."""
     if (new_k is None) != (slot_mapping is None):
         raise ValueError("new_k, new_v and slot_mapping must be given together")
-    sizes = check_decode_buffers(q, k_cache, v_cache, out, lse, new_k, new_v)
+    sizes = check_decode_buffers(q, k_cache, v_cache, out, lse, new_k, new_v, k_scales,
+                                 v_scales)
     return check_decode_metadata(sizes, block_tables, seq_lens, slot_mapping,
                                  check_values=check_values)
 
@@ -474,10 +520,14 @@ def check_decode_buffers(
     lse: torch.Tensor,
     new_k: torch.Tensor | None,
     new_v: torch.Tensor | None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> DecodeSizes:
     """The part of check_decode that does not depend on the step's metadata; the sizes it
     returns have max_blocks_per_seq 0 until check_decode_metadata fills it in."""
-    dtype = _check_kv_cache(k_cache, v_cache)
+    _require_tensor("q", q, ndim=3, contiguous=False)
+    _check_kv_cache(k_cache, v_cache, k_scales, v_scales, "q", q.dtype)
+    dtype = q.dtype
     num_blocks, num_kv_heads, block_size, head_dim = k_cache.shape
     q_row_stride = _require_rows("q", q, dtype)
     num_seqs, num_heads, q_head_dim = q.shape
@@ -535,8 +585,12 @@ def check_append(
     slot_mapping: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> None:
-    dtype = _check_kv_cache(k_cache, v_cache)
+    _require_tensor("k", k, ndim=3)
+    _check_kv_cache(k_cache, v_cache, k_scales, v_scales, "k", k.dtype)
+    dtype = k.dtype
     _, num_kv_heads, block_size, head_dim = k_cache.shape
     _require_tensor("slot_mapping", slot_mapping, ndim=1, dtype=torch.int64)
     num_tokens = slot_mapping.shape[0]

@@ -61,14 +61,20 @@ class HostAttention:
 
     def __init__(self, host_kv: torch.Tensor, pool: CpuAttentionPool, scale: float,
                  max_host_rows: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 device: torch.device, layer_wait: str = CUDA_LAYER_WAITS[0]) -> None:
+                 device: torch.device, layer_wait: str = CUDA_LAYER_WAITS[0],
+                 host_scales: torch.Tensor | None = None,
+                 row_dtype: torch.dtype | None = None) -> None:
+        """host_scales: an int8 host tier's scales (kv_cache/quantized.py); row_dtype: the
+        model's dtype, which q/k/v rows and outputs have (default: the host tier's)."""
         self.host_kv = host_kv  # [layers, 2, blocks, kv_heads, block_size, head_dim]
+        self.host_scales = host_scales  # an int8 host tier's scales (kv_cache/quantized.py)
         self.pool = pool
         self.scale = scale
         self.device = device
         self.num_layers = host_kv.shape[0]
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        dtype = host_kv.dtype
+        # The rows' dtype: the model's, which an int8 host tier does not share.
+        self.row_dtype = dtype = row_dtype or host_kv.dtype
         # Sized once from max_num_seqs; nothing is allocated per layer or per step. Each
         # staged row is q|k|v, as the fused projection leaves it: one copy per layer.
         self._qkv = pinned_empty((2, max_host_rows, num_heads + 2 * num_kv_heads, head_dim),
@@ -148,7 +154,7 @@ class HostAttention:
             staging = tuple(LayerStaging(*self._qkv[p, :n].split(heads, dim=1), self._out[p, :n],
                                          self._lse[p, :n]) for p in range(2))
             submission = self._submissions[n] = self.pool.prepare_decode_layers(
-                staging, self.host_kv, self._flags, scale=self.scale)
+                staging, self.host_kv, self._flags, scale=self.scale, kv_scales=self.host_scales)
         self._jobs = submission.submit(host.block_tables, host.seq_lens_tensor,
                                        host.slot_mapping, seq)
 
@@ -185,7 +191,8 @@ class HostAttention:
         batch = self._layout.host_prefill
         rows = batch.rows
         if self.host_kv.device == k.device:
-            write_kv(self.host_kv[layer_idx], batch.host_slot_mapping, k[rows], v[rows])
+            write_kv(self.host_kv[layer_idx], batch.host_slot_mapping, k[rows], v[rows],
+                     self._layer_scales(layer_idx))
             return
         pending = self._prefill_writes
         if pending is None:  # the step's first host-prefill layer
@@ -207,7 +214,10 @@ class HostAttention:
         pending.copied.synchronize()
         for layer in pending.layers:
             write_kv(self.host_kv[layer], pending.slots, pending.staged[layer, 0],
-                     pending.staged[layer, 1])
+                     pending.staged[layer, 1], self._layer_scales(layer))
+
+    def _layer_scales(self, layer_idx: int) -> torch.Tensor | None:
+        return None if self.host_scales is None else self.host_scales[layer_idx]
 
     def stage(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               row_start: int) -> None:

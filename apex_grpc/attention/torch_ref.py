@@ -12,12 +12,16 @@ from collections.abc import Sequence
 import torch
 
 from apex_grpc.attention.layout import BatchLayout, HostPrefillBatch, PagedSeqBatch
+from apex_grpc.kv_cache.quantized import write_quantized
 
 
 def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor) -> None:
+             v: torch.Tensor, scales: torch.Tensor | None = None) -> None:
     """cache [2, num_blocks, num_kv_heads, block_size, head_dim]; k/v [n, num_kv_heads, head_dim]
-    go to token slots block_id * block_size + offset."""
+    go to token slots block_id * block_size + offset. An int8 cache comes with its scales
+    [2, num_blocks, num_kv_heads, block_size] and gets the rows quantized."""
+    if scales is not None:
+        return write_quantized(cache, scales, slot_mapping, k, v)
     block_size = cache.shape[3]
     slots = slot_mapping.to(cache.device, torch.int64)
     block_ids = slots // block_size

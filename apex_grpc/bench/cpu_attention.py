@@ -1,12 +1,16 @@
 """Benchmark of the native CPU decode-attention kernel: python -m apex_grpc.bench.cpu_attention.
 
-Llama-3.1-8B shapes (32 q heads, 8 kv heads, head_dim 128, block 16). Per case: KV bytes read
-per second, the ratio to this machine's streaming-read bandwidth measured in the same run
-(multi-threaded torch fp32 sum, same thread count) and the ratio to torch SDPA on the same
-data (best of fp32 and bf16 torch, contiguous KV: generous to torch). Then the slowdown of a
-Python loop of small torch ops while the pool runs on all but one core, and handoff_us_p50:
-set_flag -> worker runs a tiny flag-gated job -> wait_flag returns (the job is queued first,
-as the engine does for a whole step). Ends with one JSON line for bf16, batch 32, context 2048.
+Llama-3.1-8B shapes (32 q heads, 8 kv heads, head_dim 128, block 16), bf16 q. For each kernel
+set (--isa: the best one, a list, or `all` this CPU runs) and KV dtype (--kv-dtype bf16, int8:
+8-bit rows plus a float32 scale per token and kv head), per case: KV bytes read per second
+(an int8 cache's scales included), the ratio to this machine's streaming-read bandwidth
+(multi-threaded torch fp32 sum, same thread count, measured again before each reference case),
+context tokens attended per second (the figure that compares across KV dtypes) and the ratio
+to torch SDPA on the same values (best of fp32 and bf16 torch, contiguous bf16 KV: generous to
+torch). One JSON line per kernel set and KV dtype for batch 32, context 2048. Then the slowdown
+of a Python loop of small torch ops while the pool runs on all but one core, and
+handoff_us_p50: set_flag -> worker runs a tiny flag-gated job -> wait_flag returns (the job is
+queued first, as the engine does for a whole step), as a last JSON line.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from apex_grpc.attention.cpu_kernel import CpuAttentionPool, set_flag, wait_flag
+from apex_grpc.attention.cpu_kernel import CpuAttentionPool, best_isa, set_flag, wait_flag
+from apex_grpc.kv_cache.quantized import quantize_rows
 from apex_grpc.platform import usable_cores
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
@@ -36,11 +41,26 @@ class Inputs:
     v_cache: torch.Tensor
     block_tables: torch.Tensor  # [batch, blocks_per_seq] int32, shuffled blocks
     seq_lens: torch.Tensor  # [batch] int32
+    k_scales: torch.Tensor | None = None  # int8 caches: [num_blocks, NUM_KV_HEADS, BLOCK_SIZE]
+    v_scales: torch.Tensor | None = None
+
+    @property
+    def context_tokens(self) -> int:
+        return int(self.seq_lens.sum())
 
     @property
     def kv_bytes(self) -> int:
-        tokens = int(self.seq_lens.sum())
-        return 2 * tokens * NUM_KV_HEADS * HEAD_DIM * self.k_cache.element_size()
+        row_bytes = HEAD_DIM * self.k_cache.element_size() + (4 if self.k_scales is not None else 0)
+        return 2 * self.context_tokens * NUM_KV_HEADS * row_bytes
+
+    def quantized(self) -> Inputs:
+        """The same values in an int8 cache (kv_cache/quantized.py)."""
+        (k, k_scales), (v, v_scales) = quantize_rows(self.k_cache), quantize_rows(self.v_cache)
+        return Inputs(self.q, k, v, self.block_tables, self.seq_lens, k_scales, v_scales)
+
+    def decode(self, pool: CpuAttentionPool, out: torch.Tensor, lse: torch.Tensor) -> None:
+        pool.decode(self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens, out,
+                    lse, k_scales=self.k_scales, v_scales=self.v_scales)
 
 
 def make_inputs(batch: int, context_len: int, dtype: torch.dtype) -> Inputs:
@@ -117,8 +137,7 @@ def launch_loop_slowdown(num_threads: int, inputs: Inputs, num_iterations: int) 
 
             def busy() -> None:
                 while not stop.is_set():
-                    pool.decode(inputs.q, inputs.k_cache, inputs.v_cache, inputs.block_tables,
-                                inputs.seq_lens, out, lse)
+                    inputs.decode(pool, out, lse)
 
             worker = threading.Thread(target=busy)
             worker.start()
@@ -161,40 +180,110 @@ def cases(quick: bool) -> list[tuple[int, int]]:
     return chosen if REFERENCE_CASE in chosen else chosen + [REFERENCE_CASE]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer cases (~20 s on 2 cores)")
-    parser.add_argument("--threads", type=int, default=usable_cores())
-    args = parser.parse_args()
+VECTOR_ISAS = ("avx512bf16", "avx512vnni", "avx512", "avx2")
+KV_DTYPES = ("bf16", "int8")
+
+
+def available_isas() -> list[str]:
+    """The vector kernel sets this CPU runs (the scalar one is only named explicitly)."""
+    found = []
+    for isa in VECTOR_ISAS:
+        try:
+            CpuAttentionPool(1, isa=isa).close()
+            found.append(isa)
+        except ValueError:
+            pass
+    return found
+
+
+def parse_list(value: str, choices: tuple[str, ...], field: str) -> list[str]:
+    names = [name for name in value.split(",") if name]
+    unknown = [name for name in names if name not in choices]
+    if unknown or not names:
+        raise SystemExit(f"{field}: unknown {unknown or value!r}; choose from {', '.join(choices)}")
+    return names
+
+
+def run_kernel_set(isa: str | None, kv_dtype: str, args: argparse.Namespace,
+                   torch_times: dict[tuple[int, int], tuple[float, str]]) -> dict[str, object]:
+    """The case table of one kernel set and KV dtype; returns its reference-case JSON record."""
     repeats = 3 if args.quick else 5
-    stream = stream_read_gbps(args.threads, (128 if args.quick else 512) * 2**20)
-    print(f"threads {args.threads}; streaming read (torch fp32 sum): {stream:.1f} GB/s")
-    print(f"{'batch':>6} {'context':>8} {'ms':>8} {'kv_GB/s':>8} {'x_stream':>8} "
-          f"{'x_torch':>8} torch_best")
-    reference: dict[str, object] = {}
-    with CpuAttentionPool(args.threads) as pool:
+    record: dict[str, object] = {}
+    with CpuAttentionPool(args.threads, isa=isa) as pool:
+        name = pool.isa(torch.int8 if kv_dtype == "int8" else torch.bfloat16)
+        print(f"-- isa {name}, KV {kv_dtype}")
         for batch, context_len in cases(args.quick):
             inputs = make_inputs(batch, context_len, torch.bfloat16)
+            if (batch, context_len) not in torch_times:
+                torch_times[(batch, context_len)] = torch_sdpa_time(inputs, args.threads, 2)
+            torch_seconds, torch_dtype = torch_times[(batch, context_len)]
+            if kv_dtype == "int8":
+                inputs = inputs.quantized()
             out, lse = torch.empty_like(inputs.q), torch.empty(inputs.q.shape[:2])
-            seconds = best_time(lambda: pool.decode(inputs.q, inputs.k_cache, inputs.v_cache,
-                                                    inputs.block_tables, inputs.seq_lens,
-                                                    out, lse), repeats)
-            torch_seconds, torch_dtype = torch_sdpa_time(inputs, args.threads, 2)
+            reference = (batch, context_len) == REFERENCE_CASE
+            stream = stream_read_gbps(args.threads, args.stream_bytes) if reference else None
+            seconds = best_time(lambda: inputs.decode(pool, out, lse), repeats)
             kv_gbps = inputs.kv_bytes / seconds / 1e9
-            print(f"{batch:>6} {context_len:>8} {seconds * 1e3:>8.2f} {kv_gbps:>8.1f} "
-                  f"{kv_gbps / stream:>8.2f} {torch_seconds / seconds:>8.1f} {torch_dtype}")
-            if (batch, context_len) == REFERENCE_CASE:
-                reference = dict(kv_gbps=round(kv_gbps, 2),
-                                 ratio_to_stream=round(kv_gbps / stream, 3),
-                                 ratio_to_torch=round(torch_seconds / seconds, 2),
-                                 torch_best_dtype=torch_dtype, isa=pool.isa(torch.bfloat16))
-                reference_inputs = inputs
+            tokens_per_s = inputs.context_tokens / seconds
+            ratio = f"{kv_gbps / stream:>8.2f}" if stream else f"{'':>8}"
+            print(f"{batch:>6} {context_len:>8} {seconds * 1e3:>8.2f} {kv_gbps:>8.1f} {ratio} "
+                  f"{tokens_per_s / 1e6:>8.1f} {torch_seconds / seconds:>8.1f} {torch_dtype}")
+            if reference:
+                record = dict(case="batch 32 context 2048", isa=name, kv_dtype=kv_dtype,
+                              threads=args.threads, stream_read_gbps=round(stream, 2),
+                              kv_gbps=round(kv_gbps, 2), ratio_to_stream=round(kv_gbps / stream, 3),
+                              context_tokens_per_s=round(tokens_per_s),
+                              ratio_to_torch=round(torch_seconds / seconds, 2),
+                              torch_best_dtype=torch_dtype)
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer cases (~20 s per kernel set)")
+    parser.add_argument("--threads", type=int, default=usable_cores())
+    parser.add_argument("--isa", default="best",
+                        help="best (what a server picks), all (every vector set this CPU "
+                             f"runs) or a comma list of {', '.join(VECTOR_ISAS + ('scalar',))}")
+    parser.add_argument("--kv-dtype", default=",".join(KV_DTYPES),
+                        help=f"comma list of {', '.join(KV_DTYPES)}")
+    args = parser.parse_args()
+    args.stream_bytes = (128 if args.quick else 512) * 2**20
+    if args.isa == "best":
+        isas: list[str | None] = [None]
+    elif args.isa == "all":
+        isas = list(available_isas())
+    else:
+        isas = list(parse_list(args.isa, VECTOR_ISAS + ("scalar",), "--isa"))
+        missing = [isa for isa in isas if isa not in available_isas() + ["scalar"]]
+        if missing:
+            raise SystemExit(f"--isa: this CPU cannot run {', '.join(missing)} "
+                             f"(it runs {', '.join(available_isas() + ['scalar'])})")
+    kv_dtypes = parse_list(args.kv_dtype, KV_DTYPES, "--kv-dtype")
+    print(f"threads {args.threads}; streaming read (torch fp32 sum): "
+          f"{stream_read_gbps(args.threads, args.stream_bytes):.1f} GB/s")
+    print(f"{'batch':>6} {'context':>8} {'ms':>8} {'kv_GB/s':>8} {'x_stream':>8} "
+          f"{'Mtok/s':>8} {'x_torch':>8} torch_best")
+    torch_times: dict[tuple[int, int], tuple[float, str]] = {}
+    records = []
+    for isa in isas:
+        for kv_dtype in kv_dtypes:
+            # avx512bf16 / avx512vnni serve one KV dtype each: the other is plain avx512.
+            with CpuAttentionPool(1, isa=isa) as probe:
+                name = probe.isa(torch.int8 if kv_dtype == "int8" else torch.bfloat16)
+            if any(r["isa"] == name and r["kv_dtype"] == kv_dtype for r in records):
+                continue
+            records.append(run_kernel_set(isa, kv_dtype, args, torch_times))
+    for record in records:
+        print(json.dumps(record))
+    reference_inputs = make_inputs(*REFERENCE_CASE, torch.bfloat16)
+    with CpuAttentionPool(args.threads) as pool:
         handoff_p50, submit_p50 = handoff_latency_us(pool, 300 if args.quick else 2000)
     slowdown = launch_loop_slowdown(args.threads, reference_inputs, 2000 if args.quick else 5000)
     print(f"launch loop slowdown with the pool on {max(1, args.threads - 1)} threads: "
           f"{slowdown:.2f}x; handoff p50 {handoff_p50:.1f} us; submit p50 {submit_p50:.1f} us")
-    print(json.dumps(dict(case="bf16 batch 32 context 2048", threads=args.threads,
-                          stream_read_gbps=round(stream, 2), **reference,
+    print(json.dumps(dict(case="pool overheads", threads=args.threads,
+                          best_isa=best_isa(torch.bfloat16),
                           launch_loop_slowdown=round(slowdown, 3),
                           handoff_us_p50=round(handoff_p50, 2),
                           submit_us_p50=round(submit_p50, 2))))

@@ -146,7 +146,7 @@ def _host_rows(core: EngineCore, num_rows: int) -> tuple[torch.Tensor, ...]:
     host_side = core.runner.host
     heads = (host_side.num_heads, host_side.num_kv_heads, host_side.num_kv_heads)
     qkv = torch.zeros((num_rows, sum(heads), host_side.head_dim),
-                      dtype=host_side.host_kv.dtype, device=core.device)
+                      dtype=host_side.row_dtype, device=core.device)
     out = torch.empty((num_rows, host_side.num_heads, host_side.head_dim), dtype=qkv.dtype,
                       device=core.device)
     return (*qkv.split(heads, dim=1), out)

@@ -19,8 +19,10 @@ from apex_grpc.config import (CUDA_KV_MEMORY_FRACTION, CUDA_LAYER_WAITS,
 from apex_grpc.engine.async_engine import AsyncEngine
 from apex_grpc.engine.core import EngineCore
 from apex_grpc.kv_cache.manager import KVCacheManager
-from apex_grpc.kv_cache.storage import KVStorage, bytes_per_block
+from apex_grpc.kv_cache.quantized import checked_host_kv_dtype, resolve_host_kv_dtype
+from apex_grpc.kv_cache.storage import KVStorage, bytes_per_block, host_bytes_per_block
 from apex_grpc.model.loader import load_model
+from apex_grpc.perf.host_kv_costs import with_host_kv_dtype
 from apex_grpc.perf.perf_model import PerfModel, Profile
 from apex_grpc.platform import (default_cpu_attention_threads, device_name, resolve_device,
                                 resolve_dtype, share_cores_with_pool)
@@ -42,6 +44,8 @@ def _num_blocks(gib: float, block_bytes: int) -> int:
 def size_kv_tiers(opts: ServeOptions, model: ModelConfig, dtype: torch.dtype,
                   device: torch.device) -> tuple[int, int]:
     block_bytes = bytes_per_block(model, opts.block_size, dtype)
+    host_block_bytes = host_bytes_per_block(
+        model, opts.block_size, resolve_host_kv_dtype(opts.host_kv_dtype, dtype))
     if opts.gpu_kv_blocks is not None:
         num_gpu = opts.gpu_kv_blocks
     elif opts.gpu_kv_gb is not None:
@@ -56,12 +60,12 @@ def size_kv_tiers(opts: ServeOptions, model: ModelConfig, dtype: torch.dtype,
     else:
         host_gib = opts.host_kv_gb if opts.host_kv_gb is not None else (
             DEFAULT_HOST_KV_GB_ON_CUDA if device.type == "cuda" else DEFAULT_KV_GB_ON_CPU)
-        num_host = _num_blocks(host_gib, block_bytes)
+        num_host = _num_blocks(host_gib, host_block_bytes)
     if num_gpu < 1:
         raise ValueError(f"the GPU KV budget holds no block of {block_bytes} bytes")
     log.info("KV cache: GPU tier %d blocks (%.3f GiB, %d tokens), host tier %d blocks "
              "(%.3f GiB, %d tokens), block size %d", num_gpu, num_gpu * block_bytes / _GIB,
-             num_gpu * opts.block_size, num_host, num_host * block_bytes / _GIB,
+             num_gpu * opts.block_size, num_host, num_host * host_block_bytes / _GIB,
              num_host * opts.block_size, opts.block_size)
     return num_gpu, num_host
 
@@ -140,9 +144,10 @@ def load_perf_model(opts: ServeOptions, model: torch.nn.Module, model_config: Mo
         from apex_grpc.perf.profiler import QUICK_GRID, profile_quick
 
         log.info("profiling the performance model (at most %.0f s)", QUICK_GRID.budget_s)
-        profile = profile_quick(model, model_config, dtype, device, threads)
+        profile = profile_quick(model, model_config, dtype, device, threads,
+                                host_kv_dtype=opts.host_kv_dtype.value)
     else:
-        profile = Profile.load(choice)
+        profile = with_host_kv_dtype(Profile.load(choice), opts.host_kv_dtype.value)
         profile.check_matches(model_config, str(dtype).removeprefix("torch."),
                               device_name(device), threads)
     return PerfModel(profile)
@@ -156,12 +161,14 @@ def build_core(config: EngineConfig, model: torch.nn.Module, model_config: Model
     """The synchronous engine over an already loaded model (tests build it directly). Without
     a performance model each policy follows its fixed rule (chooser.SimpleChooser)."""
     storage = KVStorage(model_config, config.block_size, config.num_gpu_blocks,
-                        config.num_host_blocks, dtype, device)
+                        config.num_host_blocks, dtype, device,
+                        host_dtype=checked_host_kv_dtype(config.host_kv_dtype, dtype))
     scale = model_config.head_dim ** -0.5
     pool = CpuAttentionPool(config.cpu_attention_threads)
     host = HostAttention(storage.host, pool, scale, config.max_num_seqs,
                          model_config.num_attention_heads, model_config.num_key_value_heads,
-                         model_config.head_dim, device, cuda_layer_wait)
+                         model_config.head_dim, device, cuda_layer_wait,
+                         host_scales=storage.host_scales, row_dtype=dtype)
     runner = ModelRunner(model, storage, make_device_attention(storage.gpu, scale, pool), host,
                          config.block_size, device)
     kv = KVCacheManager(config.block_size, config.num_gpu_blocks, config.num_host_blocks)

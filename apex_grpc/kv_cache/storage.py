@@ -1,7 +1,9 @@
 """The KV cache tensors of both tiers and the whole-request copies between them.
 
 Layout (see apex_grpc/attention/base.py): [num_layers, 2, num_blocks, num_kv_heads, block_size,
-head_dim] per tier. The host tier is pinned when a GPU copies into it.
+head_dim] per tier. The host tier is pinned when a GPU copies into it. An int8 host tier
+(--host-kv-dtype int8) keeps host_scales [num_layers, 2, num_blocks, num_kv_heads, block_size]
+float32 beside it (kv_cache/quantized.py): moves to the host quantize, restores dequantize.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import torch
 
 from apex_grpc.config import ModelConfig
 from apex_grpc.kv_cache.manager import KVMove
+from apex_grpc.kv_cache.quantized import dequantize_rows, host_kv_element_bytes, quantize_rows
 from apex_grpc.platform import Event, Stream, pinned_empty
 from apex_grpc.request import Tier
 
@@ -36,14 +39,27 @@ def bytes_per_block(model: ModelConfig, block_size: int, dtype: torch.dtype) -> 
     return model.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) * block_size
 
 
+def host_bytes_per_block(model: ModelConfig, block_size: int, host_dtype: torch.dtype) -> int:
+    """A host-tier block's bytes, an int8 tier's scales included."""
+    element = host_kv_element_bytes(host_dtype, model.head_dim)
+    return round(model.kv_bytes_per_token(1) * element) * block_size
+
+
 class KVStorage:
     def __init__(self, model: ModelConfig, block_size: int, num_gpu_blocks: int,
-                 num_host_blocks: int, dtype: torch.dtype, device: torch.device) -> None:
+                 num_host_blocks: int, dtype: torch.dtype, device: torch.device,
+                 host_dtype: torch.dtype | None = None) -> None:
         self.device = device
         self.gpu = torch.zeros(kv_shape(model, num_gpu_blocks, block_size), dtype=dtype,
                                device=device)
-        self.host = pinned_empty(kv_shape(model, num_host_blocks, block_size), dtype, device)
+        host_shape = kv_shape(model, num_host_blocks, block_size)
+        self.host = pinned_empty(host_shape, host_dtype or dtype, device)
         self.host.zero_()
+        # int8 host tier: [num_layers, 2, num_blocks, num_kv_heads, block_size] float32.
+        self.host_scales: torch.Tensor | None = None
+        if self.host.dtype == torch.int8:
+            self.host_scales = pinned_empty(host_shape[:-1], torch.float32, device)
+            self.host_scales.zero_()
         self.copy_stream = Stream(device)
 
     def tier_tensor(self, tier: Tier) -> torch.Tensor:
@@ -69,13 +85,30 @@ class KVStorage:
                 src = self.tier_tensor(move.src_tier)
                 dst = self.tier_tensor(move.dst_tier)
                 for src_start, dst_start, length in block_runs(move.src_blocks, move.dst_blocks):
-                    for layer in range(num_layers):
-                        for kv in range(2):
-                            dst[layer, kv, dst_start:dst_start + length].copy_(
-                                src[layer, kv, src_start:src_start + length],
-                                non_blocking=True)
+                    runs = (slice(src_start, src_start + length),
+                            slice(dst_start, dst_start + length))
+                    if self.host_scales is None:
+                        for layer in range(num_layers):
+                            for kv in range(2):
+                                dst[layer, kv, runs[1]].copy_(src[layer, kv, runs[0]],
+                                                              non_blocking=True)
+                    else:
+                        self._convert_run(move.dst_tier, *runs)
         done = Event(self.device)
         done.record(self.copy_stream)
         if any(move.dst_tier == Tier.GPU for move in moves):
             done.wait_host()
         return done
+
+    def _convert_run(self, dst_tier: Tier, src: slice, dst: slice) -> None:
+        """One run of blocks between the GPU tier and an int8 host tier, all layers at once:
+        quantized where the rows are (on the device, into the pinned tier) or copied up and
+        dequantized on the device."""
+        if dst_tier == Tier.HOST:
+            quantized, scales = quantize_rows(self.gpu[:, :, src])
+            self.host[:, :, dst].copy_(quantized, non_blocking=True)
+            self.host_scales[:, :, dst].copy_(scales, non_blocking=True)
+        else:
+            quantized = self.host[:, :, src].to(self.device, non_blocking=True)
+            scales = self.host_scales[:, :, src].to(self.device, non_blocking=True)
+            self.gpu[:, :, dst] = dequantize_rows(quantized, scales, self.gpu.dtype)

@@ -137,6 +137,9 @@ class Profile:
     layer_launch_ms: float  # per layer per sub-batch (kernel launches not inside T_lin)
     layer_sync_ms: float  # per layer when the step waits on the CPU pool (wake-up, flag)
     head: Table1D  # per step: final norm + LM head + sampling vs sampled rows
+    # The host KV tier's element type that cpu_attention was measured (or derived) for:
+    # config.HostKVDtype values; an int8 tier reads about half the bytes per context token.
+    host_kv_dtype: str = "auto"
     name: str = ""
     notes: str = ""
     format_version: int = PROFILE_FORMAT_VERSION
@@ -187,7 +190,8 @@ class Profile:
                 d2h=Link(**data["d2h"]), h2d=Link(**data["h2d"]),
                 layer_launch_ms=float(data["layer_launch_ms"]),
                 layer_sync_ms=float(data["layer_sync_ms"]), head=t1(data["head"]),
-                name=data.get("name", ""), notes=data.get("notes", ""), format_version=version)
+                host_kv_dtype=data.get("host_kv_dtype", "auto"), name=data.get("name", ""),
+                notes=data.get("notes", ""), format_version=version)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed profile: {exc!r}") from None
 

@@ -25,6 +25,7 @@ from apex_grpc.attention.gpu_backend import make_device_attention
 from apex_grpc.attention.layout import contiguous_block_ids, make_layout, paged_batch
 from apex_grpc.config import ModelConfig, ModelOptions
 from apex_grpc.flags import add_flags, from_args
+from apex_grpc.perf.host_kv_costs import host_kv_caches
 from apex_grpc.perf.perf_model import Link, ModelShape, Profile, Table1D, Table2D
 from apex_grpc.platform import (default_cpu_attention_threads, device_name, resolve_device,
                                 resolve_dtype)
@@ -139,13 +140,14 @@ def _paged_ms(config: ModelConfig, dtype: torch.dtype, device: torch.device, num
 
 
 def _cpu_attention_table(config: ModelConfig, dtype: torch.dtype, threads: int, grid: Grid,
-                         timer: _Timer) -> tuple[Table2D, float, str]:
-    """CPU decode attention of one layer; also the pool's round trip for a tiny job."""
+                         timer: _Timer, host_kv_dtype: str = "auto") -> tuple[Table2D, float, str]:
+    """CPU decode attention of one layer over a host tier of host_kv_dtype; also the pool's
+    round trip for a tiny job."""
     table = []
     with CpuAttentionPool(threads) as pool:
         for num_reqs in grid.cpu_reqs:
             table.append(_monotone([_pool_ms(pool, config, dtype, num_reqs,
-                                             max(1, ctx // num_reqs), timer)
+                                             max(1, ctx // num_reqs), timer, host_kv_dtype)
                                     for ctx in grid.cpu_ctx_tokens]))
         sync_ms = _pool_ms(pool, config, dtype, 1, 1, timer)
     return (Table2D(tuple(map(float, grid.cpu_reqs)), tuple(map(float, grid.cpu_ctx_tokens)),
@@ -153,7 +155,7 @@ def _cpu_attention_table(config: ModelConfig, dtype: torch.dtype, threads: int, 
 
 
 def _pool_ms(pool, config: ModelConfig, dtype: torch.dtype, num_reqs: int, ctx_len: int,
-             timer: _Timer) -> float:
+             timer: _Timer, host_kv_dtype: str = "auto") -> float:
     blocks_per_seq = -(-ctx_len // _BLOCK_SIZE)
     shape = (num_reqs * blocks_per_seq, config.num_key_value_heads, _BLOCK_SIZE, config.head_dim)
     k_cache, v_cache = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
@@ -163,8 +165,9 @@ def _pool_ms(pool, config: ModelConfig, dtype: torch.dtype, num_reqs: int, ctx_l
     out = torch.empty_like(q)
     lse = torch.empty(num_reqs, config.num_attention_heads, dtype=torch.float32)
     scale = config.head_dim ** -0.5
+    k_cache, v_cache, scales = host_kv_caches(host_kv_dtype, k_cache, v_cache)
     return timer.ms(lambda: pool.wait(pool.submit_decode(q, k_cache, v_cache, tables, seq_lens,
-                                                         out, lse, scale=scale)))
+                                                         out, lse, scale=scale, **scales)))
 
 
 def _link(device: torch.device, to_host: bool, grid: Grid, timer: _Timer) -> Link:
@@ -192,7 +195,8 @@ def _head_table(model, config: ModelConfig, grid: Grid, timer: _Timer) -> Table1
 
 
 def measure(model, config: ModelConfig, dtype: torch.dtype, device: torch.device,
-            threads: int, grid: Grid, budget_s: float, name: str = "") -> Profile:
+            threads: int, grid: Grid, budget_s: float, name: str = "",
+            host_kv_dtype: str = "auto") -> Profile:
     """Every table of the Profile, measured within about budget_s seconds."""
     torch.manual_seed(0)
     with tqdm(total=grid.num_points, desc="profiling", unit="pt") as progress:
@@ -204,21 +208,25 @@ def measure(model, config: ModelConfig, dtype: torch.dtype, device: torch.device
         gpu = Table1D(tuple(map(float, grid.gpu_ctx_tokens)), _monotone(
             [_paged_ms(config, dtype, device, 8, max(1, c // 8), 1, timer)
              for c in grid.gpu_ctx_tokens]))
-        cpu, sync_ms, cpu_note = _cpu_attention_table(config, dtype, threads, grid, timer)
+        cpu, sync_ms, cpu_note = _cpu_attention_table(config, dtype, threads, grid, timer,
+                                                      host_kv_dtype)
         d2h = _link(device, True, grid, timer)
         h2d = _link(device, False, grid, timer)
         head = _head_table(model, config, grid, timer)
     dtype_name = str(dtype).removeprefix("torch.")
     return Profile(ModelShape.of(config), dtype_name, device_name(device), threads, linear,
                    prefill, gpu, cpu, d2h, h2d, layer_launch_ms=0.0, layer_sync_ms=sync_ms,
-                   head=head, name=name or f"{config.name} on {device_name(device)}",
+                   head=head, host_kv_dtype=host_kv_dtype,
+                   name=name or f"{config.name} on {device_name(device)}",
                    notes=f"measured by apex-grpc profile; launches inside T_lin; {cpu_note}")
 
 
 def profile_quick(model, model_config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                  threads: int, budget_s: float = QUICK_GRID.budget_s) -> Profile:
+                  threads: int, budget_s: float = QUICK_GRID.budget_s,
+                  host_kv_dtype: str = "auto") -> Profile:
     """The start-up profile: the quick grid within budget_s seconds."""
-    return measure(model, model_config, dtype, device, threads, QUICK_GRID, budget_s)
+    return measure(model, model_config, dtype, device, threads, QUICK_GRID, budget_s,
+                   host_kv_dtype=host_kv_dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--budget-s", type=float, default=None,
                        help=f"time budget (default {QUICK_GRID.budget_s:.0f} with --quick, "
                             f"else {FULL_GRID.budget_s:.0f})")
+    group.add_argument("--host-kv-dtype", choices=("auto", "int8"), default="auto",
+                       help="the host KV tier the CPU attention table is measured over")
     return parser
 
 
@@ -251,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = QUICK_GRID if args.quick else FULL_GRID
     budget = args.budget_s if args.budget_s is not None else grid.budget_s
     profile = measure(model, model_config, dtype, device, threads, grid, budget,
-                      name=f"{name} on {device_name(device)}")
+                      name=f"{name} on {device_name(device)}", host_kv_dtype=args.host_kv_dtype)
     profile.save(args.output)
     print(f"wrote {args.output}: {profile.name}, {threads} CPU attention threads")
     return 0

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from apex_grpc.config import EngineConfig, Policy
+from apex_grpc.perf.host_kv_costs import host_tokens_for, with_host_kv_dtype
 from apex_grpc.kv_cache.manager import KVCacheManager
 from apex_grpc.request import Request, SamplingParams, StoppingParams, Tier
 from apex_grpc.perf.perf_model import PerfModel, Profile
@@ -269,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--range-ratio", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gpu-kv-tokens", type=int, default=4096)
-    parser.add_argument("--host-kv-tokens", type=int, default=Setup.host_kv_tokens)
+    parser.add_argument("--host-kv-tokens", type=int, default=Setup.host_kv_tokens,
+                        help="host tier capacity in tokens of the model's dtype (its memory)")
+    parser.add_argument("--host-kv-dtype", choices=("auto", "int8"), default="auto",
+                        help="int8: the same host memory holds ~1.9x the tokens and the CPU "
+                             "table is the profile's for (or derived for) an int8 tier")
     parser.add_argument("--block-size", type=int, default=Setup.block_size)
     parser.add_argument("--max-num-seqs", type=int, default=Setup.max_num_seqs)
     parser.add_argument("--max-batched-tokens", type=int, default=Setup.max_batched_tokens)
@@ -290,7 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    profile = Profile.load(args.profile)
+    profile = with_host_kv_dtype(Profile.load(args.profile), args.host_kv_dtype)
+    args.host_kv_tokens = host_tokens_for(args.host_kv_tokens, args.host_kv_dtype,
+                                          profile.dtype_bytes, profile.shape.head_dim)
     workload = Workload(args.num_requests, args.request_rate, args.input_len, args.output_len,
                         args.range_ratio, args.seed)
     setup = Setup(args.gpu_kv_tokens, args.host_kv_tokens, args.block_size, args.max_num_seqs,

@@ -21,7 +21,7 @@ namespace apex {
 namespace {
 
 DType dtype_from_code(int code) {
-  if (code < 0 || code > 2) throw std::invalid_argument("unknown dtype code " + std::to_string(code));
+  if (code < 0 || code > 3) throw std::invalid_argument("unknown dtype code " + std::to_string(code));
   return static_cast<DType>(code);
 }
 
@@ -41,11 +41,13 @@ class PoolBinding {
  public:
   PoolBinding(int num_threads, std::vector<int> pin_cores, const std::string& isa)
       : pool_(num_threads, std::move(pin_cores)) {
-    for (int code = 0; code < 3; ++code) {
+    for (int code = 0; code < 4; ++code) {
       const DType dtype = static_cast<DType>(code);
-      // bfloat16 dot products only exist for bfloat16; other dtypes fall back to plain avx512.
-      const bool bf16_only = isa == "avx512bf16" && dtype != DType::kBFloat16;
-      ops_[code] = ops_for(dtype, bf16_only ? std::string("avx512") : isa);
+      // bfloat16 dot products only exist for bfloat16 KV and integer ones for int8 KV; other
+      // dtypes fall back to plain avx512.
+      const bool other_dtype = (isa == "avx512bf16" && dtype != DType::kBFloat16) ||
+                               (isa == "avx512vnni" && dtype != DType::kInt8);
+      ops_[code] = ops_for(dtype, other_dtype ? std::string("avx512") : isa);
     }
   }
 
@@ -56,12 +58,13 @@ class PoolBinding {
                                      uintptr_t block_tables, uintptr_t seq_lens, uintptr_t out,
                                      uintptr_t lse, uintptr_t new_k, uintptr_t new_v,
                                      uintptr_t slot_mapping, const std::vector<int64_t>& sizes,
-                                     int dtype_code, float scale, uintptr_t ready_flag,
+                                     int dtype_code, int kv_dtype_code, uintptr_t k_scales,
+                                     uintptr_t v_scales, float scale, uintptr_t ready_flag,
                                      int64_t ready_value, uintptr_t done_flag,
                                      int64_t done_value) {
     auto job = make_decode_job(q, k_cache, v_cache, block_tables, seq_lens, out, lse, new_k,
-                               new_v, slot_mapping, sizes, dtype_code, scale, ready_flag,
-                               ready_value, done_flag, done_value);
+                               new_v, slot_mapping, sizes, dtype_code, kv_dtype_code, k_scales,
+                               v_scales, scale, ready_flag, ready_value, done_flag, done_value);
     pool_.submit(job);
     return job;
   }
@@ -69,13 +72,16 @@ class PoolBinding {
   // One step's jobs for every layer at once (the hybrid runtime's begin_step): layer l reads
   // the staging of parity l % 2 (q, new_k, new_v, out, lse: 2 addresses each) and the KV
   // cache at kv_cache + l * layer_bytes (v at + v_offset_bytes), waits for flags[l] >= value
-  // and raises flags[num_layers + l] to value. The caller validated layer 0's problem. Every
-  // job is built (and checked) before any is queued, so a refused step queues nothing.
+  // and raises flags[num_layers + l] to value. An 8-bit cache's scales follow the same
+  // pattern (kv_scales, scales_layer_bytes, scales_v_offset_bytes; kv_scales 0 otherwise).
+  // The caller validated layer 0's problem. Every job is built (and checked) before any is
+  // queued, so a refused step queues nothing.
   std::vector<std::shared_ptr<Job>> submit_decode_layers(
       int num_layers, const std::vector<uintptr_t>& staging, uintptr_t kv_cache,
-      size_t layer_bytes, size_t v_offset_bytes, uintptr_t block_tables, uintptr_t seq_lens,
-      uintptr_t slot_mapping, const std::vector<int64_t>& sizes, int dtype_code, float scale,
-      uintptr_t flags, int64_t value) {
+      size_t layer_bytes, size_t v_offset_bytes, uintptr_t kv_scales, size_t scales_layer_bytes,
+      size_t scales_v_offset_bytes, uintptr_t block_tables, uintptr_t seq_lens,
+      uintptr_t slot_mapping, const std::vector<int64_t>& sizes, int dtype_code,
+      int kv_dtype_code, float scale, uintptr_t flags, int64_t value) {
     if (staging.size() != 10) throw std::invalid_argument("staging must hold 10 addresses");
     std::vector<std::shared_ptr<Job>> jobs;
     jobs.reserve(num_layers);
@@ -83,9 +89,12 @@ class PoolBinding {
     for (int layer = 0; layer < num_layers; ++layer) {
       const uintptr_t* parity = staging.data() + (layer % 2) * 5;
       const uintptr_t k_cache = kv_cache + layer * layer_bytes;
+      const uintptr_t k_scales = kv_scales != 0 ? kv_scales + layer * scales_layer_bytes : 0;
+      const uintptr_t v_scales = kv_scales != 0 ? k_scales + scales_v_offset_bytes : 0;
       jobs.push_back(make_decode_job(parity[0], k_cache, k_cache + v_offset_bytes,
                                      block_tables, seq_lens, parity[3], parity[4], parity[1],
-                                     parity[2], slot_mapping, sizes, dtype_code, scale,
+                                     parity[2], slot_mapping, sizes, dtype_code, kv_dtype_code,
+                                     k_scales, v_scales, scale,
                                      reinterpret_cast<uintptr_t>(flag + layer), value,
                                      reinterpret_cast<uintptr_t>(flag + num_layers + layer),
                                      value));
@@ -102,13 +111,17 @@ class PoolBinding {
                                        uintptr_t out, uintptr_t lse, uintptr_t new_k,
                                        uintptr_t new_v, uintptr_t slot_mapping,
                                        const std::vector<int64_t>& sizes, int dtype_code,
-                                       float scale, uintptr_t ready_flag, int64_t ready_value,
-                                       uintptr_t done_flag, int64_t done_value) {
+                                       int kv_dtype_code, uintptr_t k_scales,
+                                       uintptr_t v_scales, float scale, uintptr_t ready_flag,
+                                       int64_t ready_value, uintptr_t done_flag,
+                                       int64_t done_value) {
     if (sizes.size() != 9) throw std::invalid_argument("sizes must hold 9 integers");
     DecodeProblem problem;
     problem.q = pointer<const void>(q);
     problem.k_cache = pointer<void>(k_cache);
     problem.v_cache = pointer<void>(v_cache);
+    problem.k_scales = pointer<float>(k_scales);
+    problem.v_scales = pointer<float>(v_scales);
     problem.block_tables = pointer<const int32_t>(block_tables);
     problem.seq_lens = pointer<const int32_t>(seq_lens);
     problem.out = pointer<void>(out);
@@ -126,14 +139,15 @@ class PoolBinding {
     problem.q_row_stride = sizes[7];
     problem.new_kv_row_stride = sizes[8];
     problem.dtype = dtype_from_code(dtype_code);
+    problem.kv_dtype = dtype_from_code(kv_dtype_code);
     problem.scale = scale;
     FlagGate gate{pointer<const int64_t>(ready_flag), ready_value, pointer<int64_t>(done_flag),
                   done_value};
-    return std::make_shared<DecodeJob>(problem, ops_[dtype_code], pool_.num_threads(), gate);
+    return std::make_shared<DecodeJob>(problem, ops_[kv_dtype_code], pool_.num_threads(), gate);
   }
 
   ThreadPool pool_;
-  const KernelOps* ops_[3];
+  const KernelOps* ops_[4];  // per KV dtype code
 };
 
 // cuda: the addresses of cudaMemcpyAsync, cudaMemcpy2DAsync, cudaLaunchHostFunc,
@@ -232,13 +246,15 @@ PYBIND11_MODULE(_cpu_attention, module) {
       py::arg("flag"), py::arg("value"));
   module.def(
       "append_kv",
-      [](uintptr_t k_cache, uintptr_t v_cache, uintptr_t slot_mapping, uintptr_t k, uintptr_t v,
-         int num_tokens, int num_kv_heads, int head_dim, int block_size, int num_blocks,
-         int dtype_code) {
+      [](uintptr_t k_cache, uintptr_t v_cache, uintptr_t k_scales, uintptr_t v_scales,
+         uintptr_t slot_mapping, uintptr_t k, uintptr_t v, int num_tokens, int num_kv_heads,
+         int head_dim, int block_size, int num_blocks, int dtype_code, int kv_dtype_code) {
         apex::append_kv(apex::pointer<void>(k_cache), apex::pointer<void>(v_cache),
+                        apex::pointer<float>(k_scales), apex::pointer<float>(v_scales),
                         apex::pointer<const int64_t>(slot_mapping), apex::pointer<const void>(k),
                         apex::pointer<const void>(v), num_tokens, num_kv_heads, head_dim,
-                        block_size, num_blocks, apex::dtype_from_code(dtype_code));
+                        block_size, num_blocks, apex::dtype_from_code(dtype_code),
+                        apex::dtype_from_code(kv_dtype_code));
       },
       py::call_guard<py::gil_scoped_release>());
   module.def(

@@ -4,17 +4,23 @@
 // KV layout (one layer; see apex_grpc/attention/base.py):
 //   k_cache, v_cache  [num_blocks, num_kv_heads, block_size, head_dim], contiguous
 //   token slot        block_id * block_size + offset_in_block
+//   8-bit KV (kInt8)  one float32 scale per token and kv head beside each cache:
+//                     k_scales, v_scales [num_blocks, num_kv_heads, block_size]; the
+//                     element is round(x / scale), scale = max|row| / 127 (kv_cache/quantized.py)
 // GQA: query head (kv_head * group_size + g) attends kv head kv_head.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
 namespace apex {
 
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kInt8 = 3 };
 
-inline int element_size(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+inline int element_size(DType dtype) {
+  return dtype == DType::kFloat32 ? 4 : (dtype == DType::kInt8 ? 1 : 2);
+}
 
 inline float bits_to_float(uint32_t bits) {
   float value;
@@ -72,6 +78,8 @@ inline float load_as_float(const void* base, int64_t index, DType dtype) {
       return static_cast<const float*>(base)[index];
     case DType::kBFloat16:
       return bf16_to_float(static_cast<const uint16_t*>(base)[index]);
+    case DType::kInt8:
+      return float(static_cast<const int8_t*>(base)[index]);
     default:
       return fp16_to_float(static_cast<const uint16_t*>(base)[index]);
   }
@@ -93,11 +101,35 @@ inline void store_from_float(void* base, int64_t index, DType dtype, float value
 // The three inner loops of one KV block, specialised per ISA and element type. Rows of q, p
 // and acc belong to the query heads of one GQA group; k and v point at one block of one kv head.
 // q rows [num_rows, head_dim] in the KV element type -> float32 (most kernels' q layout).
+// 8-bit KV kernels take q already in float32 (kFloat32 here): q keeps the model's dtype.
 template <DType kType>
 void rows_to_float(const void* q, int num_rows, int head_dim, float* prepared) {
   for (int64_t i = 0; i < int64_t(num_rows) * head_dim; ++i) {
     prepared[i] = load_as_float(q, i, kType);
   }
+}
+
+// The dtype of the q rows that prepare_q reads, for KV of kv_dtype.
+constexpr DType prepare_q_dtype(DType kv_dtype) {
+  return kv_dtype == DType::kInt8 ? DType::kFloat32 : kv_dtype;
+}
+
+// One row of an 8-bit cache: scale = max|x| / 127 and x / scale rounded half to even (the
+// current rounding mode), exactly as kv_cache/quantized.py computes it, so rows written by
+// either side are bit-identical. An all-zero row gets scale 0 and zeros.
+inline float quantize_row(const void* row, DType dtype, int head_dim, int8_t* out) {
+  float absmax = 0.0f;
+  for (int d = 0; d < head_dim; ++d) {
+    const float x = load_as_float(row, d, dtype);
+    absmax = std::fabs(x) > absmax ? std::fabs(x) : absmax;
+  }
+  const float scale = absmax / 127.0f;
+  const float divisor = scale > 0.0f ? scale : 1.0f;
+  for (int d = 0; d < head_dim; ++d) {
+    const float value = std::nearbyint(load_as_float(row, d, dtype) / divisor);
+    out[d] = int8_t(value > 127.0f ? 127.0f : (value < -127.0f ? -127.0f : value));
+  }
+  return scale;
 }
 
 // Floats a prepared q of num_rows rows may take (room for padded, interleaved layouts).
@@ -125,7 +157,8 @@ struct KernelOps {
 };
 
 // Returns the kernels for dtype on the best ISA this CPU supports (or the named one, for tests:
-// "avx512bf16", "avx512", "avx2", "scalar"; nullptr where that ISA is not available).
+// "avx512bf16" (bfloat16 KV only), "avx512vnni" (int8 KV only), "avx512", "avx2", "scalar";
+// nullptr where that ISA is not available).
 const KernelOps* select_kernel_ops(DType dtype, const char* isa = nullptr);
 
 const KernelOps* scalar_kernel_ops(DType dtype);
@@ -134,6 +167,8 @@ const KernelOps* avx2_kernel_ops(DType dtype);
 const KernelOps* avx512_kernel_ops(DType dtype, bool use_bf16_dot);
 // bfloat16 KV with AVX512-BF16 dot products (its softmax is the plain AVX-512 one).
 const KernelOps* avx512_bf16_kernel_ops();
+// int8 KV with AVX512-VNNI integer q . k (its softmax and p . v are the plain AVX-512 ones).
+const KernelOps* avx512_vnni_kernel_ops();
 #endif
 
 }  // namespace apex

@@ -25,27 +25,35 @@ constexpr int64_t kMinTaskHeadTokens = 512;
 
 int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 
-// Copies one row per kv head of token `row` into cache slot `slot`.
-void write_slot(void* k_cache, void* v_cache, const void* k, const void* v, int64_t row,
-                int64_t row_stride, int64_t slot, int num_kv_heads, int head_dim,
-                int block_size, int num_blocks, DType dtype) {
-  const int64_t num_slots = int64_t(num_blocks) * block_size;
+// Copies (or, into an 8-bit cache, quantizes) one row per kv head of token `row` into cache
+// slot `slot`.
+void write_slot(const DecodeProblem& p, const void* k, const void* v, int64_t row,
+                int64_t row_stride, int64_t slot) {
+  const int64_t num_slots = int64_t(p.num_blocks) * p.block_size;
   if (slot < 0 || slot >= num_slots) {
     throw std::invalid_argument("slot_mapping[" + std::to_string(row) + "] = " +
                                 std::to_string(slot) + " is outside the KV cache (" +
                                 std::to_string(num_slots) + " slots)");
   }
-  const int64_t element = element_size(dtype);
-  const int64_t row_bytes = int64_t(head_dim) * element;
-  const int64_t block = slot / block_size;
-  const int64_t offset = slot % block_size;
-  for (int head = 0; head < num_kv_heads; ++head) {
-    const int64_t cache_row = (block * num_kv_heads + head) * block_size + offset;
-    const int64_t source = (row * row_stride + int64_t(head) * head_dim) * element;
-    std::memcpy(static_cast<char*>(k_cache) + cache_row * row_bytes,
-                static_cast<const char*>(k) + source, row_bytes);
-    std::memcpy(static_cast<char*>(v_cache) + cache_row * row_bytes,
-                static_cast<const char*>(v) + source, row_bytes);
+  const int64_t element = element_size(p.dtype);
+  const int64_t cache_element = element_size(p.kv_dtype);
+  const int64_t row_bytes = int64_t(p.head_dim) * element;
+  const int64_t block = slot / p.block_size;
+  const int64_t offset = slot % p.block_size;
+  for (int head = 0; head < p.num_kv_heads; ++head) {
+    const int64_t cache_row = (block * p.num_kv_heads + head) * p.block_size + offset;
+    const int64_t source = (row * row_stride + int64_t(head) * p.head_dim) * element;
+    char* k_row = static_cast<char*>(p.k_cache) + cache_row * p.head_dim * cache_element;
+    char* v_row = static_cast<char*>(p.v_cache) + cache_row * p.head_dim * cache_element;
+    if (p.kv_dtype == DType::kInt8) {
+      p.k_scales[cache_row] = quantize_row(static_cast<const char*>(k) + source, p.dtype,
+                                           p.head_dim, reinterpret_cast<int8_t*>(k_row));
+      p.v_scales[cache_row] = quantize_row(static_cast<const char*>(v) + source, p.dtype,
+                                           p.head_dim, reinterpret_cast<int8_t*>(v_row));
+    } else {
+      std::memcpy(k_row, static_cast<const char*>(k) + source, row_bytes);
+      std::memcpy(v_row, static_cast<const char*>(v) + source, row_bytes);
+    }
   }
 }
 
@@ -57,14 +65,35 @@ inline void prefetch_rows(const void* data, int64_t bytes) {
   }
 }
 
+// rows[g * num_tokens + t] *= token_scales[t] for each of num_rows rows. Kept out of line so
+// the restrict qualifiers survive and the loop is vectorized.
+__attribute__((noinline)) void scale_rows(float* __restrict rows, int num_rows, int num_tokens,
+                                          const float* __restrict token_scales) {
+  for (int g = 0; g < num_rows; ++g) {
+    float* __restrict row = rows + int64_t(g) * num_tokens;
+    for (int t = 0; t < num_tokens; ++t) row[t] *= token_scales[t];
+  }
+}
+
 }  // namespace
 
-void append_kv(void* k_cache, void* v_cache, const int64_t* slot_mapping, const void* k,
-               const void* v, int num_tokens, int num_kv_heads, int head_dim, int block_size,
-               int num_blocks, DType dtype) {
+void append_kv(void* k_cache, void* v_cache, float* k_scales, float* v_scales,
+               const int64_t* slot_mapping, const void* k, const void* v, int num_tokens,
+               int num_kv_heads, int head_dim, int block_size, int num_blocks, DType dtype,
+               DType kv_dtype) {
+  DecodeProblem p;
+  p.k_cache = k_cache;
+  p.v_cache = v_cache;
+  p.k_scales = k_scales;
+  p.v_scales = v_scales;
+  p.num_kv_heads = num_kv_heads;
+  p.head_dim = head_dim;
+  p.block_size = block_size;
+  p.num_blocks = num_blocks;
+  p.dtype = dtype;
+  p.kv_dtype = kv_dtype;
   for (int row = 0; row < num_tokens; ++row) {
-    write_slot(k_cache, v_cache, k, v, row, int64_t(num_kv_heads) * head_dim, slot_mapping[row],
-               num_kv_heads, head_dim, block_size, num_blocks, dtype);
+    write_slot(p, k, v, row, int64_t(num_kv_heads) * head_dim, slot_mapping[row]);
   }
 }
 
@@ -81,6 +110,11 @@ void DecodeJob::check_problem() const {
   if (p.num_seqs < 0 || p.num_heads <= 0 || p.num_kv_heads <= 0 || p.head_dim <= 0 ||
       p.block_size <= 0 || p.num_blocks <= 0 || p.max_blocks_per_seq < 0) {
     throw std::invalid_argument("decode attention: every size must be positive");
+  }
+  if (p.kv_dtype != p.dtype &&
+      (p.kv_dtype != DType::kInt8 || p.k_scales == nullptr || p.v_scales == nullptr)) {
+    throw std::invalid_argument(
+        "decode attention: the KV cache must have q's dtype, or be 8-bit with scales");
   }
   if (p.num_heads % p.num_kv_heads != 0) {
     throw std::invalid_argument("decode attention: num_heads must be a multiple of num_kv_heads");
@@ -158,9 +192,7 @@ void DecodeJob::run_task(int index, WorkerScratch& scratch) {
     } count_on_exit{appended_tasks_};
     const int end_seq = std::min(p.num_seqs, (index + 1) * kSeqsPerAppendTask);
     for (int seq = index * kSeqsPerAppendTask; seq < end_seq; ++seq) {
-      write_slot(p.k_cache, p.v_cache, p.new_k, p.new_v, seq, p.new_kv_row_stride,
-                 p.slot_mapping[seq], p.num_kv_heads, p.head_dim, p.block_size, p.num_blocks,
-                 p.dtype);
+      write_slot(p, p.new_k, p.new_v, seq, p.new_kv_row_stride, p.slot_mapping[seq]);
     }
     return;
   }
@@ -180,13 +212,14 @@ DecodeJob::TaskState DecodeJob::start_task(const Task& task, int num_kv_heads,
   const int rows = num_kv_heads * group;  // query rows of this task
   const int dim = p.head_dim;
   const int64_t element = element_size(p.dtype);
+  const bool widen_q = p.kv_dtype == DType::kInt8;  // 8-bit kernels read q in float32
   TaskState state;
   state.prepared_floats = prepared_q_floats(group, dim);
   // One buffer per task, sized up front: the merge area must not move the others.
   const size_t merge_floats = size_t(num_parts_[task.seq]) + dim;
   float* buffer = scratch.floats(size_t(num_kv_heads * state.prepared_floats) +
                                  size_t(rows) * (dim + 3) + size_t(group) * p.block_size +
-                                 merge_floats);
+                                 merge_floats + (widen_q ? size_t(group) * dim : 0));
   state.prepared_q = buffer;  // [num_kv_heads, prepared_floats]
   state.acc = state.prepared_q + num_kv_heads * state.prepared_floats;  // [rows, head_dim]
   state.running_max = state.acc + size_t(rows) * dim;                   // [rows]
@@ -194,13 +227,19 @@ DecodeJob::TaskState DecodeJob::start_task(const Task& task, int num_kv_heads,
   state.alpha = state.running_sum + rows;                                // [rows]
   state.scores = state.alpha + rows;  // [group, block_size], one kv head at a time
   state.merge_scratch = state.scores + size_t(group) * p.block_size;
+  state.q_f32 = state.merge_scratch + merge_floats;
 
   const int64_t q_offset =
       int64_t(task.seq) * p.q_row_stride + int64_t(task.first_kv_head) * group * dim;
   const char* q_raw = static_cast<const char*>(p.q) + q_offset * element;
   for (int head = 0; head < num_kv_heads; ++head) {
-    ops_->prepare_q(q_raw + int64_t(head) * group * dim * element, group, dim,
-                    state.prepared_q + head * state.prepared_floats);
+    const char* q_rows = q_raw + int64_t(head) * group * dim * element;
+    if (widen_q) {
+      for (int64_t i = 0; i < int64_t(group) * dim; ++i)
+        state.q_f32[i] = load_as_float(q_rows, i, p.dtype);
+      q_rows = reinterpret_cast<const char*>(state.q_f32);
+    }
+    ops_->prepare_q(q_rows, group, dim, state.prepared_q + head * state.prepared_floats);
   }
   std::fill(state.acc, state.acc + size_t(rows) * dim, 0.0f);
   std::fill(state.running_max, state.running_max + rows,
@@ -214,7 +253,7 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
   const int group = group_size_;
   const int num_kv_heads = std::min(heads_per_task_, p.num_kv_heads - task.first_kv_head);
   const int dim = p.head_dim;
-  const int64_t element = element_size(p.dtype);
+  const int64_t element = element_size(p.kv_dtype);
   const TaskState s = start_task(task, num_kv_heads, scratch);
 
   const int seq_len = p.seq_lens[task.seq];
@@ -252,8 +291,16 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
       ops_->scores(s.prepared_q + head * s.prepared_floats, k_base + head_offset, group,
                    num_tokens, dim, p.scale, s.scores);
       if (prefetch_offset >= 0) prefetch_rows(v_base + prefetch_offset, head_bytes);
+      // 8-bit rows are round(x / scale): a token's score and its weight on v carry its scale.
+      const int64_t scale_offset = head_offset / (int64_t(dim) * element);
+      if (p.kv_dtype == DType::kInt8) {
+        scale_rows(s.scores, group, num_tokens, p.k_scales + scale_offset);
+      }
       ops_->softmax(s.scores, group, num_tokens, s.running_max + row, s.running_sum + row,
                     s.alpha + row);
+      if (p.kv_dtype == DType::kInt8) {
+        scale_rows(s.scores, group, num_tokens, p.v_scales + scale_offset);
+      }
       ops_->accumulate(s.scores, v_base + head_offset, group, num_tokens, dim, s.alpha + row,
                        s.acc + int64_t(row) * dim);
     }

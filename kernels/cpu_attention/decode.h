@@ -17,6 +17,8 @@ struct DecodeProblem {
   const void* q = nullptr;           // [num_seqs, num_heads, head_dim], rows q_row_stride apart
   void* k_cache = nullptr;           // [num_blocks, num_kv_heads, block_size, head_dim]
   void* v_cache = nullptr;           // same as k_cache
+  float* k_scales = nullptr;         // 8-bit KV only: [num_blocks, num_kv_heads, block_size]
+  float* v_scales = nullptr;         // 8-bit KV only, like k_scales
   const int32_t* block_tables = nullptr;  // [num_seqs, max_blocks_per_seq]
   const int32_t* seq_lens = nullptr;      // [num_seqs], context length including the new token
   void* out = nullptr;               // [num_seqs, num_heads, head_dim], q's dtype
@@ -36,7 +38,8 @@ struct DecodeProblem {
   // views into one wider buffer, as a fused projection leaves them.
   int64_t q_row_stride = 0;
   int64_t new_kv_row_stride = 0;
-  DType dtype = DType::kFloat32;
+  DType dtype = DType::kFloat32;     // q, out, new_k, new_v
+  DType kv_dtype = DType::kFloat32;  // the caches: dtype, or kInt8 (appends quantize)
   float scale = 1.0f;
 };
 
@@ -67,6 +70,7 @@ class DecodeJob final : public Job {
     float* alpha;             // [rows]
     float* scores;            // [group, block_size]
     float* merge_scratch;     // [num_parts + head_dim]
+    float* q_f32;             // [group, head_dim]: q widened for 8-bit KV kernels
   };
   void check_problem() const;
   void plan(int num_threads);
@@ -94,10 +98,12 @@ class DecodeJob final : public Job {
   std::unique_ptr<std::atomic<int>[]> parts_left_;  // [num_seqs * num_kv_heads]
 };
 
-// Writes k, v [num_tokens, num_kv_heads, head_dim] into cache slots slot_mapping[num_tokens].
+// Writes k, v [num_tokens, num_kv_heads, head_dim] (dtype) into cache slots
+// slot_mapping[num_tokens] (kv_dtype; kInt8 quantizes each row and writes its scale).
 // Throws std::invalid_argument for a slot outside the cache.
-void append_kv(void* k_cache, void* v_cache, const int64_t* slot_mapping, const void* k,
-               const void* v, int num_tokens, int num_kv_heads, int head_dim, int block_size,
-               int num_blocks, DType dtype);
+void append_kv(void* k_cache, void* v_cache, float* k_scales, float* v_scales,
+               const int64_t* slot_mapping, const void* k, const void* v, int num_tokens,
+               int num_kv_heads, int head_dim, int block_size, int num_blocks, DType dtype,
+               DType kv_dtype);
 
 }  // namespace apex

@@ -18,7 +18,7 @@ namespace {
 struct Avx2Vec {
   using Reg = __m256;
   static constexpr int kWidth = 8;
-  static constexpr int kAccumulateChunks = 1;  // 16 registers: 8 rows x 1 chunk fit
+  static constexpr int kAccumulateRegs = 8;  // of 16 registers: the rest hold v and p
 
   APEX_TARGET static Reg zero() { return _mm256_setzero_ps(); }
   APEX_TARGET static Reg set1(float value) { return _mm256_set1_ps(value); }
@@ -57,6 +57,17 @@ struct Avx2Vec {
   APEX_TARGET static Reg load(const void* base, int64_t index, int count) {
     if constexpr (kType == DType::kFloat32) {
       return load_f32(static_cast<const float*>(base) + index, count, 0.0f);
+    } else if constexpr (kType == DType::kInt8) {
+      const int8_t* source = static_cast<const int8_t*>(base) + index;
+      __m128i bytes;
+      if (count >= kWidth) {
+        bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(source));
+      } else {
+        alignas(16) int8_t padded[16] = {};
+        std::memcpy(padded, source, count > 0 ? count : 0);
+        bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(padded));
+      }
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
     } else {
       const uint16_t* source = static_cast<const uint16_t*>(base) + index;
       __m128i half;
@@ -67,6 +78,24 @@ struct Avx2Vec {
         std::memcpy(padded, source, sizeof(uint16_t) * (count > 0 ? count : 0));
         half = _mm_load_si128(reinterpret_cast<const __m128i*>(padded));
       }
+      if constexpr (kType == DType::kBFloat16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+      else
+        return _mm256_cvtph_ps(half);
+    }
+  }
+  // Exactly kWidth elements, no tail handling (the hot loops' common case).
+  template <DType kType>
+  APEX_TARGET static Reg load_full(const void* base, int64_t index) {
+    if constexpr (kType == DType::kFloat32) {
+      return _mm256_loadu_ps(static_cast<const float*>(base) + index);
+    } else if constexpr (kType == DType::kInt8) {
+      const __m128i bytes = _mm_loadl_epi64(
+          reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(base) + index));
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+    } else {
+      const __m128i half = _mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + index));
       if constexpr (kType == DType::kBFloat16)
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
       else
@@ -95,10 +124,116 @@ struct Avx2Vec {
 
 #include "ops_simd.inc"
 
+// ---- q . k over tiles of 8 tokens ----------------------------------------------------------
+// The tile's keys are widened to float32 once (into L1) and every query row of the group then
+// streams them with one FMA per 8 elements; 8 per-token accumulators are summed by one
+// transpose-and-add tree into a register of 8 scores, instead of a horizontal reduction per
+// token per row. Rows are kPadded floats apart (head_dim rounded up to 8, zero-filled), so
+// every load is a full vector.
+constexpr int kTileTokens = 8;
+constexpr int kMaxTileHeadDim = 256;
+
+inline int padded_dim(int head_dim) { return (head_dim + 7) & ~7; }
+
+// q rows in kType -> float32 rows padded_dim(head_dim) apart, zeros past head_dim.
+template <DType kType>
+void padded_rows(const void* q, int num_rows, int head_dim, float* prepared) {
+  const int stride = padded_dim(head_dim);
+  for (int g = 0; g < num_rows; ++g)
+    for (int d = 0; d < stride; ++d)
+      prepared[int64_t(g) * stride + d] =
+          d < head_dim ? load_as_float(q, int64_t(g) * head_dim + d, kType) : 0.0f;
+}
+
+// lane t = the sum of the lanes of acc[t].
+APEX_TARGET inline __m256 reduce_tile(const __m256 (&acc)[kTileTokens]) {
+  const __m256 pair01 = _mm256_hadd_ps(acc[0], acc[1]);
+  const __m256 pair23 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 pair45 = _mm256_hadd_ps(acc[4], acc[5]);
+  const __m256 pair67 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 low = _mm256_hadd_ps(pair01, pair23);   // per 128-bit half: tokens 0-3
+  const __m256 high = _mm256_hadd_ps(pair45, pair67);  // tokens 4-7
+  return _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
+                       _mm256_permute2f128_ps(low, high, 0x31));
+}
+
+template <int kDim>
+APEX_TARGET inline __m256 row_tile(const float* q_row, const float* keys, int runtime_dim) {
+  const int dim = kDim > 0 ? kDim : runtime_dim;
+  __m256 acc[kTileTokens];
+  for (int t = 0; t < kTileTokens; ++t) acc[t] = _mm256_setzero_ps();
+  for (int d = 0; d < dim; d += 8) {
+    const __m256 query = _mm256_loadu_ps(q_row + d);
+#pragma GCC unroll 8
+    for (int t = 0; t < kTileTokens; ++t)
+      acc[t] = _mm256_fmadd_ps(query, _mm256_load_ps(keys + t * dim + d), acc[t]);
+  }
+  return reduce_tile(acc);
+}
+
+// Widens `count` key rows into [kTileTokens, stride] float32; rows past count are zeros.
+template <DType kType>
+APEX_TARGET inline void widen_tile(const void* k, int count, int head_dim, int stride,
+                                   float* widened) {
+  if (count == kTileTokens && head_dim == stride) {  // a full tile: one run of elements
+#pragma GCC unroll 4
+    for (int i = 0; i < kTileTokens * head_dim; i += 8)
+      _mm256_store_ps(widened + i, Avx2Vec::load_full<kType>(k, i));
+    return;
+  }
+  for (int t = 0; t < kTileTokens; ++t)
+    for (int d = 0; d < stride; d += 8) {
+      const __m256 value = t < count ? Avx2Vec::load<kType>(k, int64_t(t) * head_dim + d,
+                                                            head_dim - d)
+                                     : _mm256_setzero_ps();
+      _mm256_store_ps(widened + t * stride + d, value);
+    }
+}
+
+template <DType kType>
+APEX_TARGET void tile_scores(const float* q_f32, const void* k, int num_rows, int num_tokens,
+                             int head_dim, float scale, float* scores) {
+  const int stride = padded_dim(head_dim);
+  const int64_t element = element_size(kType);
+  alignas(32) float widened[kTileTokens * kMaxTileHeadDim];
+  const __m256 scale_reg = _mm256_set1_ps(scale);
+  for (int token = 0; token < num_tokens; token += kTileTokens) {
+    const int count = num_tokens - token < kTileTokens ? num_tokens - token : kTileTokens;
+    widen_tile<kType>(static_cast<const char*>(k) + int64_t(token) * head_dim * element, count,
+                      head_dim, stride, widened);
+    for (int g = 0; g < num_rows; ++g) {
+      const float* q_row = q_f32 + int64_t(g) * stride;
+      const __m256 sums = stride == 128 ? row_tile<128>(q_row, widened, stride)
+                                        : row_tile<0>(q_row, widened, stride);
+      Avx2Vec::store_f32(scores + g * num_tokens + token, count, _mm256_mul_ps(sums, scale_reg));
+    }
+  }
+}
+
+// Head dims past kMaxTileHeadDim (rare) keep the plain layout and loops.
+template <DType kType>
+void prepare_q(const void* q, int num_rows, int head_dim, float* prepared) {
+  if (head_dim <= kMaxTileHeadDim) {
+    padded_rows<prepare_q_dtype(kType)>(q, num_rows, head_dim, prepared);
+  } else {
+    rows_to_float<prepare_q_dtype(kType)>(q, num_rows, head_dim, prepared);
+  }
+}
+
+template <DType kType>
+APEX_TARGET void scores(const float* q_f32, const void* k, int num_rows, int num_tokens,
+                        int head_dim, float scale, float* out) {
+  if (head_dim <= kMaxTileHeadDim) {
+    tile_scores<kType>(q_f32, k, num_rows, num_tokens, head_dim, scale, out);
+  } else {
+    simd_scores<Avx2Vec, kType>(q_f32, k, num_rows, num_tokens, head_dim, scale, out);
+  }
+}
+
 template <DType kType>
 const KernelOps* avx2_table() {
-  static const KernelOps ops{rows_to_float<kType>, simd_scores<Avx2Vec, kType>,
-                             simd_softmax<Avx2Vec>, simd_accumulate<Avx2Vec, kType>, "avx2"};
+  static const KernelOps ops{prepare_q<kType>, scores<kType>, simd_softmax<Avx2Vec>,
+                             simd_accumulate<Avx2Vec, kType>, "avx2"};
   return &ops;
 }
 
@@ -110,6 +245,8 @@ const KernelOps* avx2_kernel_ops(DType dtype) {
       return avx2_table<DType::kFloat32>();
     case DType::kBFloat16:
       return avx2_table<DType::kBFloat16>();
+    case DType::kInt8:
+      return avx2_table<DType::kInt8>();
     default:
       return avx2_table<DType::kFloat16>();
   }

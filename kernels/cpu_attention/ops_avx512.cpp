@@ -25,7 +25,7 @@ namespace {
 struct Avx512Vec {
   using Reg = __m512;
   static constexpr int kWidth = 16;
-  static constexpr int kAccumulateChunks = 2;  // 32 registers: 8 rows x 2 chunks fit
+  static constexpr int kAccumulateRegs = 16;  // of 32 registers: the rest hold v and p
 
   APEX_TARGET static __mmask16 mask(int count) {
     return count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1u);
@@ -49,9 +49,31 @@ struct Avx512Vec {
   APEX_TARGET static Reg load(const void* base, int64_t index, int count) {
     if constexpr (kType == DType::kFloat32) {
       return _mm512_maskz_loadu_ps(mask(count), static_cast<const float*>(base) + index);
+    } else if constexpr (kType == DType::kInt8) {
+      const __m128i bytes =
+          _mm_maskz_loadu_epi8(mask(count), static_cast<const int8_t*>(base) + index);
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
     } else {
       const __m256i half =
           _mm256_maskz_loadu_epi16(mask(count), static_cast<const uint16_t*>(base) + index);
+      if constexpr (kType == DType::kBFloat16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+      else
+        return _mm512_cvtph_ps(half);
+    }
+  }
+  // Exactly kWidth elements, no mask (the hot loops' common case).
+  template <DType kType>
+  APEX_TARGET static Reg load_full(const void* base, int64_t index) {
+    if constexpr (kType == DType::kFloat32) {
+      return _mm512_loadu_ps(static_cast<const float*>(base) + index);
+    } else if constexpr (kType == DType::kInt8) {
+      const __m128i bytes = _mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(base) + index));
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+    } else {
+      const __m256i half = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + index));
       if constexpr (kType == DType::kBFloat16)
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
       else
@@ -162,7 +184,8 @@ APEX_TARGET void tile_scores(const float* q_f32, const void* k, int num_rows, in
 
 template <DType kType>
 const KernelOps* avx512_table() {
-  static const KernelOps ops{rows_to_float<kType>, tile_scores<kType>, simd_softmax<Avx512Vec>,
+  static const KernelOps ops{rows_to_float<prepare_q_dtype(kType)>, tile_scores<kType>,
+                             simd_softmax<Avx512Vec>,
                              simd_accumulate<Avx512Vec, kType>, "avx512"};
   return &ops;
 }
@@ -176,6 +199,8 @@ const KernelOps* avx512_kernel_ops(DType dtype, bool use_bf16_dot) {
       return avx512_table<DType::kFloat32>();
     case DType::kBFloat16:
       return avx512_table<DType::kBFloat16>();
+    case DType::kInt8:
+      return avx512_table<DType::kInt8>();
     default:
       return avx512_table<DType::kFloat16>();
   }

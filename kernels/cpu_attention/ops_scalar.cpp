@@ -60,7 +60,8 @@ void scalar_accumulate(const float* p, const void* v, int num_rows, int num_toke
 
 template <DType kType>
 const KernelOps* scalar_table(const char* name) {
-  static const KernelOps ops{rows_to_float<kType>, scalar_scores<kType>, scalar_softmax,
+  static const KernelOps ops{rows_to_float<prepare_q_dtype(kType)>, scalar_scores<kType>,
+                             scalar_softmax,
                              scalar_accumulate<kType>, name};
   return &ops;
 }
@@ -73,6 +74,8 @@ const KernelOps* scalar_kernel_ops(DType dtype) {
       return scalar_table<DType::kFloat32>("scalar");
     case DType::kBFloat16:
       return scalar_table<DType::kBFloat16>("scalar");
+    case DType::kInt8:
+      return scalar_table<DType::kInt8>("scalar");
     default:
       return scalar_table<DType::kFloat16>("scalar");
   }
@@ -87,10 +90,12 @@ const KernelOps* select_kernel_ops(DType dtype, const char* isa) {
                           __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl");
   const bool has_bf16_dot = has_avx512 && __builtin_cpu_supports("avx512bf16");
+  const bool has_vnni = has_avx512 && __builtin_cpu_supports("avx512vnni");
   const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                         __builtin_cpu_supports("f16c");
   if (wants("avx512bf16") && has_bf16_dot && dtype == DType::kBFloat16)
     return avx512_kernel_ops(dtype, true);
+  if (wants("avx512vnni") && has_vnni && dtype == DType::kInt8) return avx512_vnni_kernel_ops();
   if (wants("avx512") && has_avx512) return avx512_kernel_ops(dtype, false);
   if (wants("avx2") && has_avx2) return avx2_kernel_ops(dtype);
 #endif

@@ -154,10 +154,9 @@ class TorchPagedAttention:
 
     def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 layout: BatchLayout, out: torch.Tensor) -> None:
-        cache = self.gpu_kv[layer_idx]
         for batch in (layout.gpu_prefill, layout.gpu_decode):
             if batch is not None:
-                attend_paged(cache, batch, q, k, v, self.scale, out)
+                attend_paged(self.gpu_kv[layer_idx], batch, q, k, v, self.scale, out)
         if layout.host_prefill is not None:
             attend_own_context(q, k, v, layout.host_prefill, self.scale, out)
 

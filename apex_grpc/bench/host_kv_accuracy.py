@@ -21,13 +21,17 @@ from pathlib import Path
 
 import torch
 
-from apex_grpc.attention.base import AttentionMetadata
 from apex_grpc.attention.cpu_kernel import CpuAttentionPool
-from apex_grpc.attention.torch_ref import (TorchPagedAttention, build_host_prefill_batch,
-                                           build_metadata, contiguous_block_ids)
+from apex_grpc.attention.host import HostAttention
+from apex_grpc.attention.layout import (BatchLayout, contiguous_block_ids, host_prefill_batch,
+                                        make_layout, paged_batch)
+from apex_grpc.attention.torch_ref import TorchPagedAttention
 from apex_grpc.config import HostKVDtype
 from apex_grpc.kv_cache.quantized import resolve_host_kv_dtype
 from apex_grpc.model.loader import embedded_gguf_path, load_model
+from apex_grpc.runner.executors.async_overlap import AsyncOverlapExecutor
+from apex_grpc.runner.executors.gpu_only import GpuOnlyExecutor
+from apex_grpc.runner.input_batch import InputBatch
 
 TEXT_PATH = Path(__file__).with_name("data") / "host_kv_text.md"
 PROMPTS = ["What is the capital of France?",
@@ -45,60 +49,62 @@ PREFILL_TOKENS = 16  # the text's first tokens, written by a host-bound prefill
 
 class HostTier:
     """Sequences whose KV lives in a host tier of one dtype; sequence i owns a fixed run of
-    blocks. Prefills go through the torch host-prefill path, decodes through the native pool."""
+    blocks. Steps run through the serving executors and the host side: prefills as host-bound
+    prefills (GPU_ONLY executor), decodes as host decode rows (ASYNC_OVERLAP executor, native
+    pool)."""
 
     def __init__(self, model, host_kv_dtype: HostKVDtype, num_seqs: int, max_len: int,
                  pool: CpuAttentionPool) -> None:
         config = model.config
-        self.model, self.pool = model, pool
+        self.model = model
         self.blocks_per_seq = -(-max_len // BLOCK_SIZE)
         shape = (config.num_hidden_layers, 2, num_seqs * self.blocks_per_seq,
                  config.num_key_value_heads, BLOCK_SIZE, config.head_dim)
         self.kv = torch.zeros(shape, dtype=resolve_host_kv_dtype(host_kv_dtype, model.dtype))
         self.scales = torch.zeros(shape[:-1]) if self.kv.dtype == torch.int8 else None
-        self.scale = config.head_dim ** -0.5
+        scale = config.head_dim ** -0.5
+        # Host-bound prefills attend over their own k/v: the device side needs no GPU tier.
         no_gpu_tier = torch.zeros((1, 2, 1, *shape[3:]), dtype=model.dtype)
-        self.prefill_backend = TorchPagedAttention(no_gpu_tier, self.kv, self.scale, self.scales)
+        device_attention = TorchPagedAttention(no_gpu_tier, scale)
+        self.host = HostAttention(self.kv, pool, scale, num_seqs, config.num_attention_heads,
+                                  config.num_key_value_heads, config.head_dim,
+                                  torch.device("cpu"), host_scales=self.scales,
+                                  row_dtype=model.dtype)
+        self.prefill_executor = GpuOnlyExecutor(model, device_attention, self.host)
+        self.decode_executor = AsyncOverlapExecutor(model, device_attention, self.host)
         self.lens = [0] * num_seqs
-        self._step: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _run(self, executor, tokens: list[int], positions: list[int],
+             layout: BatchLayout) -> torch.Tensor:
+        batch = InputBatch(torch.tensor(tokens), torch.tensor(positions), layout,
+                           torch.empty(0, dtype=torch.int64), ())
+        self.host.begin_step(layout)
+        try:
+            return executor.run(batch)
+        finally:
+            self.host.end_step()
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         """Whole prompts of sequences 0..n-1; float32 logits of each prompt's last row."""
         ids = [contiguous_block_ids(i, self.blocks_per_seq) for i in range(len(prompts))]
-        batch = build_host_prefill_batch(0, ids, [len(p) for p in prompts], BLOCK_SIZE)
-        tokens = torch.tensor([t for p in prompts for t in p])
-        positions = torch.tensor([j for p in prompts for j in range(len(p))])
-        hidden = self.model(tokens, positions, self.prefill_backend,
-                            build_metadata(host_prefill=batch))
+        layout = make_layout(host_prefill=host_prefill_batch(
+            0, ids, [len(p) for p in prompts], BLOCK_SIZE))
+        hidden = self._run(self.prefill_executor, [t for p in prompts for t in p],
+                           [j for p in prompts for j in range(len(p))], layout)
         ends = torch.tensor([len(p) for p in prompts]).cumsum(0) - 1
         self.lens = [len(p) for p in prompts]
         return self.model.compute_logits(hidden[ends])
 
     def decode(self, tokens: list[int]) -> torch.Tensor:
-        """One new token per sequence; float32 logits [num_seqs, vocab]."""
+        """One new token per sequence; float32 logits [num_seqs, vocab]. The native kernel
+        appends each new k/v (quantizing for int8) and attends over the host tier."""
         n = len(tokens)
-        tables = torch.tensor([contiguous_block_ids(i, self.blocks_per_seq) for i in range(n)],
-                              dtype=torch.int32)
-        positions = torch.tensor(self.lens[:n])
-        slots = tables[torch.arange(n), positions // BLOCK_SIZE].long() * BLOCK_SIZE \
-            + positions % BLOCK_SIZE
-        self._step = (tables, (positions + 1).to(torch.int32), slots)
-        hidden = self.model(torch.tensor(tokens), positions, self,
-                            AttentionMetadata(n, None, None, None))
+        ids = [contiguous_block_ids(i, self.blocks_per_seq) for i in range(n)]
+        layout = make_layout(host_decode=paged_batch(0, ids, self.lens[:n], [1] * n,
+                                                     BLOCK_SIZE, "cpu"))
+        hidden = self._run(self.decode_executor, tokens, self.lens[:n], layout)
         self.lens[:n] = [length + 1 for length in self.lens[:n]]
         return self.model.compute_logits(hidden)
-
-    def forward(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """The decode step's attention: the native kernel appends k/v (quantizing for int8)
-        and attends over the host tier, as the hybrid runtime's host rows do."""
-        tables, seq_lens, slots = self._step
-        scales = {} if self.scales is None else dict(k_scales=self.scales[layer_idx, 0],
-                                                     v_scales=self.scales[layer_idx, 1])
-        out, _ = self.pool.decode(q, self.kv[layer_idx, 0], self.kv[layer_idx, 1], tables,
-                                  seq_lens, new_k=k, new_v=v, slot_mapping=slots,
-                                  scale=self.scale, **scales)
-        return out
 
 
 def text_nll(model, tokens: list[int], dtype: HostKVDtype, pool: CpuAttentionPool) -> float:

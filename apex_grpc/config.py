@@ -244,6 +244,10 @@ class EngineConfig(SchedulingOptions):
     cpu_attention_threads: int = 1
     # Hysteresis for restoring host-resident requests to the GPU tier.
     restore_below_fraction: float = 0.95
+    # Share of GPU blocks kept free at admission so running decodes can grow without preempting.
+    gpu_admission_watermark: float = 0.01
+    # A host decode job this late means a hung worker: the step fails (INTERNAL), not the server.
+    host_job_timeout_s: float = 60.0
     max_stop_strings: int = 16
 
     def __post_init__(self) -> None:

@@ -32,11 +32,8 @@ from apex_grpc.attention.cuda_runtime import (cuda_runtime_addresses, device_add
                                               stream_memory_ops_supported)
 from apex_grpc.attention.layout import BatchLayout
 from apex_grpc.attention.torch_ref import write_kv
-from apex_grpc.config import CUDA_LAYER_WAITS
+from apex_grpc.config import CUDA_LAYER_WAITS, EngineConfig
 from apex_grpc.platform import pinned_empty
-
-# A host job this late means a hung worker: fail the step (INTERNAL) rather than the server.
-_HOST_JOB_TIMEOUT_S = 60.0
 
 # --cuda-layer-wait (after "auto" is resolved) -> the native LayerWait code
 # (kernels/cpu_attention/handoff.h).
@@ -63,9 +60,11 @@ class HostAttention:
                  max_host_rows: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  device: torch.device, layer_wait: str = CUDA_LAYER_WAITS[0],
                  host_scales: torch.Tensor | None = None,
-                 row_dtype: torch.dtype | None = None) -> None:
+                 row_dtype: torch.dtype | None = None,
+                 job_timeout_s: float = EngineConfig.host_job_timeout_s) -> None:
         """host_scales: an int8 host tier's scales (kv_cache/quantized.py); row_dtype: the
-        model's dtype, which q/k/v rows and outputs have (default: the host tier's)."""
+        model's dtype, which q/k/v rows and outputs have (default: the host tier's);
+        job_timeout_s: how long a layer waits for its CPU job before the step fails."""
         self.host_kv = host_kv  # [layers, 2, blocks, kv_heads, block_size, head_dim]
         self.host_scales = host_scales  # an int8 host tier's scales (kv_cache/quantized.py)
         self.pool = pool
@@ -117,7 +116,7 @@ class HostAttention:
             flags_on_device=device_address_of_host(self._flags.data_ptr()) if memory_ops else 0,
             cuda=cuda_runtime_addresses(memory_ops) if self._on_cuda else [],
             wait=_LAYER_WAIT_CODES[self.layer_wait],
-            timeout_s=_HOST_JOB_TIMEOUT_S)
+            timeout_s=job_timeout_s)
         self._step_seq = 0
         self._layout: BatchLayout | None = None
         self._jobs: list[JobHandle] = []

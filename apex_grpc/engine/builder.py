@@ -168,7 +168,8 @@ def build_core(config: EngineConfig, model: torch.nn.Module, model_config: Model
     host = HostAttention(storage.host, pool, scale, config.max_num_seqs,
                          model_config.num_attention_heads, model_config.num_key_value_heads,
                          model_config.head_dim, device, cuda_layer_wait,
-                         host_scales=storage.host_scales, row_dtype=dtype)
+                         host_scales=storage.host_scales, row_dtype=dtype,
+                         job_timeout_s=config.host_job_timeout_s)
     runner = ModelRunner(model, storage, make_device_attention(storage.gpu, scale, pool), host,
                          config.block_size, device)
     kv = KVCacheManager(config.block_size, config.num_gpu_blocks, config.num_host_blocks)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from apex_grpc.config import EngineConfig, Policy
+from apex_grpc.config import EngineConfig, Policy, SchedulingOptions
 from apex_grpc.perf.host_kv_costs import host_tokens_for, with_host_kv_dtype
 from apex_grpc.kv_cache.manager import KVCacheManager
 from apex_grpc.request import Request, SamplingParams, StoppingParams, Tier
@@ -68,10 +68,10 @@ class Workload:
 class Setup:
     gpu_kv_tokens: int
     host_kv_tokens: int = 65536
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_batched_tokens: int = 2048
-    max_step_stretch: float = 1.25
+    block_size: int = SchedulingOptions.block_size
+    max_num_seqs: int = 256  # more than serve's default: capacity planning for large batches
+    max_batched_tokens: int = SchedulingOptions.max_batched_tokens
+    max_step_stretch: float = SchedulingOptions.max_step_stretch
     tpot_slo_ms: float | None = None
 
 

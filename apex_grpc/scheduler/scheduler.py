@@ -27,8 +27,6 @@ from apex_grpc.scheduler.chooser import (Choice, HostDecode, HostRow, HostTierGa
                                          SimpleChooser, StrategyChooser)
 from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan, Strategy
 
-# Fraction of GPU blocks kept free at admission so running decodes can grow without preempting.
-_GPU_ADMISSION_WATERMARK = 0.01
 
 
 class NewToken(NamedTuple):
@@ -379,7 +377,7 @@ class Scheduler:
     def _fits(self, req: Request, tier: Tier, num_new: int, watermark: bool) -> bool:
         pool = self.kv.pools[tier]
         # The reserve keeps room for running decodes to grow; alone, a request may use it all.
-        reserve = int(_GPU_ADMISSION_WATERMARK * pool.num_total) \
+        reserve = int(self.config.gpu_admission_watermark * pool.num_total) \
             if watermark and self.running else 0
         return self.kv.num_new_blocks(req.request_id, num_new) + reserve <= pool.num_free
 

@@ -17,9 +17,9 @@ import pytest
 
 # Imported here, not in the fixtures: a project module that does not import (a broken native
 # build, say) must fail every e2e test, not skip it.
-from apex_grpc.config import ServeOptions
 from apex_grpc.engine.builder import build_engine
 from apex_grpc.server.app import ApexServer, ServerSettings
+from tiny_options import tiny_serve_options
 
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
@@ -34,14 +34,6 @@ def tiny_config_path(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-llama") / "config.json"
     path.write_text(json.dumps(TINY_LLAMA), encoding="utf-8")
     return str(path)
-
-
-def tiny_serve_options(config_path: str, **overrides) -> ServeOptions:
-    options = dict(load_format="dummy", dummy_config=config_path, device="cpu", dtype="float32",
-                   gpu_kv_blocks=128, host_kv_gb=0.01, max_num_seqs=16,
-                   cpu_attention_threads=1)
-    options.update(overrides)
-    return ServeOptions(**options)
 
 
 class InProcessServer:

@@ -10,7 +10,7 @@ from apex_grpc.engine.builder import build_engine_core
 from apex_grpc.request import Tier
 from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan, Strategy
 
-from conftest import tiny_serve_options
+from tiny_options import tiny_serve_options
 
 
 def host_decode_plan(block_size: int) -> StepPlan:

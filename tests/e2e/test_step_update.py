@@ -13,7 +13,7 @@ from apex_grpc.scheduler.chooser import SimpleChooser
 from apex_grpc.scheduler.scheduler import Scheduler
 from tests.unit.perf_fixtures import make_profile
 
-from conftest import tiny_serve_options
+from tiny_options import tiny_serve_options
 
 PROMPTS = {"gpu": [5, 6, 7, 8, 9], "host": [10, 11, 12], "long": list(range(20, 40))}
 MAX_NEW_TOKENS = 12

@@ -40,6 +40,15 @@ class _Option:
     tokens_per_ms: float
 
 
+def check_step_limits(max_skipped_steps: int, target_step_ms: float | None) -> None:
+    """The bounds the APEX chooser and its host gate share: the skip bound and the TPOT-derived
+    step target."""
+    if max_skipped_steps < 0:
+        raise ValueError("max_skipped_steps must be >= 0")
+    if target_step_ms is not None and target_step_ms <= 0:
+        raise ValueError("target_step_ms must be positive")
+
+
 def with_host(shape: StepShape, num_host: int, host_ctx_tokens: int) -> StepShape:
     return replace(shape, num_host_decodes=num_host, host_ctx_tokens=host_ctx_tokens)
 
@@ -129,10 +138,7 @@ class ApexChooser:
     def __init__(self, perf_model: PerfModel, config: EngineConfig,
                  max_skipped_steps: int = DEFAULT_MAX_SKIPPED_STEPS,
                  target_step_ms: float | None = None) -> None:
-        if max_skipped_steps < 0:
-            raise ValueError("max_skipped_steps must be >= 0")
-        if target_step_ms is not None and target_step_ms <= 0:
-            raise ValueError("target_step_ms must be positive")
+        check_step_limits(max_skipped_steps, target_step_ms)
         self.perf_model = perf_model
         self.config = config
         self.max_skipped_steps = max_skipped_steps

@@ -17,7 +17,8 @@ from typing import Sequence
 
 from apex_grpc.config import EngineConfig, Policy
 from apex_grpc.perf.perf_model import PerfModel, StepShape
-from apex_grpc.scheduler.apex_chooser import DEFAULT_MAX_SKIPPED_STEPS, target_step_ms, with_host
+from apex_grpc.scheduler.apex_chooser import (DEFAULT_MAX_SKIPPED_STEPS, check_step_limits,
+                                              target_step_ms, with_host)
 from apex_grpc.scheduler.chooser import HostRow
 from apex_grpc.scheduler.plan import Strategy
 
@@ -26,10 +27,7 @@ class ApexHostGate:
     def __init__(self, perf_model: PerfModel, config: EngineConfig,
                  max_skipped_steps: int = DEFAULT_MAX_SKIPPED_STEPS,
                  target_step_ms: float | None = None) -> None:
-        if max_skipped_steps < 0:
-            raise ValueError("max_skipped_steps must be >= 0")
-        if target_step_ms is not None and target_step_ms <= 0:
-            raise ValueError("target_step_ms must be positive")
+        check_step_limits(max_skipped_steps, target_step_ms)
         self.perf_model = perf_model
         self.config = config
         # A parked row is forced to run once per max_skipped_steps + 1 steps (the chooser's

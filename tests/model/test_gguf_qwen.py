@@ -14,6 +14,7 @@ from gguf_writing import byte_level_bpe_metadata, head_dim, quantize_round_trip,
 
 from apex_grpc.model import load_model
 from apex_grpc.model.greedy import GreedyGenerator
+from hf_reference import hf_greedy, relative_error
 
 NUM_GREEDY = 32
 # Code, accents (composed and decomposed: Qwen's tokenizer composes them), CJK, emoji, digits,
@@ -28,16 +29,6 @@ CHAT = [{"role": "system", "content": "Be brief."},
 ARCHES = {"qwen2_bias": "qwen2", "qwen3_tied": "qwen3", "qwen3_untied": "qwen3"}
 
 
-def _relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((ours - ref).norm() / ref.norm())
-
-
-@torch.no_grad()
-def _hf_greedy(hf_model, prompt: list[int], num_tokens: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(num_tokens):
-        ids.append(int(hf_model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 @torch.no_grad()
@@ -49,7 +40,7 @@ def _assert_close_greedy(ours: list[int], original, quantized, prompt: list[int]
     """A quantized file may flip a near-tie of the original (random tiny models have many):
     the tokens agree up to the first difference, and there each side's token is in the other
     model's top 5 (vLLM's criterion)."""
-    theirs = _hf_greedy(original, prompt, len(ours))
+    theirs = hf_greedy(original, prompt, len(ours))
     for step, (mine, their) in enumerate(zip(ours, theirs)):
         if mine != their:
             context = prompt + ours[:step]
@@ -98,15 +89,15 @@ def test_gguf_serves_the_hf_original_greedy_tokens(tiny_qwen_checkpoint, tiny_bp
         expected = reference(torch.tensor([prompts[0]])).logits[0]
         original = checkpoint.hf_model(torch.tensor([prompts[0]])).logits[0]
     logits = generator.prefill(0, prompts[0], chunk_size=16)
-    assert _relative_error(logits, expected) < 1e-4
+    assert relative_error(logits, expected) < 1e-4
     # Quantization moves the logits of these random weights by a few percent.
-    assert _relative_error(logits, original) < (1e-4 if tensor_type == "F32" else 5e-2)
+    assert relative_error(logits, original) < (1e-4 if tensor_type == "F32" else 5e-2)
     ours = GreedyGenerator(model, 2, max(map(len, prompts)) + NUM_GREEDY).generate(
         prompts, NUM_GREEDY, chunk_size=16)
     for prompt, tokens in zip(prompts, ours):
-        assert tokens == _hf_greedy(reference, prompt, NUM_GREEDY)
+        assert tokens == hf_greedy(reference, prompt, NUM_GREEDY)
         if qtype == GGMLQuantizationType.F32:
-            assert tokens == _hf_greedy(checkpoint.hf_model, prompt, NUM_GREEDY)
+            assert tokens == hf_greedy(checkpoint.hf_model, prompt, NUM_GREEDY)
         else:
             _assert_close_greedy(tokens, checkpoint.hf_model, reference, prompt)
 
@@ -179,7 +170,7 @@ def test_qwen2_gguf_reads_like_transformers_gguf_loader(tiny_qwen_checkpoint,
     prompt = tiny_bpe_tokenizer.encode(MIXED_TEXT)
     with torch.no_grad():
         expected = checkpoint.hf_model(torch.tensor([prompt])).logits[0]
-        assert _relative_error(theirs(torch.tensor([prompt])).logits[0], expected) < 1e-5
+        assert relative_error(theirs(torch.tensor([prompt])).logits[0], expected) < 1e-5
     model = load_model(str(path), "auto", "cpu", torch.float32)[0]
     logits = GreedyGenerator(model, 1, len(prompt)).prefill(0, prompt)
-    assert _relative_error(logits, expected) < 1e-4
+    assert relative_error(logits, expected) < 1e-4

@@ -11,6 +11,7 @@ import torch
 
 from apex_grpc.model import load_model
 from apex_grpc.model.greedy import GreedyGenerator
+from hf_reference import hf_greedy, relative_error
 
 PROMPT_LEN = 64
 NUM_GREEDY = 32
@@ -21,21 +22,10 @@ VARIANTS = ["head_dim_48", "llama3_rope", "llama_gqa", "llama_tied", "mistral", 
             "qwen3_tied", "qwen3_untied"]
 
 
-def _relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((ours.float() - ref.float()).norm() / ref.float().norm())
-
-
 def _prompt(seed: int, vocab_size: int = 256) -> list[int]:
     return torch.randint(0, vocab_size, (PROMPT_LEN,),
                          generator=torch.Generator().manual_seed(seed)).tolist()
 
-
-@torch.no_grad()
-def _hf_greedy(hf_model, prompt: list[int], num_tokens: int) -> list[int]:
-    ids = list(prompt)
-    for _ in range(num_tokens):
-        ids.append(int(hf_model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -48,12 +38,12 @@ def test_logits_and_greedy_match_transformers(tiny_hf_checkpoint, variant, chunk
         reference = checkpoint.hf_model(torch.tensor(prompts[:1])).logits[0]
     generator = GreedyGenerator(model, max_seqs=2, max_seq_len=PROMPT_LEN + NUM_GREEDY)
     logits = generator.prefill(0, prompts[0], chunk_size)
-    assert _relative_error(logits, reference) < MAX_RELATIVE_ERROR
+    assert relative_error(logits, reference) < MAX_RELATIVE_ERROR
 
     # Two sequences decoded together: batched decode must not mix their contexts.
     ours = generator.generate(prompts, NUM_GREEDY, chunk_size=chunk_size)
     for prompt, tokens in zip(prompts, ours):
-        assert tokens == _hf_greedy(checkpoint.hf_model, prompt, NUM_GREEDY)
+        assert tokens == hf_greedy(checkpoint.hf_model, prompt, NUM_GREEDY)
 
 
 def test_config_reflects_variant_features(tiny_hf_checkpoint):
@@ -82,7 +72,7 @@ def test_half_precision_stays_close_to_float32(tiny_hf_checkpoint, dtype):
         model = load_model(str(checkpoint.path), "auto", "cpu", run_dtype)[0]
         results[run_dtype] = GreedyGenerator(model, 1, PROMPT_LEN).prefill(0, prompt)
     assert results[dtype].dtype == torch.float32
-    assert _relative_error(results[dtype], results[torch.float32]) < 5e-2
+    assert relative_error(results[dtype], results[torch.float32]) < 5e-2
 
 
 def test_piecewise_layers_equal_forward(tiny_hf_checkpoint):

@@ -306,6 +306,7 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
     }
     offset = next_offset;
   }
+  if (ops_->finish_acc != nullptr) ops_->finish_acc(s.acc, num_kv_heads * group, dim);
   for (int head = 0; head < num_kv_heads; ++head) {
     const int row = head * group;
     finish_rows(task, task.first_kv_head + head, s.acc + int64_t(row) * dim,

@@ -154,6 +154,9 @@ struct KernelOps {
   void (*accumulate)(const float* p, const void* v, int num_rows, int num_tokens, int head_dim,
                      const float* alpha, float* acc);
   const char* name;
+  // Puts a task's acc rows [num_rows, head_dim] in the natural order before they are read,
+  // for kernels whose accumulate keeps another order; nullptr: already natural.
+  void (*finish_acc)(float* acc, int num_rows, int head_dim) = nullptr;
 };
 
 // Returns the kernels for dtype on the best ISA this CPU supports (or the named one, for tests:

@@ -210,10 +210,203 @@ APEX_TARGET void tile_scores(const float* q_f32, const void* k, int num_rows, in
   }
 }
 
+// ---- Direct kernels: head_dim a multiple of 16 (the common case) --------------------------
+// Keys and values are widened in registers, 16 elements per step, with no round trip through
+// L1. A 256-bit load of 16 bfloat16 gives two float vectors with one shift and one mask: lane
+// i of the first is element 2i, of the second element 2i + 1. Dot products don't mind the
+// order, so q rows are prepared in that (even, odd) order, and p . v keeps its accumulators in
+// it until finish_acc restores the natural order once per task. Other types keep the natural
+// order (elements 0-7, then 8-15).
+constexpr int kStep = 16;
+
+inline bool direct(int head_dim) { return head_dim % kStep == 0; }
+
+// Makes the compiler keep `value` in a register: folded into each user as a memory operand,
+// it would be loaded again per use, and the loads, not the FMAs, would set the pace.
+template <class Reg>
+APEX_TARGET inline void in_register(Reg& value) {
+  asm("" : "+x"(value));
+}
+
+template <DType kType>
+APEX_TARGET inline void load_step(const void* base, int64_t index, __m256 (&out)[2]) {
+  if constexpr (kType == DType::kBFloat16) {
+    __m256i raw = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + index));
+    in_register(raw);
+    out[0] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    out[1] = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(int(0xffff0000u))));
+  } else {
+    out[0] = Avx2Vec::load_full<kType>(base, index);
+    out[1] = Avx2Vec::load_full<kType>(base, index + 8);
+  }
+}
+
+// Position, within a step, of element j in the step's lane order.
+template <DType kType>
+inline int lane_position(int j) {
+  return kType == DType::kBFloat16 ? (j % 2) * 8 + j / 2 : j;
+}
+
+// kRows x kTokens accumulators (8 independent FMA chains where the rows allow) over tokens
+// [token, token + kTokens): each q vector is loaded once per step and serves every token.
+template <DType kType, int kRows, int kTokens>
+APEX_TARGET inline void direct_dots(const float* q, const void* k, int token, int head_dim,
+                                    __m256 (&out)[kRows][kTileTokens], int slot) {
+  __m256 acc[kRows][kTokens];
+#pragma GCC unroll 8
+  for (int g = 0; g < kRows; ++g)
+#pragma GCC unroll 8
+    for (int t = 0; t < kTokens; ++t) acc[g][t] = _mm256_setzero_ps();
+  for (int d = 0; d < head_dim; d += kStep) {
+    __m256 keys[kTokens][2];
+#pragma GCC unroll 8
+    for (int t = 0; t < kTokens; ++t)
+      load_step<kType>(k, int64_t(token + t) * head_dim + d, keys[t]);
+#pragma GCC unroll 8
+    for (int g = 0; g < kRows; ++g)
+#pragma GCC unroll 2
+      for (int half = 0; half < 2; ++half) {
+        __m256 query = _mm256_loadu_ps(q + int64_t(g) * head_dim + d + half * 8);
+        if (kTokens > 1) in_register(query);
+#pragma GCC unroll 8
+        for (int t = 0; t < kTokens; ++t)
+          acc[g][t] = _mm256_fmadd_ps(query, keys[t][half], acc[g][t]);
+      }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < kRows; ++g)
+#pragma GCC unroll 8
+    for (int t = 0; t < kTokens; ++t) out[g][slot + t] = acc[g][t];
+}
+
+template <DType kType, int kRows>
+APEX_TARGET void direct_scores_rows(const float* q, const void* k, int num_tokens, int head_dim,
+                                    float scale, float* scores) {
+  constexpr int kTokens = kRows >= 8 ? 1 : (kRows >= 4 ? 2 : 4);
+  const __m256 scale_reg = _mm256_set1_ps(scale);
+  for (int token = 0; token < num_tokens; token += kTileTokens) {
+    const int count = num_tokens - token < kTileTokens ? num_tokens - token : kTileTokens;
+    __m256 sums[kRows][kTileTokens];
+    int t = 0;
+    for (; t + kTokens <= count; t += kTokens)
+      direct_dots<kType, kRows, kTokens>(q, k, token + t, head_dim, sums, t);
+    for (; t < count; ++t) direct_dots<kType, kRows, 1>(q, k, token + t, head_dim, sums, t);
+    for (; t < kTileTokens; ++t)
+      for (int g = 0; g < kRows; ++g) sums[g][t] = _mm256_setzero_ps();
+    for (int g = 0; g < kRows; ++g)
+      Avx2Vec::store_f32(scores + g * num_tokens + token, count,
+                         _mm256_mul_ps(reduce_tile(sums[g]), scale_reg));
+  }
+}
+
+// p . v over 16 dims [d, d + 16) for kRows rows: the values, widened once per token, serve
+// every row (a broadcast from memory is a load, no vector ALU work).
+template <DType kType, int kRows>
+APEX_TARGET inline void direct_pass(const float* p, const void* v, int num_tokens, int head_dim,
+                                    int d, const float* alpha, float* acc) {
+  __m256 sums[kRows][2];
+#pragma GCC unroll 8
+  for (int g = 0; g < kRows; ++g)
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half)
+      sums[g][half] = _mm256_mul_ps(_mm256_loadu_ps(acc + int64_t(g) * head_dim + d + half * 8),
+                                    _mm256_set1_ps(alpha[g]));
+#pragma GCC unroll 2
+  for (int t = 0; t < num_tokens; ++t) {
+    __m256 values[2];
+    load_step<kType>(v, int64_t(t) * head_dim + d, values);
+#pragma GCC unroll 8
+    for (int g = 0; g < kRows; ++g) {
+      const __m256 weight = _mm256_broadcast_ss(p + g * num_tokens + t);
+      sums[g][0] = _mm256_fmadd_ps(weight, values[0], sums[g][0]);
+      sums[g][1] = _mm256_fmadd_ps(weight, values[1], sums[g][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int g = 0; g < kRows; ++g)
+#pragma GCC unroll 2
+    for (int half = 0; half < 2; ++half)
+      _mm256_storeu_ps(acc + int64_t(g) * head_dim + d + half * 8, sums[g][half]);
+}
+
+template <DType kType, int kRows>
+APEX_TARGET void direct_accumulate_rows(const float* p, const void* v, int num_tokens,
+                                        int head_dim, const float* alpha, float* acc) {
+  for (int d = 0; d < head_dim; d += kStep)
+    direct_pass<kType, kRows>(p, v, num_tokens, head_dim, d, alpha, acc);
+}
+
+// Rows in groups of at most 4: 8 accumulators and 2 values per pass fit the 16 registers.
+template <DType kType>
+APEX_TARGET void direct_accumulate(const float* p, const void* v, int num_rows, int num_tokens,
+                                   int head_dim, const float* alpha, float* acc) {
+  for (int g = 0; g < num_rows;) {
+    const int left = num_rows - g;
+    const float* p_rows = p + g * num_tokens;
+    float* acc_rows = acc + int64_t(g) * head_dim;
+    if (left >= 4) {
+      direct_accumulate_rows<kType, 4>(p_rows, v, num_tokens, head_dim, alpha + g, acc_rows);
+      g += 4;
+    } else if (left >= 2) {
+      direct_accumulate_rows<kType, 2>(p_rows, v, num_tokens, head_dim, alpha + g, acc_rows);
+      g += 2;
+    } else {
+      direct_accumulate_rows<kType, 1>(p_rows, v, num_tokens, head_dim, alpha + g, acc_rows);
+      g += 1;
+    }
+  }
+}
+
+template <DType kType>
+APEX_TARGET void direct_scores(const float* q, const void* k, int num_rows, int num_tokens,
+                               int head_dim, float scale, float* scores) {
+  for (int g = 0; g < num_rows;) {
+    const int left = num_rows - g;
+    const float* q_rows = q + int64_t(g) * head_dim;
+    float* score_rows = scores + g * num_tokens;
+    if (left >= 8) {
+      direct_scores_rows<kType, 8>(q_rows, k, num_tokens, head_dim, scale, score_rows);
+      g += 8;
+    } else if (left >= 4) {
+      direct_scores_rows<kType, 4>(q_rows, k, num_tokens, head_dim, scale, score_rows);
+      g += 4;
+    } else if (left >= 2) {
+      direct_scores_rows<kType, 2>(q_rows, k, num_tokens, head_dim, scale, score_rows);
+      g += 2;
+    } else {
+      direct_scores_rows<kType, 1>(q_rows, k, num_tokens, head_dim, scale, score_rows);
+      g += 1;
+    }
+  }
+}
+
+// q rows -> float32 rows head_dim apart, each step in its lane order.
+template <DType kType>
+void lane_order_rows(const void* q, int num_rows, int head_dim, float* prepared) {
+  for (int64_t row = 0; row < num_rows; ++row)
+    for (int d = 0; d < head_dim; ++d)
+      prepared[row * head_dim + d - d % kStep + lane_position<kType>(d % kStep)] =
+          load_as_float(q, row * head_dim + d, prepare_q_dtype(kType));
+}
+
+// Accumulator rows back from the lane order to the natural one.
+template <DType kType>
+void finish_acc(float* acc, int num_rows, int head_dim) {
+  if (kType != DType::kBFloat16 || !direct(head_dim)) return;
+  for (int64_t i = 0; i < int64_t(num_rows) * head_dim; i += kStep) {
+    float step[kStep];
+    for (int j = 0; j < kStep; ++j) step[j] = acc[i + lane_position<kType>(j)];
+    std::memcpy(acc + i, step, sizeof(step));
+  }
+}
+
 // Head dims past kMaxTileHeadDim (rare) keep the plain layout and loops.
 template <DType kType>
 void prepare_q(const void* q, int num_rows, int head_dim, float* prepared) {
-  if (head_dim <= kMaxTileHeadDim) {
+  if (direct(head_dim)) {
+    lane_order_rows<kType>(q, num_rows, head_dim, prepared);
+  } else if (head_dim <= kMaxTileHeadDim) {
     padded_rows<prepare_q_dtype(kType)>(q, num_rows, head_dim, prepared);
   } else {
     rows_to_float<prepare_q_dtype(kType)>(q, num_rows, head_dim, prepared);
@@ -223,7 +416,9 @@ void prepare_q(const void* q, int num_rows, int head_dim, float* prepared) {
 template <DType kType>
 APEX_TARGET void scores(const float* q_f32, const void* k, int num_rows, int num_tokens,
                         int head_dim, float scale, float* out) {
-  if (head_dim <= kMaxTileHeadDim) {
+  if (direct(head_dim)) {
+    direct_scores<kType>(q_f32, k, num_rows, num_tokens, head_dim, scale, out);
+  } else if (head_dim <= kMaxTileHeadDim) {
     tile_scores<kType>(q_f32, k, num_rows, num_tokens, head_dim, scale, out);
   } else {
     simd_scores<Avx2Vec, kType>(q_f32, k, num_rows, num_tokens, head_dim, scale, out);
@@ -231,9 +426,19 @@ APEX_TARGET void scores(const float* q_f32, const void* k, int num_rows, int num
 }
 
 template <DType kType>
+APEX_TARGET void accumulate(const float* p, const void* v, int num_rows, int num_tokens,
+                            int head_dim, const float* alpha, float* acc) {
+  if (direct(head_dim)) {
+    direct_accumulate<kType>(p, v, num_rows, num_tokens, head_dim, alpha, acc);
+  } else {
+    simd_accumulate<Avx2Vec, kType>(p, v, num_rows, num_tokens, head_dim, alpha, acc);
+  }
+}
+
+template <DType kType>
 const KernelOps* avx2_table() {
   static const KernelOps ops{prepare_q<kType>, scores<kType>, simd_softmax<Avx2Vec>,
-                             simd_accumulate<Avx2Vec, kType>, "avx2"};
+                             accumulate<kType>, "avx2", finish_acc<kType>};
   return &ops;
 }
 

@@ -79,12 +79,14 @@ def test_every_isa_matches_reference(isa, dtype):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_every_isa_tail_paths(isa, block_size):
+@pytest.mark.parametrize("head_dim", [36, 48])
+def test_every_isa_tail_paths(isa, block_size, head_dim):
     """Group 7 packs query rows as 4 + 2 + 1; head_dim 36 leaves a partial chunk at every chunk
-    width (8, 16, 32); lengths leave partial 16-token tiles and odd tokens for the V pairs."""
+    width (8, 16, 32), 48 takes the whole-step paths (AVX2's 16-element steps); lengths leave
+    partial 16-token tiles and odd tokens for the V pairs."""
     skip_unless_cpu_runs(isa)
     for dtype in DTYPES:
-        case = make_case([1, 16, 17, 31, 250], num_heads=21, num_kv_heads=3, head_dim=36,
+        case = make_case([1, 16, 17, 31, 250], num_heads=21, num_kv_heads=3, head_dim=head_dim,
                          dtype=dtype, block_size=block_size, seed=block_size)
         with CpuAttentionPool(2, isa=isa) as isa_pool:
             out, lse = run(isa_pool, case)

@@ -37,6 +37,7 @@ __all__ = [
     "LayerStaging",
     "append_kv",
     "best_isa",
+    "runs_isa",
     "paged_decode_attention",
     "set_flag",
     "wait_flag",
@@ -272,6 +273,15 @@ def append_kv(
         slot_mapping.data_ptr(), k.data_ptr(), v.data_ptr(), k.shape[0], num_kv_heads,
         head_dim, block_size, num_blocks, DTYPE_CODES[k.dtype], DTYPE_CODES[k_cache.dtype],
     )
+
+
+def runs_isa(isa: str) -> bool:
+    """Whether this CPU runs the named kernel set (a pool refuses one it cannot run)."""
+    try:
+        CpuAttentionPool(1, isa=isa).close()
+    except ValueError:
+        return False
+    return True
 
 
 def best_isa(dtype: torch.dtype) -> str:

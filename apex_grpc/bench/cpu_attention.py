@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from apex_grpc.attention.cpu_kernel import CpuAttentionPool, best_isa, set_flag, wait_flag
+from apex_grpc.attention.cpu_kernel import (CpuAttentionPool, best_isa, runs_isa, set_flag,
+                                            wait_flag)
 from apex_grpc.kv_cache.quantized import quantize_rows
 from apex_grpc.platform import usable_cores
 
@@ -186,14 +187,7 @@ KV_DTYPES = ("bf16", "int8")
 
 def available_isas() -> list[str]:
     """The vector kernel sets this CPU runs (the scalar one is only named explicitly)."""
-    found = []
-    for isa in VECTOR_ISAS:
-        try:
-            CpuAttentionPool(1, isa=isa).close()
-            found.append(isa)
-        except ValueError:
-            pass
-    return found
+    return [isa for isa in VECTOR_ISAS if runs_isa(isa)]
 
 
 def parse_list(value: str, choices: tuple[str, ...], field: str) -> list[str]:

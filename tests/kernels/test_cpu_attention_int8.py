@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apex_grpc.attention.cpu_kernel import CpuAttentionPool, append_kv
+from apex_grpc.attention.cpu_kernel import CpuAttentionPool, append_kv, runs_isa
 from apex_grpc.kv_cache.quantized import dequantize_rows, quantize_rows
 from cpu_attention_reference import (PagedCase, assert_close_to_reference, make_case,
                                      reference_decode)
@@ -17,14 +17,7 @@ Q_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 def int8_isas() -> list[str]:
     """Every kernel set this CPU runs for int8 KV (avx512bf16 has none of its own)."""
-    isas = []
-    for isa in ("avx512vnni", "avx512", "avx2", "scalar"):
-        try:
-            CpuAttentionPool(1, isa=isa).close()
-            isas.append(isa)
-        except ValueError:
-            pass
-    return isas
+    return [isa for isa in ("avx512vnni", "avx512", "avx2", "scalar") if runs_isa(isa)]
 
 
 def quantized(case: PagedCase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

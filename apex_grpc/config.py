@@ -294,3 +294,10 @@ class ServeOptions(ModelOptions, SchedulingOptions):
         "compute stream itself, on a pinned flag; host-func: a CUDA host function on the "
         "compute stream; engine-thread: the engine thread, natively; auto: stream-wait where "
         "the GPU supports it, else host-func)", choices=CUDA_LAYER_WAITS)
+    # Decode steps as CUDA graphs (runner/decode_graphs.py; the buckets and what stays eager:
+    # docs/architecture.md).
+    enforce_eager: bool = flag(
+        False, "CUDA: capture no CUDA graph, launch every step eagerly (vLLM's name)")
+    cuda_graph_max_batch: int = flag(
+        64, "CUDA: the most GPU rows (and host rows) of a decode step captured as a CUDA "
+            "graph; larger steps run eagerly")

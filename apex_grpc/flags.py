@@ -59,6 +59,11 @@ def add_flags(group: argparse._ActionsContainer, cls: type, without: type | None
         value_type = _value_type(cls, field)
         default = field.default
         kwargs: dict[str, Any] = {"dest": field.name, "help": spec["help"]}
+        if value_type is bool:  # a switch: present means True (vLLM's --enforce-eager)
+            if default is not False:
+                raise TypeError(f"boolean flag {field.name} must default to False")
+            group.add_argument(flag_name(field), action="store_true", **kwargs)
+            continue
         if _is_enum(value_type):
             kwargs["choices"] = [member.value for member in value_type]
             default = default.value

@@ -15,13 +15,21 @@ the pinned done flag), "host-func" (a CUDA host function holds the stream) or "e
 the whole step without waiting. The hand-off itself is kernels/cpu_attention/handoff.cpp.
 end_step() writes the staged prefill k/v, collects the jobs and surfaces any worker error.
 
+A graphed decode step (runner/decode_graphs.py) records stage/fetch once per bucket under
+capturing(): the recorded calls copy every staged row (the bucket's padding included), read the
+step's sequence number from device memory for the ready flags, and wait for the done flags by
+rearming them, so one graph serves every step. begin_step(layout, graphed=True) then only
+queues the jobs and sets that sequence number before the replay.
+
 Buffers alternate by layer parity: a job for layer l+2 cannot start before stage(l+2), which
 the compute stream orders after layer l's output was consumed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 
@@ -97,10 +105,11 @@ class HostAttention:
                                "engine-thread")
         # Without CUDA there is no stream to hold: the engine thread waits.
         self.layer_wait = layer_wait if self._on_cuda else "engine-thread"
-        # Without stream memory operations each ready flag is a copy of this step's sequence
-        # number, kept on the device, behind the layer's rows.
+        # Without stream memory operations (and in captured graphs) each ready flag is a copy
+        # of this step's sequence number, kept on the device, behind the layer's rows.
         self._seq_device = torch.zeros(1, dtype=torch.int64, device=device) \
-            if self._on_cuda and not memory_ops else None
+            if self._on_cuda else None
+        self._memory_ops = memory_ops
         staging = [buffer[parity].data_ptr() for parity in range(2)
                    for buffer in (self._qkv, self._out)]
         element = self._qkv.element_size()
@@ -129,24 +138,48 @@ class HostAttention:
     def max_host_rows(self) -> int:
         return self._qkv.shape[1]
 
+    @property
+    def can_capture(self) -> bool:
+        """Whether host rows can run inside a captured CUDA graph: the device must wait for
+        the CPU (an engine-thread wait cannot sit inside a graph)."""
+        return self._on_cuda and self.layer_wait != "engine-thread"
+
+    @contextlib.contextmanager
+    def capturing(self, staged_rows: int) -> Iterator[None]:
+        """Record stage/fetch calls of `staged_rows` rows into the CUDA graph being captured
+        on the current stream (no job runs: capture executes nothing)."""
+        if not self.can_capture:
+            raise RuntimeError("capturing host rows needs CUDA and --cuda-layer-wait "
+                               "stream-wait or host-func")
+        self._handoff.begin_capture(staged_rows, torch.cuda.current_stream().cuda_stream)
+        try:
+            yield
+        finally:
+            self._handoff.end_capture()
+            self._num_staged = 0
+
     # -- per step -----------------------------------------------------------------------------
-    def begin_step(self, layout: BatchLayout) -> None:
-        """Queue every layer's CPU job for this step's host decode rows (if any)."""
+    def begin_step(self, layout: BatchLayout, graphed: bool = False) -> None:
+        """Queue every layer's CPU job for this step's host decode rows (if any). graphed: a
+        captured graph (capturing()) stages and fetches this step's rows; call
+        staged_by_graph() once it is launched."""
         self._layout = layout
         self._jobs = []
         self._num_staged = 0
         host = layout.host_decode
         if host is None:
             return
-        if host.num_tokens > self.max_host_rows:
-            raise ValueError(f"{host.num_tokens} host rows exceed the staging capacity "
+        staged_rows = layout.num_staged_rows
+        if staged_rows > self.max_host_rows:
+            raise ValueError(f"{staged_rows} host rows exceed the staging capacity "
                              f"{self.max_host_rows} (max_num_seqs)")
         self._step_seq += 1
-        seq, n = self._step_seq, host.num_tokens
+        seq = self._step_seq
         stream = torch.cuda.current_stream().cuda_stream if self._on_cuda else 0
-        if self._seq_device is not None:
+        if self._seq_device is not None and (graphed or not self._memory_ops):
             self._seq_device.fill_(seq)  # queued before any layer's staging
-        self._handoff.begin_step(seq, n, stream)
+        self._handoff.begin_step(seq, staged_rows, stream)
+        n = host.num_tokens
         submission = self._submissions.get(n)
         if submission is None:
             heads = (self.num_heads, self.num_kv_heads, self.num_kv_heads)
@@ -156,6 +189,10 @@ class HostAttention:
                 staging, self.host_kv, self._flags, scale=self.scale, kv_scales=self.host_scales)
         self._jobs = submission.submit(host.block_tables, host.seq_lens_tensor,
                                        host.slot_mapping, seq)
+
+    def staged_by_graph(self) -> None:
+        """The step's graph is launched: it stages every layer (end_step releases none)."""
+        self._num_staged = self.num_layers
 
     def end_step(self) -> None:
         """Write the step's staged prefill k/v and collect its jobs. After a failure

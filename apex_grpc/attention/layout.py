@@ -10,9 +10,11 @@ this order, so no consumer ever infers a row's role from its shape:
     host_decode   one-token decodes whose KV lives in the host tier (CPU attention, native pool)
 
 Every part's tensors are small index tensors (block tables, lengths, slots); the Python tuples
-beside them serve CPU-side decisions. A later change can keep the tensors in preallocated,
-fixed-capacity buffers (CUDA graphs need static addresses) by building them as views of those
-buffers: nothing downstream allocates or keeps them.
+beside them serve CPU-side decisions. A graphed decode step builds them as views of
+preallocated, fixed-capacity buffers (runner/input_batch.py, StaticDecodeInputs), padded to its
+bucket: padding GPU rows are part of gpu_decode (they attend a padding block no request owns),
+padding host rows trail the layout (`padding_rows`: the hand-off copies them, no CPU job reads
+them).
 
 KV cache layout (both tiers, shared with the native CPU kernel):
     one tensor per tier  [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim]
@@ -87,6 +89,9 @@ class BatchLayout:
     gpu_decode: PagedSeqBatch | None = None
     host_prefill: HostPrefillBatch | None = None
     host_decode: PagedSeqBatch | None = None  # tensors on the CPU (the native pool reads them)
+    # Rows after every part that belong to no sequence: a graphed step's host rows padded to
+    # its bucket (they follow host_decode, or gpu_decode when the step has no host rows).
+    padding_rows: int = 0
 
     def __post_init__(self) -> None:
         row = 0
@@ -98,8 +103,9 @@ class BatchLayout:
                 raise ValueError(f"{name} starts at row {part.row_start}, expected {row}: parts "
                                  "must follow gpu_prefill, gpu_decode, host_prefill, host_decode")
             row += part.num_tokens
-        if row != self.num_tokens:
-            raise ValueError(f"the parts cover {row} rows of {self.num_tokens}")
+        if row + self.padding_rows != self.num_tokens:
+            raise ValueError(f"the parts cover {row} rows and {self.padding_rows} padding rows "
+                             f"of {self.num_tokens}")
         if self.gpu_decode is not None and self.gpu_decode.max_query_len != 1:
             raise ValueError("gpu_decode rows must be one token per sequence")
         if self.host_decode is not None and self.host_decode.max_query_len != 1:
@@ -108,7 +114,13 @@ class BatchLayout:
     @property
     def num_device_rows(self) -> int:
         """Rows whose attention the device computes: every row before host_decode."""
-        return self.num_tokens - (self.host_decode.num_tokens if self.host_decode else 0)
+        return (self.num_tokens - self.padding_rows
+                - (self.host_decode.num_tokens if self.host_decode else 0))
+
+    @property
+    def num_staged_rows(self) -> int:
+        """Rows the host hand-off copies each layer: host_decode and the padding after it."""
+        return (self.host_decode.num_tokens if self.host_decode else 0) + self.padding_rows
 
     def device_part(self) -> BatchLayout:
         """The rows before host_decode as a layout of their own (the pipeline's sub-batch A)."""

@@ -5,6 +5,7 @@ pool."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from apex_grpc.perf.host_kv_costs import with_host_kv_dtype
 from apex_grpc.perf.perf_model import PerfModel, Profile
 from apex_grpc.platform import (default_cpu_attention_threads, device_name, resolve_device,
                                 resolve_dtype, share_cores_with_pool)
+from apex_grpc.runner.decode_graphs import DecodeBuckets
 from apex_grpc.runner.model_runner import ModelRunner
 from apex_grpc.scheduler.apex_chooser import make_chooser
 from apex_grpc.scheduler.chooser import SimpleChooser
@@ -42,7 +44,9 @@ def _num_blocks(gib: float, block_bytes: int) -> int:
 
 
 def size_kv_tiers(opts: ServeOptions, model: ModelConfig, dtype: torch.dtype,
-                  device: torch.device) -> tuple[int, int]:
+                  device: torch.device, reserved_bytes: int = 0) -> tuple[int, int]:
+    """(GPU blocks, host blocks). reserved_bytes: device memory start-up still needs beside
+    the free memory's share (the decode graphs' pool)."""
     block_bytes = bytes_per_block(model, opts.block_size, dtype)
     host_block_bytes = host_bytes_per_block(
         model, opts.block_size, resolve_host_kv_dtype(opts.host_kv_dtype, dtype))
@@ -52,7 +56,8 @@ def size_kv_tiers(opts: ServeOptions, model: ModelConfig, dtype: torch.dtype,
         num_gpu = _num_blocks(opts.gpu_kv_gb, block_bytes)
     elif device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        num_gpu = int(free * CUDA_KV_MEMORY_FRACTION) // block_bytes
+        # Less one block: the padding block of graphed steps (kv_cache/storage.py).
+        num_gpu = int(free * CUDA_KV_MEMORY_FRACTION - reserved_bytes) // block_bytes - 1
     else:
         num_gpu = _num_blocks(DEFAULT_KV_GB_ON_CPU, block_bytes)
     if opts.policy == Policy.GPU_ONLY:
@@ -113,13 +118,49 @@ def build_engine_core(opts: ServeOptions) -> BuiltCore:
     share_cores_with_pool(device, threads)
     # Profile first: its allocations are released before free memory sizes the GPU KV tier.
     perf_model = load_perf_model(opts, model, model_config, dtype, device, threads)
+    graph_max_batch = None
+    graph_bytes = 0
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    num_gpu_blocks, num_host_blocks = size_kv_tiers(opts, model_config, dtype, device)
+        if opts.enforce_eager:
+            log.info("decode steps run eagerly (--enforce-eager)")
+        else:
+            graph_max_batch = opts.cuda_graph_max_batch
+            graph_bytes = measure_decode_graphs(opts, model, model_config, tokenizer, dtype,
+                                                device, threads)
+    num_gpu_blocks, num_host_blocks = size_kv_tiers(opts, model_config, dtype, device,
+                                                    reserved_bytes=graph_bytes)
     config = engine_config(opts, model_config, num_gpu_blocks, num_host_blocks, threads)
     core = build_core(config, model, model_config, tokenizer, dtype, device, perf_model,
-                      opts.tpot_slo_ms, cuda_layer_wait=opts.cuda_layer_wait)
+                      opts.tpot_slo_ms, cuda_layer_wait=opts.cuda_layer_wait,
+                      cuda_graph_max_batch=graph_max_batch)
+    if graph_max_batch is not None:
+        core.runner.capture_decode_graphs()
+        log.info("%.1f MiB were set aside for the decode graphs before sizing the GPU KV tier",
+                 graph_bytes / 2**20)
     return BuiltCore(core, model_config, name, tokenizer, dtype, device)
+
+
+def measure_decode_graphs(opts: ServeOptions, model: torch.nn.Module, model_config: ModelConfig,
+                          tokenizer, dtype: torch.dtype, device: torch.device,
+                          threads: int) -> int:
+    """The decode graphs' memory pool in bytes, measured by capturing them once over a
+    one-block GPU tier (the graphs' pool does not depend on the KV tier's size) and released
+    again, so the GPU KV tier is sized with it set aside."""
+    config = engine_config(opts, model_config, 1, 1 if opts.policy != Policy.GPU_ONLY else 0,
+                           threads)
+    config = config.replace(max_model_len=servable_model_len(opts, model_config, 1 << 30))
+    core = build_core(config, model, model_config, tokenizer, dtype, device,
+                      cuda_layer_wait=opts.cuda_layer_wait,
+                      cuda_graph_max_batch=opts.cuda_graph_max_batch)
+    try:
+        pool_bytes = core.runner.capture_decode_graphs()
+    finally:
+        core.runner.close()
+    del core
+    gc.collect()
+    torch.cuda.empty_cache()
+    return pool_bytes
 
 
 def servable_model_len(opts: ServeOptions, model_config: ModelConfig, num_gpu_blocks: int) -> int:
@@ -157,9 +198,13 @@ def build_core(config: EngineConfig, model: torch.nn.Module, model_config: Model
                tokenizer, dtype: torch.dtype, device: torch.device,
                perf_model: PerfModel | None = None,
                tpot_slo_ms: float | None = None,
-               cuda_layer_wait: str = CUDA_LAYER_WAITS[0]) -> EngineCore:
+               cuda_layer_wait: str = CUDA_LAYER_WAITS[0],
+               cuda_graph_max_batch: int | None = None) -> EngineCore:
     """The synchronous engine over an already loaded model (tests build it directly). Without
-    a performance model each policy follows its fixed rule (chooser.SimpleChooser)."""
+    a performance model each policy follows its fixed rule (chooser.SimpleChooser).
+    cuda_graph_max_batch: run decode-only steps over fixed buffers padded to buckets up to
+    this size (runner/decode_graphs.py); on CUDA, runner.capture_decode_graphs() then makes
+    them graphs."""
     storage = KVStorage(model_config, config.block_size, config.num_gpu_blocks,
                         config.num_host_blocks, dtype, device,
                         host_dtype=checked_host_kv_dtype(config.host_kv_dtype, dtype))
@@ -170,8 +215,14 @@ def build_core(config: EngineConfig, model: torch.nn.Module, model_config: Model
                          model_config.head_dim, device, cuda_layer_wait,
                          host_scales=storage.host_scales, row_dtype=dtype,
                          job_timeout_s=config.host_job_timeout_s)
+    buckets = None
+    if cuda_graph_max_batch is not None:
+        hybrid = config.policy != Policy.GPU_ONLY and config.num_host_blocks > 0
+        buckets = DecodeBuckets.for_engine(min(cuda_graph_max_batch, config.max_num_seqs),
+                                           config.max_num_seqs if hybrid else 0)
     runner = ModelRunner(model, storage, make_device_attention(storage.gpu, scale, pool), host,
-                         config.block_size, device)
+                         config.block_size, device, decode_buckets=buckets,
+                         max_model_len=config.max_model_len)
     kv = KVCacheManager(config.block_size, config.num_gpu_blocks, config.num_host_blocks)
     eos = tokenizer.eos_token_ids if tokenizer is not None else model_config.eos_token_ids
     if perf_model is None:

@@ -4,6 +4,8 @@ Layout (see apex_grpc/attention/base.py): [num_layers, 2, num_blocks, num_kv_hea
 head_dim] per tier. The host tier is pinned when a GPU copies into it. An int8 host tier
 (--host-kv-dtype int8) keeps host_scales [num_layers, 2, num_blocks, num_kv_heads, block_size]
 float32 beside it (kv_cache/quantized.py): moves to the host quantize, restores dequantize.
+The GPU tier holds one block more than the KV manager hands out: `padding_block`, where the
+padding rows of a graphed decode step write and read (runner/input_batch.py).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class KVStorage:
                  num_host_blocks: int, dtype: torch.dtype, device: torch.device,
                  host_dtype: torch.dtype | None = None) -> None:
         self.device = device
-        self.gpu = torch.zeros(kv_shape(model, num_gpu_blocks, block_size), dtype=dtype,
+        self.padding_block = num_gpu_blocks  # past every block the KV manager owns
+        self.gpu = torch.zeros(kv_shape(model, num_gpu_blocks + 1, block_size), dtype=dtype,
                                device=device)
         host_shape = kv_shape(model, num_host_blocks, block_size)
         self.host = pinned_empty(host_shape, host_dtype or dtype, device)

@@ -1,6 +1,8 @@
 """Executes a StepPlan: KV moves, the forward pass through the plan's strategy executor, then
 sampling. The runner owns the step's bracket (the host side's begin_step/end_step) and picks
-the executor; each executor (runner/executors/) owns its layer loop.
+the executor; each executor (runner/executors/) owns its layer loop. With decode buckets a
+decode-only step runs over fixed buffers instead, as a CUDA graph once captured
+(runner/decode_graphs.py).
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from apex_grpc.kv_cache.storage import KVStorage
 from apex_grpc.model.llama import LlamaForCausalLM
 from apex_grpc.platform import synchronize
 from apex_grpc.request import TokenLogprob
+from apex_grpc.runner.decode_graphs import DecodeBuckets, DecodeGraphs
 from apex_grpc.runner.executors import EXECUTORS, StepExecutor
-from apex_grpc.runner.input_batch import InputBatch, build_input_batch
+from apex_grpc.runner.input_batch import InputBatch, StaticDecodeInputs, build_input_batch
 from apex_grpc.sampler import Sampler
 from apex_grpc.scheduler.plan import StepPlan, Strategy
 
@@ -30,7 +33,10 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, storage: KVStorage,
                  device_attention: DeviceAttention, host: HostAttention, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, decode_buckets: DecodeBuckets | None = None,
+                 max_model_len: int = 0) -> None:
+        """decode_buckets: run decode-only steps over fixed, padded buffers (as CUDA graphs
+        after capture_decode_graphs()); max_model_len sizes their block tables."""
         self.model = model
         self.storage = storage
         self.host = host
@@ -40,6 +46,19 @@ class ModelRunner:
         self.executors: dict[Strategy, StepExecutor] = {
             strategy: executor(model, device_attention, host)
             for strategy, executor in EXECUTORS.items()}
+        self.decode_graphs: DecodeGraphs | None = None
+        if decode_buckets is not None:
+            inputs = StaticDecodeInputs(
+                decode_buckets.gpu[-1], decode_buckets.host[-1],
+                -(-max_model_len // block_size), storage.padding_block, block_size, device)
+            self.decode_graphs = DecodeGraphs(self.executors, host, inputs, decode_buckets,
+                                              max_model_len)
+
+    def capture_decode_graphs(self) -> int:
+        """Capture the decode buckets' CUDA graphs -> the bytes their memory pool holds."""
+        if self.decode_graphs is None:
+            raise RuntimeError("the runner has no decode buckets to capture")
+        return self.decode_graphs.capture()
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -48,13 +67,17 @@ class ModelRunner:
             moved.make_current_stream_wait()
         if plan.is_empty:
             return StepResult({}, {})
-        batch = build_input_batch(plan, self.block_size, self.device)
+        bucket = self.decode_graphs.bucket_for(plan) if self.decode_graphs else None
         # The host jobs are collected only after sampling is enqueued (and has synchronised):
         # collecting them right after the forward would stall this thread until the CPU's last
         # layer, while the device sits idle waiting for the sampling launches.
         try:
-            self.host.begin_step(batch.layout)
-            hidden = self.forward(plan.strategy, batch)
+            if bucket is None:
+                batch = build_input_batch(plan, self.block_size, self.device)
+                self.host.begin_step(batch.layout)
+                hidden = self.forward(plan.strategy, batch)
+            else:
+                batch, hidden = self.decode_graphs.run(plan, bucket)
             rows = batch.sample_seqs
             if not rows:
                 synchronize(self.device)

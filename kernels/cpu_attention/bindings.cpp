@@ -217,6 +217,12 @@ PYBIND11_MODULE(_cpu_attention, module) {
              self.begin_step(seq, num_rows, apex::pointer<void>(stream));
            },
            py::call_guard<py::gil_scoped_release>())
+      .def("begin_capture",
+           [](apex::LayerHandoff& self, int num_rows, uintptr_t stream) {
+             self.begin_capture(num_rows, apex::pointer<void>(stream));
+           },
+           py::call_guard<py::gil_scoped_release>())
+      .def("end_capture", &apex::LayerHandoff::end_capture)
       .def("stage",
            [](apex::LayerHandoff& self, int layer, uintptr_t qkv, size_t qkv_stride,
               int row_start) {

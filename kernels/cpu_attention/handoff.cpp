@@ -34,8 +34,9 @@ void copy_rows(char* dst, size_t dst_stride, const char* src, size_t src_stride,
 
 void host_func_wait(void* data) {
   const int64_t* record = static_cast<const int64_t*>(data);
-  wait_flag(reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(record[0])), record[1],
-            kHostFuncWaitTimeoutS);
+  int64_t* flag = reinterpret_cast<int64_t*>(static_cast<uintptr_t>(record[0]));
+  wait_flag(flag, record[1], kHostFuncWaitTimeoutS);
+  if (record[2] != 0) set_flag(flag, 0);
 }
 
 LayerHandoff::LayerHandoff(int num_layers, int max_rows, size_t qkv_row_bytes,
@@ -57,7 +58,8 @@ LayerHandoff::LayerHandoff(int num_layers, int max_rows, size_t qkv_row_bytes,
       on_cuda_(cuda.memcpy2d_async != nullptr),
       wait_(wait),
       timeout_s_(timeout_s),
-      wait_records_(size_t(2) * num_layers * 2, 0) {
+      wait_records_(size_t(2) * num_layers * kWaitRecordWords, 0),
+      graph_wait_records_(size_t(num_layers) * kWaitRecordWords, 0) {
   if (num_layers < 1 || max_rows < 1) throw std::invalid_argument("empty hand-off");
   if (on_cuda_) {
     const bool memory_ops = cuda_.stream_wait_value64 != nullptr &&
@@ -72,6 +74,12 @@ LayerHandoff::LayerHandoff(int num_layers, int max_rows, size_t qkv_row_bytes,
       throw std::invalid_argument("the stream wait needs stream memory operations");
   } else if (wait_ != LayerWait::kEngineThread) {
     throw std::invalid_argument("the host-function and stream waits need CUDA");
+  }
+  for (int layer = 0; layer < num_layers; ++layer) {
+    int64_t* record = graph_wait_records_.data() + size_t(layer) * kWaitRecordWords;
+    record[0] = int64_t(reinterpret_cast<uintptr_t>(done_flags_ + layer));
+    record[1] = 1;
+    record[2] = 1;
   }
 }
 
@@ -88,11 +96,24 @@ void LayerHandoff::begin_step(int64_t seq, int num_rows, void* compute_stream) {
   seq_ = seq;
   num_rows_ = num_rows;
   compute_stream_ = compute_stream;
-  int64_t* records = wait_records_.data() + size_t(seq % 2) * num_layers_ * 2;
-  for (int layer = 0; layer < num_layers_; ++layer) {
-    records[2 * layer] = int64_t(reinterpret_cast<uintptr_t>(done_flags_ + layer));
-    records[2 * layer + 1] = seq;
+  int64_t* records = wait_records_.data() + size_t(seq % 2) * num_layers_ * kWaitRecordWords;
+  for (int layer = 0; layer < num_layers_; ++layer, records += kWaitRecordWords) {
+    records[0] = int64_t(reinterpret_cast<uintptr_t>(done_flags_ + layer));
+    records[1] = seq;
+    records[2] = 0;
   }
+}
+
+void LayerHandoff::begin_capture(int num_rows, void* capture_stream) {
+  if (!on_cuda_ || seq_on_device_ == nullptr || wait_ == LayerWait::kEngineThread)
+    throw std::invalid_argument("capturing the hand-off needs CUDA, the device-side sequence "
+                                "number and a device-side wait (host-func or stream-wait)");
+  if (num_rows < 1 || num_rows > max_rows_)
+    throw std::invalid_argument(std::to_string(num_rows) + " captured host rows: outside 1.." +
+                                std::to_string(max_rows_));
+  num_rows_ = num_rows;
+  compute_stream_ = capture_stream;
+  capturing_ = true;
 }
 
 void LayerHandoff::stage(int layer, const char* qkv, size_t qkv_stride, int row_start) {
@@ -108,7 +129,7 @@ void LayerHandoff::stage(int layer, const char* qkv, size_t qkv_stride, int row_
                              kDeviceToHost, compute_stream_), "cudaMemcpy2DAsync(qkv)");
   // In stream order, so the flag lands only after the data (the memory write is also preceded
   // by a system-wide fence).
-  if (cuda_.stream_write_value64 != nullptr) {
+  if (cuda_.stream_write_value64 != nullptr && !capturing_) {
     check(cuda_.stream_write_value64(compute_stream_, ready_flags_on_device_ + flag_offset(layer),
                                      uint64_t(seq_), kWriteValueDefault),
           "cuStreamWriteValue64(ready flag)");
@@ -122,11 +143,17 @@ void LayerHandoff::fetch(int layer, char* dst, size_t dst_stride) {
   if (layer < 0 || layer >= num_layers_) throw std::out_of_range("layer out of range");
   const char* out = static_cast<const char*>(staging(layer).out);
   if (wait_ == LayerWait::kStreamWait) {
-    check(cuda_.stream_wait_value64(compute_stream_, done_flags_on_device_ + flag_offset(layer),
-                                    uint64_t(seq_), kWaitValueGeq),
-          "cuStreamWaitValue64(done flag)");
+    const uint64_t done = done_flags_on_device_ + flag_offset(layer);
+    // A captured wait cannot name the step: it waits for any raise, then rearms the flag.
+    check(cuda_.stream_wait_value64(compute_stream_, done, capturing_ ? 1 : uint64_t(seq_),
+                                    kWaitValueGeq), "cuStreamWaitValue64(done flag)");
+    if (capturing_)
+      check(cuda_.stream_write_value64(compute_stream_, done, 0, kWriteValueDefault),
+            "cuStreamWriteValue64(done flag reset)");
   } else if (wait_ == LayerWait::kHostFunc) {
-    int64_t* record = wait_records_.data() + (size_t(seq_ % 2) * num_layers_ + layer) * 2;
+    int64_t* record = capturing_
+        ? graph_wait_records_.data() + size_t(layer) * kWaitRecordWords
+        : wait_records_.data() + (size_t(seq_ % 2) * num_layers_ + layer) * kWaitRecordWords;
     check(cuda_.launch_host_func(compute_stream_, &host_func_wait, record), "cudaLaunchHostFunc");
   } else if (!wait_flag(done_flags_ + layer, seq_, timeout_s_)) {
     throw std::runtime_error("CPU attention for layer " + std::to_string(layer) +

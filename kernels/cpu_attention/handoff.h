@@ -59,7 +59,13 @@ class LayerHandoff {
   LayerHandoff& operator=(const LayerHandoff&) = delete;
 
   // A step with num_rows host rows, its sequence number, and (CUDA) the compute stream.
+  // num_rows may exceed the rows the jobs attend (a graphed step's padding): every staged
+  // and fetched row is copied, only the jobs' rows are read.
   void begin_step(int64_t seq, int num_rows, void* compute_stream);
+  // Record stage/fetch into the CUDA graph being captured on `capture_stream` (see above);
+  // needs the device-side sequence number and a device-side wait (host function or stream).
+  void begin_capture(int num_rows, void* capture_stream);
+  void end_capture() { capturing_ = false; }
   // Copy rows [row_start, row_start + num_rows) of qkv (each row q|k|v, qkv_row_bytes
   // contiguous; rows qkv_stride bytes apart) to the layer's staging, then raise its ready flag.
   void stage(int layer, const char* qkv, size_t qkv_stride, int row_start);
@@ -85,15 +91,22 @@ class LayerHandoff {
   bool on_cuda_;
   LayerWait wait_;
   double timeout_s_;
-  // Host-function records {done flag address, value}, per step parity and layer: a record is
-  // read when the stream reaches it, so the next step writes the other parity.
+  // Host-function records {done flag address, value, reset}, per step parity and layer: a
+  // record is read when the stream reaches it, so the next step writes the other parity.
   std::vector<int64_t> wait_records_;
+  // The records captured graphs hold: {done flag address, 1, reset}, never rewritten.
+  std::vector<int64_t> graph_wait_records_;
+  bool capturing_ = false;
   int64_t seq_ = 0;
   int num_rows_ = 0;
   void* compute_stream_ = nullptr;
 };
 
-// The cudaHostFn_t that holds a stream until *record[0] >= record[1] (bounded by a timeout).
+// The cudaHostFn_t that holds a stream until *record[0] >= record[1] (bounded by a timeout),
+// then sets *record[0] to 0 when record[2] is non-zero (a captured graph's wait).
 void host_func_wait(void* record);
+
+// Words per host-function record.
+constexpr int kWaitRecordWords = 3;
 
 }  // namespace apex

@@ -44,6 +44,20 @@ MODES = {
     # Same pressure without a host tier: preemption by recompute.
     "gpu_only_preempt": (dict(policy=Policy.GPU_ONLY, num_host_blocks=0, num_gpu_blocks=24),
                          Strategy.GPU_ONLY),
+    # Decode steps over the fixed, padded buffers of runner/decode_graphs.py (buckets up to 16
+    # GPU and 16 host rows, so the 32 streams also take eager steps): captured and replayed as
+    # CUDA graphs on CUDA, run eagerly over the same buffers on a CPU.
+    "gpu_only_graphs": (dict(policy=Policy.GPU_ONLY, num_host_blocks=0,
+                             cuda_graph_max_batch=16), Strategy.GPU_ONLY),
+    "apex_host_graphs": (dict(policy=Policy.APEX, kv_placement=KVPlacement.HOST,
+                              cuda_graph_max_batch=16), Strategy.ASYNC_OVERLAP),
+    "apex_alternate_graphs": (dict(policy=Policy.APEX, kv_placement=KVPlacement.ALTERNATE,
+                                   cuda_graph_max_batch=16), Strategy.ASYNC_OVERLAP),
+    "apex_evictions_graphs": (dict(policy=Policy.APEX, num_gpu_blocks=24,
+                                   cuda_graph_max_batch=16), Strategy.ASYNC_OVERLAP),
+    "apex_host_func_graphs": (dict(policy=Policy.APEX, kv_placement=KVPlacement.HOST,
+                                   cuda_layer_wait="host-func", cuda_graph_max_batch=16),
+                              Strategy.ASYNC_OVERLAP),
 }
 
 
@@ -61,9 +75,13 @@ def run_mode(model, model_config, tokenizer, mode: str, prompts, max_new: int,
                   cpu_attention_threads=1)
     fields.update(overrides)
     layer_wait = fields.pop("cuda_layer_wait", CUDA_LAYER_WAITS[0])
+    graph_max_batch = fields.pop("cuda_graph_max_batch", None)
     config = EngineConfig(**fields)
     core = build_core(config, model, model_config, tokenizer, torch.float32, torch.device(device),
-                      cuda_layer_wait=layer_wait)
+                      cuda_layer_wait=layer_wait, cuda_graph_max_batch=graph_max_batch)
+    graphs = core.runner.decode_graphs
+    if graphs is not None and device == "cuda":
+        core.runner.capture_decode_graphs()
     results = run_to_completion(
         core, prompts, SamplingParams(top_logprobs=0),
         StoppingParams(max_new_tokens=max_new, ignore_eos=True))
@@ -76,6 +94,9 @@ def run_mode(model, model_config, tokenizer, mode: str, prompts, max_new: int,
         assert stats.evictions_total > 0 and stats.restores_total > 0
     if mode == "gpu_only_preempt":
         assert stats.preemptions_total > 0
+    if graphs is not None:  # the buckets served steps: replayed graphs on CUDA
+        assert (graphs.replays if device == "cuda" else graphs.padded_steps) > 0
+        assert graphs.replays if device == "cuda" else not graphs.replays
     # Nothing leaks: both pools are back to empty and consistent.
     core.scheduler.kv.check_integrity()
     assert core.scheduler.kv.used_blocks(Tier.GPU) == 0

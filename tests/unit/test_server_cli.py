@@ -44,7 +44,7 @@ def test_every_serve_flag_maps_onto_the_options():
         "--max-num-seqs", "8", "--max-batched-tokens", "512", "--max-model-len", "1024",
         "--cpu-attention-threads", "3", "--max-waiting", "5", "--max-step-stretch", "1.5",
         "--profile", "p.json", "--tpot-slo-ms", "40", "--cuda-layer-wait", "engine-thread",
-        "--seed", "7", "--host", "0.0.0.0", "--port", "6000",
+        "--enforce-eager", "--cuda-graph-max-batch", "24", "--seed", "7", "--host", "0.0.0.0", "--port", "6000",
         "--metrics-port", "9100", "--tls-cert", "c.pem", "--tls-key", "k.pem",
         "--auth-token", "t", "--max-concurrent-streams", "9", "--max-message-bytes", "4096",
         "--max-queue-time-ms", "250", "--max-prompt-len", "99", "--shutdown-grace", "3",
@@ -59,6 +59,7 @@ def test_every_serve_flag_maps_onto_the_options():
     assert (options.max_waiting, options.max_step_stretch) == (5, 1.5)
     assert (options.profile, options.tpot_slo_ms, options.seed) == ("p.json", 40.0, 7)
     assert options.cuda_layer_wait == "engine-thread"
+    assert options.enforce_eager is True and options.cuda_graph_max_batch == 24
     settings = cli.server_settings(args, environ={})
     assert (settings.host, settings.port, settings.metrics_port) == ("0.0.0.0", 6000, 9100)
     assert (settings.tls_cert, settings.tls_key, settings.auth_token) == ("c.pem", "k.pem", "t")
@@ -70,6 +71,7 @@ def test_every_serve_flag_maps_onto_the_options():
 def test_unset_flags_take_the_dataclass_defaults():
     args = cli.build_parser().parse_args(["serve"])
     assert cli.serve_options(args) == ServeOptions()
+    assert ServeOptions().enforce_eager is False  # CUDA graphs are on by default
     assert cli.server_settings(args, environ={}) == ServerSettings()
 
 

@@ -40,6 +40,11 @@ class StepExecutor:
         self.host = host
         self._out = AttentionOutput(model)
 
+    def reserve_rows(self, num_rows: int) -> None:
+        """Size the attention output buffer for steps of up to num_rows rows now (a CUDA
+        graph capture must not allocate it)."""
+        self._out.rows(num_rows)
+
     def run(self, batch: InputBatch) -> torch.Tensor:
         """The batch's forward pass -> final hidden states [num_tokens, hidden_size]. The
         host side's begin_step(batch.layout) has run; the caller runs end_step."""

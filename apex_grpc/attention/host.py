@@ -17,9 +17,9 @@ end_step() writes the staged prefill k/v, collects the jobs and surfaces any wor
 
 A graphed decode step (runner/decode_graphs.py) records stage/fetch once per bucket under
 capturing(): the recorded calls copy every staged row (the bucket's padding included), read the
-step's sequence number from device memory for the ready flags, and wait for the done flags by
-rearming them, so one graph serves every step. begin_step(layout, graphed=True) then only
-queues the jobs and sets that sequence number before the replay.
+step's sequence number from device memory for the ready flags, and wait for each done flag to
+be raised at all, so one graph serves every step. begin_step(layout, graphed=True) zeroes the
+done flags, queues the jobs and sets that sequence number before the replay.
 
 Buffers alternate by layer parity: a job for layer l+2 cannot start before stage(l+2), which
 the compute stream orders after layer l's output was consumed.
@@ -178,6 +178,8 @@ class HostAttention:
         stream = torch.cuda.current_stream().cuda_stream if self._on_cuda else 0
         if self._seq_device is not None and (graphed or not self._memory_ops):
             self._seq_device.fill_(seq)  # queued before any layer's staging
+        if graphed:  # the graph's waits pass on any raise: none may be left from a past step
+            self._flags[1].zero_()
         self._handoff.begin_step(seq, staged_rows, stream)
         n = host.num_tokens
         submission = self._submissions.get(n)

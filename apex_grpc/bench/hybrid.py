@@ -43,14 +43,20 @@ from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan, Strategy
 BLOCK_SIZE = 16
 
 
-def _core(model, cfg, tok, dtype, device, threads: int,
-          cuda_layer_wait: str = CUDA_LAYER_WAITS[0], **overrides) -> EngineCore:
+def bench_core(model, cfg, tok, dtype, device, threads: int,
+               cuda_layer_wait: str = CUDA_LAYER_WAITS[0],
+               cuda_graph_max_batch: int | None = None, **overrides) -> EngineCore:
+    """An engine core for step benchmarks; with cuda_graph_max_batch its decode buckets are
+    captured as CUDA graphs on CUDA (run eagerly over their fixed buffers elsewhere)."""
     fields = dict(block_size=BLOCK_SIZE, num_gpu_blocks=4096, num_host_blocks=4096,
                   max_num_seqs=64, max_batched_tokens=4096, max_model_len=8192,
                   cpu_attention_threads=threads)
     fields.update(overrides)
-    return build_core(EngineConfig(**fields), model, cfg, tok, dtype, device,
-                      cuda_layer_wait=cuda_layer_wait)
+    core = build_core(EngineConfig(**fields), model, cfg, tok, dtype, device,
+                      cuda_layer_wait=cuda_layer_wait, cuda_graph_max_batch=cuda_graph_max_batch)
+    if cuda_graph_max_batch is not None and device.type == "cuda":
+        core.runner.capture_decode_graphs()
+    return core
 
 
 def decode_plan(num_gpu: int, num_host: int, ctx: int, strategy: Strategy) -> StepPlan:
@@ -194,8 +200,8 @@ def workload(model, cfg, tok, dtype, device, threads, gpu_kv_tokens: int, num_re
             ("gpu_only", dict(policy=Policy.GPU_ONLY, num_host_blocks=0)),
             ("apex_host", dict(policy=Policy.APEX, kv_placement=KVPlacement.HOST)),
             ("apex_auto", dict(policy=Policy.APEX))):
-        core = _core(model, cfg, tok, dtype, device, threads, cuda_layer_wait,
-                     num_gpu_blocks=max(2, gpu_kv_tokens // BLOCK_SIZE), **overrides)
+        core = bench_core(model, cfg, tok, dtype, device, threads, cuda_layer_wait,
+                          num_gpu_blocks=max(2, gpu_kv_tokens // BLOCK_SIZE), **overrides)
         start = time.perf_counter()
         results = run_to_completion(core, prompts, SamplingParams(), stopping)
         synchronize(device)
@@ -234,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     share_cores_with_pool(device, args.threads)
     model, cfg, tok, _ = load_model(None, "dummy", device, dtype, dummy_config=config)
     blocks = -(-(args.ctx + 1) // BLOCK_SIZE)
-    core = _core(model, cfg, tok, dtype, device, args.threads,
+    core = bench_core(model, cfg, tok, dtype, device, args.threads,
                  cuda_layer_wait=args.cuda_layer_wait, policy=Policy.APEX,
                  num_gpu_blocks=max(args.gpu_rows, 1) * blocks,
                  num_host_blocks=max(args.host_rows, 1) * blocks)

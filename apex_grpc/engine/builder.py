@@ -144,9 +144,9 @@ def build_engine_core(opts: ServeOptions) -> BuiltCore:
 def measure_decode_graphs(opts: ServeOptions, model: torch.nn.Module, model_config: ModelConfig,
                           tokenizer, dtype: torch.dtype, device: torch.device,
                           threads: int) -> int:
-    """The decode graphs' memory pool in bytes, measured by capturing them once over a
-    one-block GPU tier (the graphs' pool does not depend on the KV tier's size) and released
-    again, so the GPU KV tier is sized with it set aside."""
+    """The decode graphs' memory pool in bytes, estimated by capturing the largest ones over a
+    one-block GPU tier (the pool does not depend on the KV tier's size) and releasing them,
+    so the GPU KV tier is sized with it set aside."""
     config = engine_config(opts, model_config, 1, 1 if opts.policy != Policy.GPU_ONLY else 0,
                            threads)
     config = config.replace(max_model_len=servable_model_len(opts, model_config, 1 << 30))
@@ -154,7 +154,7 @@ def measure_decode_graphs(opts: ServeOptions, model: torch.nn.Module, model_conf
                       cuda_layer_wait=opts.cuda_layer_wait,
                       cuda_graph_max_batch=opts.cuda_graph_max_batch)
     try:
-        pool_bytes = core.runner.capture_decode_graphs()
+        pool_bytes = core.runner.decode_graphs.estimate_pool_bytes()
     finally:
         core.runner.close()
     del core

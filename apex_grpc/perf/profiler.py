@@ -1,7 +1,8 @@
 """`apex-grpc profile`: measures the performance-model tables on the actual device.
 
 Times the real pieces: a decoder layer's pre_attention/post_attention vs token count (T_lin),
-the GPU tier's attention backend as served (Triton on CUDA) for prefill and decode, the
+the GPU tier's attention backend as served (Triton on CUDA) for prefill and decode (on CUDA the
+layer and the decode attention are timed as CUDA-graph replays, as decode steps are served), the
 native CpuAttentionPool for CPU decode attention over (requests, context tokens), torch copies
 for the PCIe link, a tiny pool round trip for the per-layer sync, and the LM head. Every point
 gets a share of a time budget, so profiling at server start-up is bounded.
@@ -74,11 +75,18 @@ class _Timer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def ms(self, fn: Callable[[], object], max_repeats: int = 20) -> float:
+    def ms(self, fn: Callable[[], object], max_repeats: int = 20, graphed: bool = False) -> float:
+        """graphed: on CUDA, time fn captured as a CUDA graph, as served decode steps run it
+        (runner/decode_graphs.py), so the table holds no eager launch overhead."""
         share = max(0.0, self.deadline - time.perf_counter()) / max(1, self.points_left)
         stop = time.perf_counter() + share
         fn()  # warm-up: allocator, kernel selection
         self._sync()
+        if graphed and self.device.type == "cuda":
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            fn = graph.replay
         samples: list[float] = []
         while len(samples) < max_repeats and (not samples or time.perf_counter() < stop):
             start = time.perf_counter()
@@ -112,7 +120,7 @@ def _linear_table(model, config: ModelConfig, grid: Grid, timer: _Timer) -> Tabl
             q, _, _, res = layer.pre_attention(hidden, residual.clone(), rope)
             layer.post_attention(q, res)
         with torch.inference_mode():
-            times.append(timer.ms(run))
+            times.append(timer.ms(run, graphed=True))
     return Table1D(tuple(map(float, grid.linear_tokens)), _monotone(times))
 
 
@@ -136,7 +144,8 @@ def _paged_ms(config: ModelConfig, dtype: torch.dtype, device: torch.device, num
     # come from _cpu_attention_table).
     with CpuAttentionPool(1) as pool:
         backend = make_device_attention(kv, config.head_dim ** -0.5, pool)
-        return timer.ms(lambda: backend.forward(0, q, k, k, layout, out))
+        # Decode steps are served as CUDA graphs, prefill chunks eagerly.
+        return timer.ms(lambda: backend.forward(0, q, k, k, layout, out), graphed=is_decode)
 
 
 def _cpu_attention_table(config: ModelConfig, dtype: torch.dtype, threads: int, grid: Grid,

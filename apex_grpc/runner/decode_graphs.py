@@ -133,20 +133,51 @@ class DecodeGraphs:
         self.replays += 1
         return batch, graph.hidden
 
+    def graph(self, bucket: tuple[int, int]) -> torch.cuda.CUDAGraph:
+        """A captured bucket's graph (benchmarks time its replay alone)."""
+        return self._graphs[bucket].graph
+
     def _executor(self, bucket: tuple[int, int]) -> StepExecutor:
         return self.executors[Strategy.ASYNC_OVERLAP if bucket[1] else Strategy.GPU_ONLY]
 
     # -- capture (CUDA) -------------------------------------------------------------------------
     def capture(self) -> int:
         """Capture every bucket's graph into one memory pool, largest first -> the bytes the
-        pool holds (start-up takes them out of the GPU KV budget). Host-row buckets are skipped
-        when the host side cannot be captured (engine-thread wait)."""
-        device = self.inputs.input_ids.device
-        if device.type != "cuda":
+        pool holds. Host-row buckets are skipped when the host side cannot be captured
+        (engine-thread wait)."""
+        started = time.perf_counter()
+        pool_bytes = self._capture(self._capturable())
+        log.info("captured %d decode graphs (GPU rows up to %d, host rows up to %d) in %.1f s; "
+                 "their memory pool holds %.1f MiB", len(self._graphs), self.buckets.gpu[-1],
+                 max(h for _, h in self._graphs), time.perf_counter() - started,
+                 pool_bytes / 2**20)
+        return pool_bytes
+
+    def estimate_pool_bytes(self) -> int:
+        """What capture() would hold, for sizing the GPU KV tier first: the largest GPU-only
+        and the largest hybrid bucket are captured (every smaller graph reuses their
+        temporaries: one pool, largest first), plus every other graph's own output; then
+        everything is released."""
+        buckets = self._capturable()
+        largest = sorted({max(b for b in buckets if b[1] == h) for h in (0, buckets[0][1])},
+                         key=sum, reverse=True)
+        try:
+            pool_bytes = self._capture(largest)
+        finally:
+            self._graphs.clear()
+        model = self.executors[Strategy.GPU_ONLY].model
+        row_bytes = model.config.hidden_size * model.dtype.itemsize
+        return pool_bytes + sum(g + h for g, h in buckets if (g, h) not in largest) * row_bytes
+
+    def _capturable(self) -> list[tuple[int, int]]:
+        if self.inputs.input_ids.device.type != "cuda":
             raise RuntimeError("CUDA graphs need a CUDA device; on this one the decode buckets "
                                "run eagerly over their fixed buffers")
-        started = time.perf_counter()
-        buckets = [b for b in self.buckets.all() if b[1] == 0 or self.host.can_capture]
+        return [b for b in self.buckets.all() if b[1] == 0 or self.host.can_capture]
+
+    def _capture(self, buckets: list[tuple[int, int]]) -> int:
+        """Capture the buckets (largest first) into one new pool -> the bytes it holds."""
+        device = self.inputs.input_ids.device
         largest = max(g + h for g, h in buckets)
         for executor in set(self.executors.values()):
             executor.reserve_rows(largest)  # no output buffer may be allocated mid-capture
@@ -159,11 +190,7 @@ class DecodeGraphs:
         for bucket in buckets:
             self._graphs[bucket] = self._capture_one(bucket, pool)
         torch.cuda.synchronize(device)
-        pool_bytes = max(0, torch.cuda.memory_reserved(device) - reserved_before)
-        log.info("captured %d decode graphs (GPU rows up to %d, host rows up to %d) in %.1f s; "
-                 "their memory pool holds %.1f MiB", len(self._graphs), self.buckets.gpu[-1],
-                 max(h for _, h in buckets), time.perf_counter() - started, pool_bytes / 2**20)
-        return pool_bytes
+        return max(0, torch.cuda.memory_reserved(device) - reserved_before)
 
     def _capture_layout_batch(self, bucket: tuple[int, int]) -> InputBatch:
         """A bucket's batch for capture: every GPU row's launch sized for the longest context

@@ -34,9 +34,8 @@ void copy_rows(char* dst, size_t dst_stride, const char* src, size_t src_stride,
 
 void host_func_wait(void* data) {
   const int64_t* record = static_cast<const int64_t*>(data);
-  int64_t* flag = reinterpret_cast<int64_t*>(static_cast<uintptr_t>(record[0]));
-  wait_flag(flag, record[1], kHostFuncWaitTimeoutS);
-  if (record[2] != 0) set_flag(flag, 0);
+  wait_flag(reinterpret_cast<const int64_t*>(static_cast<uintptr_t>(record[0])), record[1],
+            kHostFuncWaitTimeoutS);
 }
 
 LayerHandoff::LayerHandoff(int num_layers, int max_rows, size_t qkv_row_bytes,
@@ -79,7 +78,6 @@ LayerHandoff::LayerHandoff(int num_layers, int max_rows, size_t qkv_row_bytes,
     int64_t* record = graph_wait_records_.data() + size_t(layer) * kWaitRecordWords;
     record[0] = int64_t(reinterpret_cast<uintptr_t>(done_flags_ + layer));
     record[1] = 1;
-    record[2] = 1;
   }
 }
 
@@ -100,7 +98,6 @@ void LayerHandoff::begin_step(int64_t seq, int num_rows, void* compute_stream) {
   for (int layer = 0; layer < num_layers_; ++layer, records += kWaitRecordWords) {
     records[0] = int64_t(reinterpret_cast<uintptr_t>(done_flags_ + layer));
     records[1] = seq;
-    records[2] = 0;
   }
 }
 
@@ -143,13 +140,10 @@ void LayerHandoff::fetch(int layer, char* dst, size_t dst_stride) {
   if (layer < 0 || layer >= num_layers_) throw std::out_of_range("layer out of range");
   const char* out = static_cast<const char*>(staging(layer).out);
   if (wait_ == LayerWait::kStreamWait) {
-    const uint64_t done = done_flags_on_device_ + flag_offset(layer);
-    // A captured wait cannot name the step: it waits for any raise, then rearms the flag.
-    check(cuda_.stream_wait_value64(compute_stream_, done, capturing_ ? 1 : uint64_t(seq_),
-                                    kWaitValueGeq), "cuStreamWaitValue64(done flag)");
-    if (capturing_)
-      check(cuda_.stream_write_value64(compute_stream_, done, 0, kWriteValueDefault),
-            "cuStreamWriteValue64(done flag reset)");
+    // A captured wait cannot name the step: it waits for any raise (flags zeroed per replay).
+    check(cuda_.stream_wait_value64(compute_stream_, done_flags_on_device_ + flag_offset(layer),
+                                    capturing_ ? 1 : uint64_t(seq_), kWaitValueGeq),
+          "cuStreamWaitValue64(done flag)");
   } else if (wait_ == LayerWait::kHostFunc) {
     int64_t* record = capturing_
         ? graph_wait_records_.data() + size_t(layer) * kWaitRecordWords

@@ -12,6 +12,12 @@
 // function holding the stream, a stream memory wait on the done flag (the GPU polls the pinned
 // flag), or the engine thread waiting natively. Without CUDA the same calls copy with memcpy
 // and raise the flags directly.
+//
+// Between begin_capture and end_capture the calls are recorded into a CUDA graph that is
+// replayed step after step, so nothing recorded may hold a step's sequence number: each ready
+// flag is then copied from the device-side sequence number (set before every replay), and the
+// compute stream waits for a done flag to be raised at all (>= 1); the caller zeroes the done
+// flags before each replay's jobs are queued.
 #pragma once
 
 #include <cstddef>
@@ -91,10 +97,10 @@ class LayerHandoff {
   bool on_cuda_;
   LayerWait wait_;
   double timeout_s_;
-  // Host-function records {done flag address, value, reset}, per step parity and layer: a
-  // record is read when the stream reaches it, so the next step writes the other parity.
+  // Host-function records {done flag address, value}, per step parity and layer: a record is
+  // read when the stream reaches it, so the next step writes the other parity.
   std::vector<int64_t> wait_records_;
-  // The records captured graphs hold: {done flag address, 1, reset}, never rewritten.
+  // The records captured graphs hold: {done flag address, 1}, never rewritten.
   std::vector<int64_t> graph_wait_records_;
   bool capturing_ = false;
   int64_t seq_ = 0;
@@ -102,11 +108,10 @@ class LayerHandoff {
   void* compute_stream_ = nullptr;
 };
 
-// The cudaHostFn_t that holds a stream until *record[0] >= record[1] (bounded by a timeout),
-// then sets *record[0] to 0 when record[2] is non-zero (a captured graph's wait).
+// The cudaHostFn_t that holds a stream until *record[0] >= record[1] (bounded by a timeout).
 void host_func_wait(void* record);
 
 // Words per host-function record.
-constexpr int kWaitRecordWords = 3;
+constexpr int kWaitRecordWords = 2;
 
 }  // namespace apex

@@ -59,7 +59,8 @@ def make_handoff(num_layers: int, rows: int, device: torch.device = torch.device
         out_row_bytes=HEADS * HEAD_DIM * 4,
         staging=[b[p].data_ptr() for p in range(2) for b in (buffers.qkv, buffers.out)],
         flags=buffers.flags.data_ptr(),
-        seq_on_device=buffers.seq_device.data_ptr() if on_cuda and not memory_ops else 0,
+        # Always on CUDA: captured hand-offs copy their ready flags from it.
+        seq_on_device=buffers.seq_device.data_ptr() if on_cuda else 0,
         flags_on_device=device_address_of_host(buffers.flags.data_ptr()) if memory_ops else 0,
         cuda=cuda_runtime_addresses(memory_ops) if on_cuda else [], wait=wait,
         timeout_s=timeout_s)
@@ -172,3 +173,51 @@ def test_a_device_side_wait_holds_later_cuda_work_until_the_flag_is_raised(wait)
         torch.cuda.synchronize()
     assert marker.item() == 1.0
     assert bool((dst == 3.0).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("wait", [HOST_FUNC, STREAM_WAIT], ids=["host-func", "stream-wait"])
+def test_a_captured_handoff_serves_every_replay(wait):
+    """Captured once, replayed per step: the ready flags carry each replay's sequence number
+    (from device memory), the waits pass only on that step's done flags (zeroed before it)."""
+    num_layers, rows = 2, 3
+    handoff, buffers = make_handoff(num_layers=num_layers, rows=rows, device=torch.device("cuda"),
+                                    wait=wait)
+    src = torch.zeros((rows + 1, QKV_HEADS, HEAD_DIM), device="cuda")  # one row before the host rows
+    dst = torch.zeros((rows + 1, HEADS, HEAD_DIM), device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        handoff.begin_capture(rows, torch.cuda.current_stream().cuda_stream)
+        for layer in range(num_layers):
+            handoff.stage(layer, src.data_ptr(), src.stride(0) * 4, 1)
+            handoff.fetch(layer, dst[1:].data_ptr(), dst.stride(0) * 4)
+        handoff.end_capture()
+    staged = []
+
+    def cpu_jobs(seq: int) -> None:  # what the pool's jobs do, per layer in order
+        for layer in range(num_layers):
+            assert _cpu_attention.wait_flag(buffers.flags[0, layer].data_ptr(), seq, 10.0)
+            staged.append(buffers.qkv[layer % 2, :rows].clone())
+            buffers.out[layer % 2, :rows].fill_(10.0 * seq + layer)
+            set_flag(buffers.flags[1, layer], seq)
+
+    for seq in (1, 2, 3):
+        src.fill_(float(seq))
+        buffers.flags[1].zero_()
+        buffers.seq_device.fill_(seq)
+        jobs = threading.Thread(target=cpu_jobs, args=(seq,))
+        jobs.start()
+        graph.replay()
+        done = torch.cuda.Event()
+        done.record()
+        deadline = time.monotonic() + 10.0
+        try:
+            while not done.query():  # polled: a broken wait fails the test instead of hanging it
+                assert time.monotonic() < deadline, f"replay {seq} still waits"
+                time.sleep(0.001)
+        finally:
+            buffers.flags[1].fill_(1 << 40)  # never leave a stream waiting behind
+            torch.cuda.synchronize()
+            jobs.join(10.0)
+        assert bool((dst[1:] == 10.0 * seq + num_layers - 1).all()) and bool((dst[0] == 0).all())
+        assert all(bool((rows_seen == seq).all()) for rows_seen in staged[-num_layers:])

@@ -161,7 +161,8 @@ def test_bad_layouts_are_rejected():
                     gpu_decode=decode)
     with pytest.raises(ValueError, match="one token per sequence"):
         make_layout(gpu_decode=paged_batch(0, [[0]], [0], [2], BLOCK_SIZE, "cpu"))
-    with pytest.raises(ValueError, match="cover 1 rows of 2"):
+    with pytest.raises(ValueError, match="cover 1 rows and 0 padding rows of 2"):
         BatchLayout(2, gpu_decode=decode)
+    BatchLayout(2, gpu_decode=decode, padding_rows=1)  # a graphed step's trailing padding
     with pytest.raises(ValueError, match="needs 20 slots"):
         paged_batch(0, [[0]], [0], [20], BLOCK_SIZE, "cpu")

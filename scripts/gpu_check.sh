@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build the native kernel, run the CUDA tests, the decode
-# attention kernels against dense SDPA inside CUDA graphs, the policy grid (profile, then serve
-# gpu-only/neo/apex at four GPU KV budgets beside the simulator's prediction) and the hybrid
-# runtime benchmark. Every step has its own timeout (a blocked CUDA wait must not burn the lease),
+# One call on the GPU machine: build the native kernel, run the CUDA tests, the decode step
+# against its floor (graphed vs eager vs the linear work alone as a graph, and the graphed
+# hybrid step), the decode attention kernels against dense SDPA inside CUDA graphs, the policy
+# grid (profile, then serve gpu-only/neo/apex at four GPU KV budgets beside the simulator's
+# prediction) and the hybrid runtime benchmark. Every step has its own timeout (a blocked CUDA wait must not burn the lease),
 # cut to what is left of the script's GPU_CHECK_LIMIT_S (default 540 s: the device tool stops a
 # command at 600 s); a normal run should take about 7-8 minutes. Logs and the JSON lines
 # (gpu_check.log, figures.jsonl) go to $OUT (or /tmp/apex-gpu); the grid's own logs and results
 # stay on the machine under /tmp/apex-policy-grid (the tool brings back few files).
 # GPU_CHECK_WAITS=1 adds the hybrid benchmark once per CPU -> GPU wait (issue 9's comparison,
 # about 1.5 minutes more). GPU_CHECK_STEPS="build gpu-attention policy-grid" runs only the
-# named steps (issue 15's figures in about 5.5 minutes).
+# named steps (issue 15's figures: "build gpu-tests decode-step gpu-attention policy-grid").
 #
 # The GPU image lacks gguf (the model loader imports it) and the gRPC health and reflection
 # packages (the server's, for the policy grid), and its grpcio/protobuf may be older than the
@@ -67,9 +68,13 @@ print('64-bit stream memory ops:', s(0))"
 # timed.
 step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_layer_handoff.py tests/kernels/test_triton_attention.py \
-  tests/e2e/test_hybrid_equivalence.py tests/model/test_torch_ref.py \
+  tests/e2e/test_decode_graphs.py tests/e2e/test_hybrid_equivalence.py \
+  tests/model/test_torch_ref.py \
   tests/kernels/test_cpu_attention_validation.py tests/kernels/test_decode_layers.py \
   tests/kernels/test_gpu_attention_bench.py tests/e2e/test_host_kv_int8.py
+# The decode step at B = 1, 8, 32, 64: graphed, eager, and the linear floor; graphed G=2 + C=6
+# against graphed G=2.
+step decode-step 120 python3 -m apex_grpc.bench.decode_step
 # Paged decode (single-pass, split-KV, a split sweep) against dense SDPA, batch 1/4/16 x
 # context 512/2048/8192, inside CUDA graphs: one JSON line per case.
 step gpu-attention 120 python3 -m apex_grpc.bench.gpu_attention

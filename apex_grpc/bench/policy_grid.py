@@ -164,6 +164,9 @@ def serve_cmd(spec: GridSpec, profile: Path, budget: int, policy: str, port: int
                    "--host-kv-gb", f"{host_kv_gib(spec, spec.host_kv_tokens):.6f}",
                    "--max-num-seqs", str(spec.max_num_seqs),
                    "--max-batched-tokens", str(spec.max_batched_tokens),
+                   # No step holds more rows than the workload has requests: fewer graphs to
+                   # capture at each server's start.
+                   "--cuda-graph-max-batch", str(min(spec.max_num_seqs, spec.num_requests)),
                    "--profile", str(profile), "--tpot-slo-ms", str(spec.tpot_slo_ms),
                    "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
                    "--shutdown-grace", "1")

@@ -126,8 +126,9 @@ def build_engine_core(opts: ServeOptions) -> BuiltCore:
             log.info("decode steps run eagerly (--enforce-eager)")
         else:
             graph_max_batch = opts.cuda_graph_max_batch
-            graph_bytes = measure_decode_graphs(opts, model, model_config, tokenizer, dtype,
-                                                device, threads)
+            if opts.gpu_kv_blocks is None and opts.gpu_kv_gb is None:  # sized from free memory
+                graph_bytes = measure_decode_graphs(opts, model, model_config, tokenizer, dtype,
+                                                    device, threads)
     num_gpu_blocks, num_host_blocks = size_kv_tiers(opts, model_config, dtype, device,
                                                     reserved_bytes=graph_bytes)
     config = engine_config(opts, model_config, num_gpu_blocks, num_host_blocks, threads)
@@ -136,8 +137,9 @@ def build_engine_core(opts: ServeOptions) -> BuiltCore:
                       cuda_graph_max_batch=graph_max_batch)
     if graph_max_batch is not None:
         core.runner.capture_decode_graphs()
-        log.info("%.1f MiB were set aside for the decode graphs before sizing the GPU KV tier",
-                 graph_bytes / 2**20)
+        if graph_bytes:
+            log.info("%.1f MiB were set aside for the decode graphs before sizing the GPU KV "
+                     "tier", graph_bytes / 2**20)
     return BuiltCore(core, model_config, name, tokenizer, dtype, device)
 
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from apex_grpc.config import ConfigError, EngineConfig, Policy
-from apex_grpc.engine.builder import build_core
+from apex_grpc.engine.builder import build_core, build_engine_core
 from apex_grpc.model.loader import load_model
 from apex_grpc.request import Tier
 from apex_grpc.runner.decode_graphs import DecodeBuckets, bucket_sizes
 from apex_grpc.scheduler.plan import ScheduledSeq, StepPlan, Strategy
+
+from tiny_options import tiny_serve_options
 
 BLOCK_SIZE = 4
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -136,3 +138,29 @@ def test_capture_needs_cuda(tiny_model):
     with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
         core.runner.capture_decode_graphs()
     core.close()
+
+
+def test_a_cpu_server_decodes_eagerly(tiny_config_path):
+    """Padding buys nothing without graph capture: serve builds no decode buckets on a CPU."""
+    core = build_engine_core(tiny_serve_options(tiny_config_path)).core
+    assert core.runner.decode_graphs is None
+    core.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("kv_sizing", [{}, {"gpu_kv_blocks": 64}], ids=["free-memory", "blocks"])
+def test_a_cuda_server_captures_its_decode_steps_unless_told_not_to(tiny_config_path, kv_sizing):
+    options = dict(device="cuda", dtype="bfloat16", policy="apex", max_num_seqs=8, **kv_sizing)
+    options.setdefault("gpu_kv_blocks", None)
+    core = build_engine_core(tiny_serve_options(tiny_config_path, **options)).core
+    graphs = core.runner.decode_graphs
+    assert graphs is not None and graphs.captured
+    assert graphs.buckets.gpu[-1] == 8 and graphs.buckets.host[-1] == 8
+    plan = decode_plan(3, 2)
+    core.runner.execute(plan)
+    assert graphs.replays == 1
+    core.close()
+    eager = build_engine_core(tiny_serve_options(tiny_config_path, enforce_eager=True,
+                                                 **options)).core
+    assert eager.runner.decode_graphs is None
+    eager.close()

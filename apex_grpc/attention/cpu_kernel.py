@@ -194,9 +194,12 @@ class CpuAttentionPool:
         return DecodeLayers(self, staging, kv_cache, flags, sizes[0],
                             _resolve_scale(scale, sizes[0].head_dim), kv_scales)
 
-    def wait(self, handle: JobHandle) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block (GIL released) until the job is done; a worker error raises RuntimeError."""
-        handle.native.wait()
+    def wait(self, handle: JobHandle,
+             timeout_s: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block (GIL released) until the job is done; a worker error raises RuntimeError,
+        a job still running after timeout_s raises TimeoutError."""
+        if not handle.native.wait(-1.0 if timeout_s is None else max(0.0, timeout_s)):
+            raise TimeoutError(f"a CPU attention job is still running after {timeout_s:.1f} s")
         return handle.out, handle.lse
 
     def decode(

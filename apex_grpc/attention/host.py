@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -59,6 +61,52 @@ class _PendingPrefillWrites:
     staged: torch.Tensor  # pinned [num_layers, 2, rows, num_kv_heads, head_dim]
     layers: list[int]  # the layers staged so far
     copied: torch.cuda.Event  # recorded after the latest copy
+
+
+class StepWatchdog:
+    """Bounds a step's device-side waits for the CPU (stream-wait, host-func, and the waits
+    recorded in decode graphs): when a step's jobs still run job_timeout_s after begin_step (a
+    hung worker), it calls release(seq), which raises the step's done flags so the compute
+    stream stops waiting; end_step then fails the step. A daemon thread looks once per poll
+    interval, so arming a step costs a lock and two assignments, and no wake-up."""
+
+    def __init__(self, release: Callable[[int], None], timeout_s: float,
+                 poll_s: float = 0.5) -> None:
+        self._release = release
+        self._timeout_s = timeout_s
+        self._poll_s = min(poll_s, timeout_s)
+        self._lock = threading.Lock()
+        self._armed: tuple[int, float] | None = None  # (step sequence number, deadline)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="apex-host-watchdog",
+                                        daemon=True)
+        self._thread.start()
+
+    def arm(self, seq: int) -> None:
+        with self._lock:
+            self._armed = (seq, time.monotonic() + self._timeout_s)
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._armed = None
+
+    def fire(self) -> None:
+        """Release the armed step now (its end_step found a job past the deadline)."""
+        with self._lock:
+            if self._armed is not None:
+                self._release(self._armed[0])
+                self._armed = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._poll_s):
+            with self._lock:
+                if self._armed is not None and time.monotonic() >= self._armed[1]:
+                    self._release(self._armed[0])
+                    self._armed = None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 class HostAttention:
@@ -105,6 +153,10 @@ class HostAttention:
                                "engine-thread")
         # Without CUDA there is no stream to hold: the engine thread waits.
         self.layer_wait = layer_wait if self._on_cuda else "engine-thread"
+        self.job_timeout_s = job_timeout_s
+        # The engine thread's own wait is bounded natively; the device's needs a watchdog.
+        self._watchdog = (StepWatchdog(self._release_device_waits, job_timeout_s)
+                          if self.layer_wait != "engine-thread" else None)
         # Without stream memory operations (and in captured graphs) each ready flag is a copy
         # of this step's sequence number, kept on the device, behind the layer's rows.
         self._seq_device = torch.zeros(1, dtype=torch.int64, device=device) \
@@ -127,6 +179,7 @@ class HostAttention:
             wait=_LAYER_WAIT_CODES[self.layer_wait],
             timeout_s=job_timeout_s)
         self._step_seq = 0
+        self._step_deadline = 0.0
         self._layout: BatchLayout | None = None
         self._jobs: list[JobHandle] = []
         self._num_staged = 0
@@ -181,6 +234,9 @@ class HostAttention:
         if graphed:  # the graph's waits pass on any raise: none may be left from a past step
             self._flags[1].zero_()
         self._handoff.begin_step(seq, staged_rows, stream)
+        self._step_deadline = time.monotonic() + self.job_timeout_s
+        if self._watchdog is not None:
+            self._watchdog.arm(seq)
         n = host.num_tokens
         submission = self._submissions.get(n)
         if submission is None:
@@ -208,17 +264,33 @@ class HostAttention:
         for layer in range(self._num_staged, len(jobs)):
             set_flag(self._flags[0, layer], self._step_seq)
         errors = []
-        for job in jobs:
+        for layer, job in enumerate(jobs):
             try:
-                self.pool.wait(job)
+                self.pool.wait(job, timeout_s=self._step_deadline - time.monotonic())
+            except TimeoutError:
+                if self._watchdog is not None:
+                    self._watchdog.fire()  # the stream must not keep waiting for this job
+                errors.append(RuntimeError(
+                    f"CPU attention for layer {layer} did not finish within "
+                    f"{self.job_timeout_s:.0f} s"))
             except RuntimeError as exc:
                 errors.append(exc)
+        if self._watchdog is not None:
+            self._watchdog.disarm()
         self._finish_prefill_writes()
         if errors:
             raise errors[0]
 
+    def _release_device_waits(self, seq: int) -> None:
+        """Raise every done flag to the step's sequence number: the device's waits pass (the
+        step's outputs are then garbage, and end_step fails it)."""
+        for layer in range(self.num_layers):
+            set_flag(self._flags[1, layer], seq)
+
     def close(self) -> None:
-        """Stop the CPU pool's worker threads."""
+        """Stop the CPU pool's worker threads (and the watchdog)."""
+        if self._watchdog is not None:
+            self._watchdog.close()
         self.pool.close()
 
     # -- per layer ----------------------------------------------------------------------------

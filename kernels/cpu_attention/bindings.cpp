@@ -193,7 +193,9 @@ PYBIND11_MODULE(_cpu_attention, module) {
 
   py::class_<apex::Job, std::shared_ptr<apex::Job>>(module, "Job")
       .def("wait", &apex::Job::wait, py::call_guard<py::gil_scoped_release>(),
-           "Block until the job finishes; raise RuntimeError with the first task error")
+           py::arg("timeout_s") = -1.0,
+           "Block until the job finishes (False if timeout_s >= 0 passes first); raise "
+           "RuntimeError with the first task error")
       .def("done", &apex::Job::is_done);
 
   py::class_<PoolBinding>(module, "Pool")

@@ -93,12 +93,18 @@ bool Job::is_ready() const {
   return gate_.ready_flag == nullptr || load_acquire(gate_.ready_flag) >= gate_.ready_value;
 }
 
-void Job::wait() {
+bool Job::wait(double timeout_s) {
   Backoff backoff;
   while (!is_done() && backoff.elapsed_s() < 50e-6) backoff.pause();
   std::unique_lock<std::mutex> lock(mutex_);
-  done_cv_.wait(lock, [this] { return is_done(); });
+  const auto done = [this] { return is_done(); };
+  if (timeout_s < 0) {
+    done_cv_.wait(lock, done);
+  } else if (!done_cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), done)) {
+    return false;
+  }
   if (!error_.empty()) throw std::runtime_error(error_);
+  return true;
 }
 
 void Job::run_available(WorkerScratch& scratch) {

@@ -46,7 +46,8 @@ class Job {
   bool is_ready() const;
   bool is_done() const { return done_.load(std::memory_order_acquire); }
   // Blocks until every task has finished; throws std::runtime_error with the first task error.
-  void wait();
+  // timeout_s >= 0 bounds the wait: false when the job is still running by then.
+  bool wait(double timeout_s = -1.0);
 
  protected:
   // Called once by the derived constructor, before the job is submitted. num_workers: how

@@ -95,3 +95,15 @@ def test_bad_input_is_refused_before_any_job_runs(pool, problem, match):
                                                                      slots, 1):
         pool.wait(job)
     assert bool((flags[1] == 1).all())
+
+
+def test_a_bounded_wait_on_a_job_still_gated_times_out_then_the_job_completes(pool):
+    kv, block_tables, seq_lens, _, (staging, _) = step_inputs(2)
+    ready = torch.zeros(1, dtype=torch.int64)
+    handle = pool.submit_decode(staging.q, kv[0, 0], kv[0, 1], block_tables, seq_lens,
+                                staging.out, staging.lse, ready_flag=ready, ready_value=1)
+    with pytest.raises(TimeoutError, match="still running after 0.1 s"):
+        pool.wait(handle, timeout_s=0.1)
+    set_flag(ready, 1)
+    out, _ = pool.wait(handle, timeout_s=10.0)
+    assert bool(out.abs().sum() > 0)

@@ -98,6 +98,7 @@ class DecodeGraphs:
         self.buckets = buckets
         self.max_model_len = max_model_len
         self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._host_capture_failed = False
         self.replays = 0  # steps served by a captured graph
         self.padded_steps = 0  # steps run eagerly over the padded buffers
 
@@ -188,7 +189,18 @@ class DecodeGraphs:
         reserved_before = torch.cuda.memory_reserved(device)
         pool = torch.cuda.graph_pool_handle()
         for bucket in buckets:
-            self._graphs[bucket] = self._capture_one(bucket, pool)
+            if bucket[1] and self._host_capture_failed:
+                continue
+            try:
+                self._graphs[bucket] = self._capture_one(bucket, pool)
+            except RuntimeError:
+                if not bucket[1]:
+                    raise
+                # The device-side wait may not be capturable on this driver: host rows then
+                # run eagerly, GPU-only steps stay graphed.
+                log.warning("capturing the hybrid hand-off failed (--cuda-layer-wait %s); steps "
+                            "with host rows run eagerly", self.host.layer_wait, exc_info=True)
+                self._host_capture_failed = True
         torch.cuda.synchronize(device)
         return max(0, torch.cuda.memory_reserved(device) - reserved_before)
 

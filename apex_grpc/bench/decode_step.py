@@ -22,18 +22,17 @@ One JSON line at the end.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
 import torch
 
-from apex_grpc.bench.hybrid import BLOCK_SIZE, bench_core, decode_plan, time_plans
+from apex_grpc.bench.hybrid import (BLOCK_SIZE, bench_core, decode_plan, load_bench_model,
+                                    step_bench_parser, time_plans)
 from apex_grpc.config import Policy
 from apex_grpc.model.llama import LlamaForCausalLM
-from apex_grpc.model.loader import load_model
-from apex_grpc.platform import default_cpu_attention_threads, share_cores_with_pool, synchronize
+from apex_grpc.platform import synchronize
 from apex_grpc.scheduler.plan import Strategy
 
 
@@ -82,27 +81,17 @@ def floor_ms(model: LlamaForCausalLM, batch: int, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dummy-config", default=None,
-                        help="config name or path (default: llama-3.1-8b on CUDA, "
-                             "smollm2-135m on the CPU)")
-    parser.add_argument("--device", default="auto")
+    parser = step_bench_parser(__doc__)
     parser.add_argument("--batch-sizes", default="1,8,32,64")
     parser.add_argument("--ctx", type=int, default=256, help="context of the batch sweep")
     parser.add_argument("--gpu-rows", type=int, default=2)
     parser.add_argument("--host-rows", type=int, default=6)
     parser.add_argument("--hybrid-ctx", type=int, default=900)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=default_cpu_attention_threads())
     args = parser.parse_args(argv)
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = args.dummy_config or ("llama-3.1-8b" if device.type == "cuda" else "smollm2-135m")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    share_cores_with_pool(device, args.threads)
-    model, cfg, tok, _ = load_model(None, "dummy", device, dtype, dummy_config=config)
+    model, cfg, tok, config = load_bench_model(args)
+    device, dtype = model.device, model.dtype
 
     def blocks(rows: int, ctx: int) -> int:
         return rows * -(-(ctx + 1) // BLOCK_SIZE)

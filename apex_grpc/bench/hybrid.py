@@ -213,18 +213,36 @@ def workload(model, cfg, tok, dtype, device, threads, gpu_kv_tokens: int, num_re
     return figures
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+def step_bench_parser(doc: str) -> argparse.ArgumentParser:
+    """The flags every step benchmark shares: the dummy model, the device, the CPU pool."""
+    parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dummy-config", default=None,
                         help="config name or path (default: llama-3.1-8b on CUDA, "
                              "smollm2-135m on the CPU)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=default_cpu_attention_threads())
+    return parser
+
+
+def load_bench_model(args: argparse.Namespace):
+    """(model, model config, tokenizer, config name) of step_bench_parser's flags: dummy
+    weights, bf16 on CUDA, float32 on the CPU; the CPU pool's cores set aside."""
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = args.dummy_config or ("llama-3.1-8b" if device.type == "cuda" else "smollm2-135m")
+    share_cores_with_pool(device, args.threads)
+    model, cfg, tok, _ = load_model(None, "dummy", device, dtype, dummy_config=config)
+    return model, cfg, tok, config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = step_bench_parser(__doc__)
     parser.add_argument("--gpu-rows", type=int, default=2)
     parser.add_argument("--host-rows", type=int, default=6)
     parser.add_argument("--ctx", type=int, default=900)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=default_cpu_attention_threads())
     parser.add_argument("--workload-requests", type=int, default=16)
     parser.add_argument("--workload-input", type=int, default=512)
     parser.add_argument("--workload-output", type=int, default=128)
@@ -233,12 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-layer-wait", choices=CUDA_LAYER_WAITS,
                         default=ServeOptions.cuda_layer_wait)
     args = parser.parse_args(argv)
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = args.dummy_config or ("llama-3.1-8b" if device.type == "cuda" else "smollm2-135m")
-    share_cores_with_pool(device, args.threads)
-    model, cfg, tok, _ = load_model(None, "dummy", device, dtype, dummy_config=config)
+    model, cfg, tok, config = load_bench_model(args)
+    device, dtype = model.device, model.dtype
     blocks = -(-(args.ctx + 1) // BLOCK_SIZE)
     core = bench_core(model, cfg, tok, dtype, device, args.threads,
                  cuda_layer_wait=args.cuda_layer_wait, policy=Policy.APEX,

@@ -127,6 +127,7 @@ class EngineCore:
             steps_gpu_only=c.steps[Strategy.GPU_ONLY],
             steps_async_overlap=c.steps[Strategy.ASYNC_OVERLAP],
             steps_asymmetric_pipeline=c.steps[Strategy.ASYMMETRIC_PIPELINE],
+            steps_graphed=self.runner.decode_graphs.replays if self.runner.decode_graphs else 0,
             last_step_predicted_ms=c.last_predicted_ms,
             last_step_measured_ms=c.last_measured_ms,
             requests_finished_total=self.outputs.num_finished,

@@ -39,6 +39,7 @@ class EngineStats:
     steps_gpu_only: int
     steps_async_overlap: int
     steps_asymmetric_pipeline: int
+    steps_graphed: int  # decode steps run as a replayed CUDA graph
     last_step_predicted_ms: float
     last_step_measured_ms: float
     requests_finished_total: int

@@ -75,7 +75,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "num_host_resident", "gpu_kv_used_blocks", "gpu_kv_total_blocks", "host_kv_used_blocks", "host_kv_total_blocks", "preemptions_total", "evictions_total", "restores_total", "prompt_tokens_total", "generation_tokens_total", "steps_gpu_only", "steps_async_overlap", "steps_asymmetric_pipeline", "last_step_predicted_ms", "last_step_measured_ms", "requests_finished_total", "requests_aborted_total", "load")
+    __slots__ = ("num_running", "num_waiting", "num_host_resident", "gpu_kv_used_blocks", "gpu_kv_total_blocks", "host_kv_used_blocks", "host_kv_total_blocks", "preemptions_total", "evictions_total", "restores_total", "prompt_tokens_total", "generation_tokens_total", "steps_gpu_only", "steps_async_overlap", "steps_asymmetric_pipeline", "last_step_predicted_ms", "last_step_measured_ms", "requests_finished_total", "requests_aborted_total", "load", "steps_graphed")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_HOST_RESIDENT_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class GetStatsResponse(_message.Message):
     REQUESTS_FINISHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_ABORTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    STEPS_GRAPHED_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     num_host_resident: int
@@ -116,7 +117,8 @@ class GetStatsResponse(_message.Message):
     requests_finished_total: int
     requests_aborted_total: int
     load: Load
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_host_resident: _Optional[int] = ..., gpu_kv_used_blocks: _Optional[int] = ..., gpu_kv_total_blocks: _Optional[int] = ..., host_kv_used_blocks: _Optional[int] = ..., host_kv_total_blocks: _Optional[int] = ..., preemptions_total: _Optional[int] = ..., evictions_total: _Optional[int] = ..., restores_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., steps_gpu_only: _Optional[int] = ..., steps_async_overlap: _Optional[int] = ..., steps_asymmetric_pipeline: _Optional[int] = ..., last_step_predicted_ms: _Optional[float] = ..., last_step_measured_ms: _Optional[float] = ..., requests_finished_total: _Optional[int] = ..., requests_aborted_total: _Optional[int] = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
+    steps_graphed: int
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_host_resident: _Optional[int] = ..., gpu_kv_used_blocks: _Optional[int] = ..., gpu_kv_total_blocks: _Optional[int] = ..., host_kv_used_blocks: _Optional[int] = ..., host_kv_total_blocks: _Optional[int] = ..., preemptions_total: _Optional[int] = ..., evictions_total: _Optional[int] = ..., restores_total: _Optional[int] = ..., prompt_tokens_total: _Optional[int] = ..., generation_tokens_total: _Optional[int] = ..., steps_gpu_only: _Optional[int] = ..., steps_async_overlap: _Optional[int] = ..., steps_asymmetric_pipeline: _Optional[int] = ..., last_step_predicted_ms: _Optional[float] = ..., last_step_measured_ms: _Optional[float] = ..., requests_finished_total: _Optional[int] = ..., requests_aborted_total: _Optional[int] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., steps_graphed: _Optional[int] = ...) -> None: ...
 
 class Load(_message.Message):
     __slots__ = ("num_requests", "num_active_streams", "free_kv_tokens", "total_kv_tokens")

@@ -74,6 +74,8 @@ class EngineStatsCollector(Collector):
         steps.add_metric(["async_overlap"], stats.steps_async_overlap)
         steps.add_metric(["asymmetric_pipeline"], stats.steps_asymmetric_pipeline)
         yield steps
+        yield _counter("apex_engine_steps_graphed", "Decode steps run as a replayed CUDA graph",
+                       stats.steps_graphed)
         yield _gauge("apex_step_predicted_seconds", "Last step's time predicted by the "
                      "performance model", stats.last_step_predicted_ms / 1000.0)
         yield _gauge("apex_step_measured_seconds", "Last step's measured time",

@@ -158,7 +158,7 @@ def test_a_cuda_server_captures_its_decode_steps_unless_told_not_to(tiny_config_
     assert graphs.buckets.gpu[-1] == 8 and graphs.buckets.host[-1] == 8
     plan = decode_plan(3, 2)
     core.runner.execute(plan)
-    assert graphs.replays == 1
+    assert graphs.replays == 1 and core.stats().steps_graphed == 1
     core.close()
     eager = build_engine_core(tiny_serve_options(tiny_config_path, enforce_eager=True,
                                                  **options)).core

@@ -195,7 +195,8 @@ class FakeEngine:
             host_kv_total_blocks=0, preemptions_total=3, evictions_total=4, restores_total=5,
             prompt_tokens_total=sum(len(c.prompt_ids) for c in self.calls),
             generation_tokens_total=7, steps_gpu_only=11, steps_async_overlap=12,
-            steps_asymmetric_pipeline=13, last_step_predicted_ms=4.0, last_step_measured_ms=5.0,
+            steps_asymmetric_pipeline=13, steps_graphed=10, last_step_predicted_ms=4.0,
+            last_step_measured_ms=5.0,
             requests_finished_total=len(self.finished),
             requests_aborted_total=len(self.closed_early))
 

@@ -281,4 +281,5 @@ def test_tokenize_and_model_service():
     assert server_info.policy == "apex" and server_info.block_size == 16
     assert server_info.gpu_kv_blocks == 32 and server_info.kv_placement == "auto"
     assert stats.prompt_tokens_total == 4 and stats.steps_asymmetric_pipeline == 13
+    assert stats.steps_graphed == 10
     assert stats.requests_finished_total == 1

@@ -137,6 +137,7 @@ def test_metrics_endpoint_serves_engine_and_request_metrics():
                  'apex_kv_used_blocks{tier="gpu"}', 'apex_kv_total_blocks{tier="host"}',
                  "apex_preemptions_total 3.0", "apex_evictions_total 4.0",
                  "apex_restores_total 5.0", 'apex_engine_steps_total{strategy="async_overlap"} 12.0',
+                 "apex_engine_steps_graphed_total 10.0",
                  "apex_prompt_tokens_total", "apex_generation_tokens_total 7.0",
                  "apex_step_predicted_seconds 0.004", "apex_step_measured_seconds 0.005",
                  "apex_time_to_first_token_seconds_count 2.0",

@@ -186,6 +186,9 @@ class DecodeGraphs:
         for gpu_rows in sorted({g for g, _ in buckets if g}, reverse=True):
             self._run_padding(gpu_rows)
         torch.cuda.synchronize(device)
+        # Each capture starts by emptying the allocator's cache: empty it first, so that what
+        # the warm-up left cached is not counted against the pool.
+        torch.cuda.empty_cache()
         reserved_before = torch.cuda.memory_reserved(device)
         pool = torch.cuda.graph_pool_handle()
         for bucket in buckets:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the native kernel, run the CUDA tests, the decode step
 # against its floor (graphed vs eager vs the linear work alone as a graph, and the graphed
-# hybrid step), the decode attention kernels against dense SDPA inside CUDA graphs, the policy
+# hybrid step), the decode attention kernels against dense SDPA inside CUDA graphs, the native
+# CPU attention kernel per ISA and host KV dtype on the host's cores, the policy
 # grid (profile, then serve gpu-only/neo/apex at four GPU KV budgets beside the simulator's
 # prediction) and the hybrid runtime benchmark. Every step has its own timeout (a blocked CUDA wait must not burn the lease),
 # cut to what is left of the script's GPU_CHECK_LIMIT_S (default 540 s: the device tool stops a
@@ -10,7 +11,8 @@
 # stay on the machine under /tmp/apex-policy-grid (the tool brings back few files).
 # GPU_CHECK_WAITS=1 adds the hybrid benchmark once per CPU -> GPU wait (issue 9's comparison,
 # about 1.5 minutes more). GPU_CHECK_STEPS="build gpu-attention policy-grid" runs only the
-# named steps (issue 15's figures: "build gpu-tests decode-step gpu-attention policy-grid").
+# named steps (issue 15's figures: "build gpu-tests decode-step gpu-attention policy-grid";
+# issue 16's: "build cpu-attention").
 #
 # The GPU image lacks gguf (the model loader imports it) and the gRPC health and reflection
 # packages (the server's, for the policy grid), and its grpcio/protobuf may be older than the
@@ -78,6 +80,9 @@ step decode-step 120 python3 -m apex_grpc.bench.decode_step
 # Paged decode (single-pass, split-KV, a split sweep) against dense SDPA, batch 1/4/16 x
 # context 512/2048/8192, inside CUDA graphs: one JSON line per case.
 step gpu-attention 120 python3 -m apex_grpc.bench.gpu_attention
+# The native CPU attention kernel on the 16-core host, per ISA path and host KV dtype.
+step cpu-attention 60 python3 -m apex_grpc.bench.cpu_attention --quick --isa all \
+  --kv-dtype bf16,int8
 # The policy grid starts no serving run after 235 s and kills a stuck one after 45 s; on this
 # step's timeout it prints what it measured (SIGTERM).
 step policy-grid 270 python3 -m apex_grpc.bench.policy_grid --out /tmp/apex-policy-grid

@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build the native kernel, run the CUDA tests, the decode step
-# against its floor (graphed vs eager vs the linear work alone as a graph, and the graphed
-# hybrid step), the decode attention kernels against dense SDPA inside CUDA graphs, the native
-# CPU attention kernel per ISA and host KV dtype on the host's cores, the policy
-# grid (profile, then serve gpu-only/neo/apex at four GPU KV budgets beside the simulator's
-# prediction) and the hybrid runtime benchmark. Every step has its own timeout (a blocked CUDA wait must not burn the lease),
-# cut to what is left of the script's GPU_CHECK_LIMIT_S (default 540 s: the device tool stops a
-# command at 600 s); a normal run should take about 7-8 minutes. Logs and the JSON lines
-# (gpu_check.log, figures.jsonl) go to $OUT (or /tmp/apex-gpu); the grid's own logs and results
-# stay on the machine under /tmp/apex-policy-grid (the tool brings back few files).
+# One call on the GPU machine: build the native kernel, run the CUDA tests, then the
+# benchmarks: the decode step against its floor (graphed vs eager vs the linear work alone as a
+# graph, and the graphed hybrid step), the decode attention kernels against dense SDPA inside
+# CUDA graphs, the native CPU attention kernel per ISA and host KV dtype on the host's cores,
+# the policy grid (profile, then serve gpu-only/neo/apex at four GPU KV budgets beside the
+# simulator's prediction) and the hybrid runtime benchmark. Every step has its own timeout (a
+# blocked CUDA wait must not burn the lease), cut to what is left of the script's
+# GPU_CHECK_LIMIT_S (default 540 s: the device tool stops a command at 600 s); later steps are
+# skipped once it is spent. Logs and the JSON lines (gpu_check.log, figures.jsonl) go to $OUT
+# (or /tmp/apex-gpu); the grid's own logs and results stay on the machine under
+# /tmp/apex-policy-grid (the tool brings back few files).
 # GPU_CHECK_WAITS=1 adds the hybrid benchmark once per CPU -> GPU wait (issue 9's comparison,
-# about 1.5 minutes more). GPU_CHECK_STEPS="build gpu-attention policy-grid" runs only the
-# named steps (issue 15's figures: "build gpu-tests decode-step gpu-attention policy-grid";
-# issue 16's: "build cpu-attention").
+# about 1.5 minutes more). GPU_CHECK_STEPS="..." runs only the named steps: issue 15's figures
+# are "build gpu-tests decode-step gpu-attention policy-grid", issue 16's "build cpu-attention".
 #
 # The GPU image lacks gguf (the model loader imports it) and the gRPC health and reflection
 # packages (the server's, for the policy grid), and its grpcio/protobuf may be older than the

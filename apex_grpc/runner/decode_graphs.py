@@ -23,8 +23,10 @@ the host. A step takes the smallest bucket that holds it.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
+import unittest.mock
 from dataclasses import dataclass
 
 import torch
@@ -191,11 +193,15 @@ class DecodeGraphs:
         torch.cuda.empty_cache()
         reserved_before = torch.cuda.memory_reserved(device)
         pool = torch.cuda.graph_pool_handle()
+        gc.collect()
         for bucket in buckets:
             if bucket[1] and self._host_capture_failed:
                 continue
             try:
-                self._graphs[bucket] = self._capture_one(bucket, pool)
+                # torch.cuda.graph runs a full garbage collection per capture (tens of ms
+                # each): once above is enough.
+                with unittest.mock.patch.object(gc, "collect", lambda *args: 0):
+                    self._graphs[bucket] = self._capture_one(bucket, pool)
             except RuntimeError:
                 if not bucket[1]:
                     raise

@@ -23,10 +23,8 @@ the host. A step takes the smallest bucket that holds it.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
-import unittest.mock
 from dataclasses import dataclass
 
 import torch
@@ -188,20 +186,16 @@ class DecodeGraphs:
         for gpu_rows in sorted({g for g, _ in buckets if g}, reverse=True):
             self._run_padding(gpu_rows)
         torch.cuda.synchronize(device)
-        # Each capture starts by emptying the allocator's cache: empty it first, so that what
-        # the warm-up left cached is not counted against the pool.
+        # What the warm-up left cached must not be counted against the pool.
         torch.cuda.empty_cache()
         reserved_before = torch.cuda.memory_reserved(device)
         pool = torch.cuda.graph_pool_handle()
-        gc.collect()
+        capture_stream = torch.cuda.Stream(device)
         for bucket in buckets:
             if bucket[1] and self._host_capture_failed:
                 continue
             try:
-                # torch.cuda.graph runs a full garbage collection per capture (tens of ms
-                # each): once above is enough.
-                with unittest.mock.patch.object(gc, "collect", lambda *args: 0):
-                    self._graphs[bucket] = self._capture_one(bucket, pool)
+                self._graphs[bucket] = self._capture_one(bucket, pool, capture_stream)
             except RuntimeError:
                 if not bucket[1]:
                     raise
@@ -238,14 +232,22 @@ class DecodeGraphs:
                                                   * self.inputs.block_size)
         self.executors[Strategy.GPU_ONLY].run(self._capture_layout_batch((gpu_rows, 0)))
 
-    def _capture_one(self, bucket: tuple[int, int], pool) -> _Graph:
+    def _capture_one(self, bucket: tuple[int, int], pool,
+                     stream: torch.cuda.Stream) -> _Graph:
+        """One bucket's graph, captured on `stream` (the device is idle: nothing to order
+        against). CUDAGraph's own calls, not torch.cuda.graph, which would collect garbage
+        and empty the allocator's cache before every capture."""
         batch = self._capture_layout_batch(bucket)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            if bucket[1]:
-                with self.host.capturing(bucket[1]):
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=pool)
+            try:
+                if bucket[1]:
+                    with self.host.capturing(bucket[1]):
+                        hidden = self._executor(bucket).run(batch)
+                else:
                     hidden = self._executor(bucket).run(batch)
-            else:
-                hidden = self._executor(bucket).run(batch)
+            finally:
+                graph.capture_end()
         return _Graph(graph, hidden)
 

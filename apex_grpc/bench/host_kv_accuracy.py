@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-text-tokens", type=int, default=None,
                         help="cut the text (quick checks; the measurement uses all of it)")
     parser.add_argument("--threads", type=int, default=2, help="native pool threads")
+    parser.add_argument("--isa", default=None,
+                        help="force a kernel set (e.g. avx2 on an AVX-512 machine: its int8 "
+                             "kernels differ); default: the best this CPU runs")
     args = parser.parse_args(argv)
     model, _, tokenizer, name = load_model(embedded_gguf_path(), "auto", "cpu",
                                            getattr(torch, args.dtype))
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}]),
                                 add_special_tokens=False) for p in PROMPTS]
     results: dict[str, dict] = {}
-    with CpuAttentionPool(args.threads) as pool, torch.inference_mode():
+    with CpuAttentionPool(args.threads, isa=args.isa) as pool, torch.inference_mode():
         for dtype in (HostKVDtype.AUTO, HostKVDtype.INT8):
             start = time.perf_counter()
             nll = text_nll(model, text, dtype, pool)
@@ -168,11 +171,12 @@ def main(argv: list[str] | None = None) -> None:
                           nll_ratio=round(int8["nll"] / base["nll"], 5),
                           greedy_tokens_agree=sum(agree),
                           greedy_tokens=sum(map(len, base["outputs"])),
-                          greedy_agree_per_prompt=agree, isa_int8=pool_isa(args.threads))))
+                          greedy_agree_per_prompt=agree,
+                          isa_int8=pool_isa(args.threads, args.isa))))
 
 
-def pool_isa(threads: int) -> str:
-    with CpuAttentionPool(threads) as pool:
+def pool_isa(threads: int, isa: str | None) -> str:
+    with CpuAttentionPool(threads, isa=isa) as pool:
         return pool.isa(torch.int8)
 
 

@@ -167,6 +167,8 @@ const KernelOps* select_kernel_ops(DType dtype, const char* isa = nullptr);
 const KernelOps* scalar_kernel_ops(DType dtype);
 #if defined(__x86_64__)
 const KernelOps* avx2_kernel_ops(DType dtype);
+// int8 KV with AVX2 integer q . k (its softmax and p . v are the float avx2 ones).
+const KernelOps* avx2_int8_kernel_ops();
 const KernelOps* avx512_kernel_ops(DType dtype, bool use_bf16_dot);
 // bfloat16 KV with AVX512-BF16 dot products (its softmax is the plain AVX-512 one).
 const KernelOps* avx512_bf16_kernel_ops();

@@ -285,7 +285,10 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
       // Each kv head of a block is its own 4 KiB page (head_dim 128, bf16), where the hardware
       // prefetcher starts cold, and the next block is wherever the block table says: fetch
       // K and V rows kPrefetchHeads heads ahead in walk order (at most into the next block)
-      // while this one computes.
+      // while this one computes. The fetch goes out in quarters, one beside each step of this
+      // head: in one burst of 64 lines the prefetches queue for the miss buffers ahead of the
+      // head's own loads (spread out, batch 32 x 2048 ran 5-15% faster cold on AVX2 and
+      // AVX512-BF16, 2026-12-06).
       const int ahead = head + kPrefetchHeads;
       const int64_t prefetch_offset =
           ahead < num_kv_heads
@@ -293,13 +296,18 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
               : (next_offset < 0 ? -1
                                  : next_offset + std::min(ahead - num_kv_heads, num_kv_heads - 1) *
                                                      head_bytes);
-      if (prefetch_offset >= 0) {
-        prefetch_rows(k_base + prefetch_offset, head_bytes);
-      }
+      auto prefetch_quarter = [&](int quarter) {  // K first half, K second, V first, V second
+        if (prefetch_offset < 0) return;
+        const int64_t half = head_bytes / 2;
+        const char* rows = (quarter < 2 ? k_base : v_base) + prefetch_offset;
+        if (quarter % 2 == 0) prefetch_rows(rows, half);
+        else prefetch_rows(rows + half, head_bytes - half);
+      };
+      prefetch_quarter(0);
       const int row = head * group;
       ops_->scores(s.prepared_q + head * s.prepared_floats, k_base + head_offset, group,
                    num_tokens, dim, p.scale, s.scores);
-      if (prefetch_offset >= 0) prefetch_rows(v_base + prefetch_offset, head_bytes);
+      prefetch_quarter(1);
       // 8-bit rows are round(x / scale): a token's score and its weight on v carry its scale.
       const int64_t scale_offset = head_offset / (int64_t(dim) * element);
       if (p.kv_dtype == DType::kInt8) {
@@ -307,11 +315,13 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
       }
       ops_->softmax(s.scores, group, num_tokens, s.running_max + row, s.running_sum + row,
                     s.alpha + row);
+      prefetch_quarter(2);
       if (p.kv_dtype == DType::kInt8) {
         scale_rows(s.scores, group, num_tokens, p.v_scales + scale_offset);
       }
       ops_->accumulate(s.scores, v_base + head_offset, group, num_tokens, dim, s.alpha + row,
                        s.acc + int64_t(row) * dim);
+      prefetch_quarter(3);
     }
     offset = next_offset;
   }

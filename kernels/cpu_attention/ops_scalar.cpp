@@ -97,7 +97,8 @@ const KernelOps* select_kernel_ops(DType dtype, const char* isa) {
     return avx512_kernel_ops(dtype, true);
   if (wants("avx512vnni") && has_vnni && dtype == DType::kInt8) return avx512_vnni_kernel_ops();
   if (wants("avx512") && has_avx512) return avx512_kernel_ops(dtype, false);
-  if (wants("avx2") && has_avx2) return avx2_kernel_ops(dtype);
+  if (wants("avx2") && has_avx2)
+    return dtype == DType::kInt8 ? avx2_int8_kernel_ops() : avx2_kernel_ops(dtype);
 #endif
   if (wants("scalar")) return scalar_kernel_ops(dtype);
   return nullptr;

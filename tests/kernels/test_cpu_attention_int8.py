@@ -13,6 +13,8 @@ from cpu_attention_reference import (PagedCase, assert_close_to_reference, make_
                                      reference_decode)
 
 Q_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Kernel sets whose q . k quantizes q per row to int8 and multiplies integers.
+INT_DOT_ISAS = ("avx512vnni", "avx2")
 
 
 def int8_isas() -> list[str]:
@@ -28,8 +30,8 @@ def quantized(case: PagedCase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 def dequantized_case(case: PagedCase, k, v, k_scales, v_scales, isa: str = "") -> PagedCase:
     """The float64 problem the kernel solves exactly: the cache dequantized, and q quantized
-    per row as well for kernel sets with integer q . k (avx512vnni)."""
-    q = dequantize_rows(*quantize_rows(case.q), torch.float64) if isa == "avx512vnni" else case.q
+    per row as well for kernel sets with integer q . k (INT_DOT_ISAS)."""
+    q = dequantize_rows(*quantize_rows(case.q), torch.float64) if isa in INT_DOT_ISAS else case.q
     return PagedCase(q, dequantize_rows(k, k_scales, torch.float64),
                      dequantize_rows(v, v_scales, torch.float64), case.block_tables,
                      case.seq_lens)

@@ -37,6 +37,9 @@ from apex_grpc.scheduler.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 _GIB = 1 << 30
+# A server that cannot capture its decode steps still serves, eagerly (and says so).
+_GRAPHS_FAILED = ("capturing the decode steps as CUDA graphs failed: they run eagerly "
+                  "(--enforce-eager skips the capture)")
 
 
 def _num_blocks(gib: float, block_bytes: int) -> int:
@@ -118,17 +121,10 @@ def build_engine_core(opts: ServeOptions) -> BuiltCore:
     share_cores_with_pool(device, threads)
     # Profile first: its allocations are released before free memory sizes the GPU KV tier.
     perf_model = load_perf_model(opts, model, model_config, dtype, device, threads)
-    graph_max_batch = None
-    graph_bytes = 0
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        if opts.enforce_eager:
-            log.info("decode steps run eagerly (--enforce-eager)")
-        else:
-            graph_max_batch = opts.cuda_graph_max_batch
-            if opts.gpu_kv_blocks is None and opts.gpu_kv_gb is None:  # sized from free memory
-                graph_bytes = measure_decode_graphs(opts, model, model_config, tokenizer, dtype,
-                                                    device, threads)
+    graph_max_batch, graph_bytes = plan_decode_graphs(opts, model, model_config, tokenizer,
+                                                      dtype, device, threads)
     num_gpu_blocks, num_host_blocks = size_kv_tiers(opts, model_config, dtype, device,
                                                     reserved_bytes=graph_bytes)
     config = engine_config(opts, model_config, num_gpu_blocks, num_host_blocks, threads)
@@ -136,11 +132,35 @@ def build_engine_core(opts: ServeOptions) -> BuiltCore:
                       opts.tpot_slo_ms, cuda_layer_wait=opts.cuda_layer_wait,
                       cuda_graph_max_batch=graph_max_batch)
     if graph_max_batch is not None:
-        core.runner.capture_decode_graphs()
-        if graph_bytes:
-            log.info("%.1f MiB were set aside for the decode graphs before sizing the GPU KV "
-                     "tier", graph_bytes / 2**20)
+        try:
+            core.runner.capture_decode_graphs()
+        except RuntimeError:
+            log.exception(_GRAPHS_FAILED)
+            core.runner.decode_graphs = None
     return BuiltCore(core, model_config, name, tokenizer, dtype, device)
+
+
+def plan_decode_graphs(opts: ServeOptions, model: torch.nn.Module, model_config: ModelConfig,
+                       tokenizer, dtype: torch.dtype, device: torch.device,
+                       threads: int) -> tuple[int | None, int]:
+    """(the decode graphs' largest bucket, or None for eager decoding; the device memory to
+    set aside for their pool before the GPU KV tier is sized from free memory)."""
+    if device.type != "cuda":
+        return None, 0  # padding buys nothing without capture
+    if opts.enforce_eager:
+        log.info("decode steps run eagerly (--enforce-eager)")
+        return None, 0
+    if opts.gpu_kv_blocks is not None or opts.gpu_kv_gb is not None:
+        return opts.cuda_graph_max_batch, 0  # the KV tier's size is given, not derived
+    try:
+        pool_bytes = measure_decode_graphs(opts, model, model_config, tokenizer, dtype, device,
+                                           threads)
+    except RuntimeError:
+        log.exception(_GRAPHS_FAILED)
+        return None, 0
+    log.info("%.1f MiB set aside for the decode graphs before sizing the GPU KV tier",
+             pool_bytes / 2**20)
+    return opts.cuda_graph_max_batch, pool_bytes
 
 
 def measure_decode_graphs(opts: ServeOptions, model: torch.nn.Module, model_config: ModelConfig,

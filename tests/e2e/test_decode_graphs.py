@@ -164,3 +164,26 @@ def test_a_cuda_server_captures_its_decode_steps_unless_told_not_to(tiny_config_
                                                  **options)).core
     assert eager.runner.decode_graphs is None
     eager.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_a_hybrid_step_failing_midway_leaves_the_next_graphed_step_working(tiny_config_path,
+                                                                           monkeypatch):
+    """The failed eager step's pending waits drain before a graphed step zeroes the done
+    flags they read (else the two would wait on each other)."""
+    options = tiny_serve_options(tiny_config_path, device="cuda", policy="apex", max_num_seqs=8)
+    core = build_engine_core(options).core
+    runner = core.runner
+    plan = decode_plan(2, 2)
+    reference = runner.execute(plan).sampled
+    pipeline = StepPlan(Strategy.ASYMMETRIC_PIPELINE, plan.gpu_seqs, (), plan.host_decode_seqs,
+                        ())
+    assert runner.decode_graphs.bucket_for(pipeline) is None  # eager
+    monkeypatch.setattr(runner.model.layers[1], "post_attention",
+                        lambda *args: (_ for _ in ()).throw(RuntimeError("injected")))
+    with pytest.raises(RuntimeError, match="injected"):
+        runner.execute(pipeline)
+    monkeypatch.undo()
+    assert runner.execute(plan).sampled == reference
+    assert runner.decode_graphs.replays == 2
+    core.close()

@@ -261,7 +261,6 @@ class HostAttention:
         # Layers are staged in order, so the ones never staged are the tail.
         # (A released job may read a parity buffer that a staged layer's copy still writes:
         # the failed step's outputs are discarded, and the buffers outlive every job.)
-        failed_midway = self._num_staged < len(jobs)
         for layer in range(self._num_staged, len(jobs)):
             set_flag(self._flags[0, layer], self._step_seq)
         errors = []
@@ -278,10 +277,11 @@ class HostAttention:
                 errors.append(exc)
         if self._watchdog is not None:
             self._watchdog.disarm()
-        if self._on_cuda and (failed_midway or errors):
-            # The stream may still hold this step's waits (all pass now that every job is
-            # done): drain it, or a graphed step's zeroed done flags would hold them forever.
-            # A broken device raises here too; the step's own error is the one to report.
+        if self._on_cuda and jobs:
+            # After a failed step the stream may still hold this step's waits (all pass now
+            # that every job is done): drain it, or a graphed step's zeroed done flags would
+            # hold them forever. After sampling it is idle and this costs microseconds. A
+            # broken device raises here too; the step's own error is the one to report.
             with contextlib.suppress(RuntimeError):
                 torch.cuda.current_stream().synchronize()
         self._finish_prefill_writes()

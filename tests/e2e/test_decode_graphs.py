@@ -179,7 +179,7 @@ def test_a_hybrid_step_failing_midway_leaves_the_next_graphed_step_working(tiny_
     pipeline = StepPlan(Strategy.ASYMMETRIC_PIPELINE, plan.gpu_seqs, (), plan.host_decode_seqs,
                         ())
     assert runner.decode_graphs.bucket_for(pipeline) is None  # eager
-    monkeypatch.setattr(runner.model.layers[1], "post_attention",
+    monkeypatch.setattr(runner.model.layers[-1], "post_attention",  # every layer staged
                         lambda *args: (_ for _ in ()).throw(RuntimeError("injected")))
     with pytest.raises(RuntimeError, match="injected"):
         runner.execute(pipeline)

@@ -182,15 +182,18 @@ class DecodeGraphs:
         largest = max(g + h for g, h in buckets)
         for executor in set(self.executors.values()):
             executor.reserve_rows(largest)  # no output buffer may be allocated mid-capture
-        # Warm-up, eagerly: Triton compiles and cuBLAS picks its kernels outside any capture.
-        for gpu_rows in sorted({g for g, _ in buckets if g}, reverse=True):
-            self._run_padding(gpu_rows)
+        # Warm-up, eagerly, on the stream that captures (its cuBLAS workspace too): Triton
+        # compiles and cuBLAS picks its kernels outside any capture.
+        capture_stream = torch.cuda.Stream(device)
+        capture_stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(capture_stream):
+            for gpu_rows in sorted({g for g, _ in buckets if g}, reverse=True):
+                self._run_padding(gpu_rows)
         torch.cuda.synchronize(device)
         # What the warm-up left cached must not be counted against the pool.
         torch.cuda.empty_cache()
         reserved_before = torch.cuda.memory_reserved(device)
         pool = torch.cuda.graph_pool_handle()
-        capture_stream = torch.cuda.Stream(device)
         for bucket in buckets:
             if bucket[1] and self._host_capture_failed:
                 continue

@@ -76,7 +76,7 @@ step gpu-tests 150 python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_gpu_attention_bench.py tests/e2e/test_host_kv_int8.py
 # The decode step at B = 1, 8, 32, 64: graphed, eager, and the linear floor; graphed G=2 + C=6
 # against graphed G=2.
-step decode-step 120 python3 -m apex_grpc.bench.decode_step
+step decode-step 120 python3 -m apex_grpc.bench.decode_step --steps 10
 # Paged decode (single-pass, split-KV, a split sweep) against dense SDPA, batch 1/4/16 x
 # context 512/2048/8192, inside CUDA graphs: one JSON line per case.
 step gpu-attention 120 python3 -m apex_grpc.bench.gpu_attention

@@ -92,17 +92,17 @@ class StepWatchdog:
 
     def fire(self) -> None:
         """Release the armed step now (its end_step found a job past the deadline)."""
-        with self._lock:
-            if self._armed is not None:
-                self._release(self._armed[0])
-                self._armed = None
+        self._release_if(lambda deadline: True)
 
     def _run(self) -> None:
         while not self._stop.wait(self._poll_s):
-            with self._lock:
-                if self._armed is not None and time.monotonic() >= self._armed[1]:
-                    self._release(self._armed[0])
-                    self._armed = None
+            self._release_if(lambda deadline: time.monotonic() >= deadline)
+
+    def _release_if(self, due: Callable[[float], bool]) -> None:
+        with self._lock:
+            if self._armed is not None and due(self._armed[1]):
+                self._release(self._armed[0])
+                self._armed = None
 
     def close(self) -> None:
         self._stop.set()

@@ -116,23 +116,24 @@ class DecodeGraphs:
         if any(len(s.block_table) > width for s in plan.gpu_seqs):
             return None
         bucket = self.buckets.pick(len(plan.gpu_seqs), len(plan.host_decode_seqs))
-        if bucket is not None and self.captured and bucket not in self._graphs:
+        if bucket is not None and self.captured and not self.is_captured(bucket):
             return None  # e.g. host rows under an engine-thread wait: never captured
         return bucket
 
-    def run(self, plan: StepPlan, bucket: tuple[int, int]) -> tuple[InputBatch, torch.Tensor]:
-        """Fill the static inputs, begin the host side's step and run the bucket -> (the
-        padded batch, final hidden states of its rows). The caller ends the host side's step."""
-        batch = self.inputs.fill(plan, *bucket)
+    def is_captured(self, bucket: tuple[int, int]) -> bool:
+        return bucket in self._graphs
+
+    def run(self, bucket: tuple[int, int], batch: InputBatch) -> torch.Tensor:
+        """The bucket's forward pass over its batch (inputs.fill; the host side's step begun,
+        graphed when is_captured) -> final hidden states of its rows."""
         graph = self._graphs.get(bucket)
-        self.host.begin_step(batch.layout, graphed=graph is not None)
         if graph is None:
             self.padded_steps += 1
-            return batch, self._executor(bucket).run(batch)
+            return self._executor(bucket).run(batch)
         graph.graph.replay()
         self.host.staged_by_graph()
         self.replays += 1
-        return batch, graph.hidden
+        return graph.hidden
 
     def graph(self, bucket: tuple[int, int]) -> torch.cuda.CUDAGraph:
         """A captured bucket's graph (benchmarks time its replay alone)."""

@@ -77,7 +77,10 @@ class ModelRunner:
                 self.host.begin_step(batch.layout)
                 hidden = self.forward(plan.strategy, batch)
             else:
-                batch, hidden = self.decode_graphs.run(plan, bucket)
+                graphs = self.decode_graphs
+                batch = graphs.inputs.fill(plan, *bucket)
+                self.host.begin_step(batch.layout, graphed=graphs.is_captured(bucket))
+                hidden = graphs.run(bucket, batch)
             rows = batch.sample_seqs
             if not rows:
                 synchronize(self.device)

@@ -132,9 +132,10 @@ inline float quantize_row(const void* row, DType dtype, int head_dim, int8_t* ou
   return scale;
 }
 
-// Floats a prepared q of num_rows rows may take (room for padded, interleaved layouts).
+// Floats a prepared q of num_rows rows may take (room for padded, interleaved layouts: the
+// avx512vnni rows take 4 bytes per dim rounded up to 64 dims, plus 64 bytes).
 inline int64_t prepared_q_floats(int num_rows, int head_dim) {
-  return int64_t(num_rows) * (head_dim + 32);
+  return int64_t(num_rows) * (head_dim + 96);
 }
 
 struct KernelOps {

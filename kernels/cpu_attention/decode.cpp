@@ -302,6 +302,11 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
         const char* rows = (quarter < 2 ? k_base : v_base) + prefetch_offset;
         if (quarter % 2 == 0) prefetch_rows(rows, half);
         else prefetch_rows(rows + half, head_bytes - half);
+        // An 8-bit head's token scales are one more line each, just as far from the last.
+        if (p.kv_dtype == DType::kInt8 && quarter % 2 == 0) {
+          const float* scales = quarter == 0 ? p.k_scales : p.v_scales;
+          prefetch_rows(scales + prefetch_offset / dim, p.block_size * int64_t(sizeof(float)));
+        }
       };
       prefetch_quarter(0);
       const int row = head * group;

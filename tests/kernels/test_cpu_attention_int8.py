@@ -15,6 +15,16 @@ from cpu_attention_reference import (PagedCase, assert_close_to_reference, make_
 Q_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Kernel sets whose q . k quantizes q per row to int8 and multiplies integers.
 INT_DOT_ISAS = ("avx512vnni", "avx2")
+# Kernel sets whose p . v rounds each row's weights of a block to 16-bit integers relative to
+# the largest of them: each weight moves by at most 2^-17 (7.6e-6) of that largest weight, so
+# the output's error by norm is a few 1e-6 on top of float32 rounding (1.1e-5 seen in all).
+INT_PV_ISAS = ("avx512vnni",)
+
+
+def float32_tolerance(isa: str) -> float:
+    """The error bound, relative by norm, of an int8 kernel set with a float32 q on the
+    dequantized cache."""
+    return 3e-5 if isa in INT_PV_ISAS else 1e-5
 
 
 def int8_isas() -> list[str]:
@@ -65,7 +75,7 @@ def test_int8_kv_matches_float64_reference(isa, q_dtype, head_dim, group):
         assert pool.isa(torch.int8) == isa
         out, lse = run_int8(pool, case, k, v, k_scales, v_scales)
     # On the dequantized cache the kernel is exact up to float32 (and q/out dtype) rounding.
-    tolerance = 1e-5 if q_dtype == torch.float32 else 1e-2
+    tolerance = float32_tolerance(isa) if q_dtype == torch.float32 else 1e-2
     assert_matches_dequantized(out, lse, dequantized_case(case, k, v, k_scales, v_scales, isa),
                                tolerance)
     # Against the unquantized cache: the 8-bit error (~1% of a row's range per element) stays
@@ -115,7 +125,8 @@ def test_fused_append_quantizes_like_quantize_rows(q_dtype):
         assert torch.equal(cache[slot_blocks, :, offsets], expected_q)
         assert torch.equal(scales[slot_blocks, :, offsets], expected_scales)
     written = dequantized_case(case, *fused, isa=isa)
-    assert_matches_dequantized(out, lse, written, 1e-5 if q_dtype == torch.float32 else 1e-2)
+    assert_matches_dequantized(out, lse, written,
+                               float32_tolerance(isa) if q_dtype == torch.float32 else 1e-2)
 
 
 def test_int8_cache_needs_scales_and_a_float_q():

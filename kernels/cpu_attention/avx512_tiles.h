@@ -1,6 +1,7 @@
 // Tile helpers shared by the AVX-512 translation units (included inside their anonymous
-// namespace, after APEX_TARGET is defined): 16 tokens per tile, their masks, and the
-// transpose-and-add tree that turns 16 per-token accumulators into one register of scores.
+// namespace, after APEX_TARGET is defined): 16 tokens per tile, their masks, the
+// transpose-and-add tree that turns 16 per-token accumulators into one register of scores, and
+// a vector exp.
 #pragma once
 
 // ---- q . k for up to 16 tokens at once --------------------------------------------------------
@@ -74,3 +75,20 @@ APEX_TARGET inline __mmask16 lanes(int count) {
   return count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1u);
 }
 
+// exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2]; degree-6 Taylor polynomial
+// (relative error ~1e-7). x is clamped at -87 so 2^n stays a normal float.
+APEX_TARGET inline __m512 exp_lanes(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 poly = _mm512_set1_ps(1.0f / 720.0f);
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 120.0f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 24.0f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 6.0f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(0.5f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(poly, n);
+}

@@ -308,13 +308,26 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
           prefetch_rows(scales + prefetch_offset / dim, p.block_size * int64_t(sizeof(float)));
         }
       };
-      prefetch_quarter(0);
       const int row = head * group;
+      // 8-bit rows are round(x / scale): a token's score and its weight on v carry its scale.
+      const int64_t scale_offset = head_offset / (int64_t(dim) * element);
+      if (ops_->attend_int8 != nullptr) {
+        prefetch_quarter(0);
+        prefetch_quarter(1);
+        ops_->attend_int8(s.prepared_q + head * s.prepared_floats,
+                          reinterpret_cast<const int8_t*>(k_base + head_offset),
+                          reinterpret_cast<const int8_t*>(v_base + head_offset),
+                          p.k_scales + scale_offset, p.v_scales + scale_offset, group,
+                          num_tokens, dim, p.scale, s.running_max + row, s.running_sum + row,
+                          s.acc + int64_t(row) * dim);
+        prefetch_quarter(2);
+        prefetch_quarter(3);
+        continue;
+      }
+      prefetch_quarter(0);
       ops_->scores(s.prepared_q + head * s.prepared_floats, k_base + head_offset, group,
                    num_tokens, dim, p.scale, s.scores);
       prefetch_quarter(1);
-      // 8-bit rows are round(x / scale): a token's score and its weight on v carry its scale.
-      const int64_t scale_offset = head_offset / (int64_t(dim) * element);
       if (p.kv_dtype == DType::kInt8) {
         scale_rows(s.scores, group, num_tokens, p.k_scales + scale_offset);
       }

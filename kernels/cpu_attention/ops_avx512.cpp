@@ -22,6 +22,8 @@
 namespace apex {
 namespace {
 
+#include "avx512_tiles.h"
+
 struct Avx512Vec {
   using Reg = __m512;
   static constexpr int kWidth = 16;
@@ -80,27 +82,10 @@ struct Avx512Vec {
         return _mm512_cvtph_ps(half);
     }
   }
-  // exp(x) = 2^n * exp(r), r = x - n ln2 in [-ln2/2, ln2/2]; degree-6 Taylor polynomial
-  // (relative error ~1e-7). x is clamped at -87 so 2^n stays a normal float.
-  APEX_TARGET static Reg exp(Reg x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const Reg n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    Reg r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    Reg poly = _mm512_set1_ps(1.0f / 720.0f);
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 120.0f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 24.0f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f / 6.0f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(0.5f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
-    poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(poly, n);
-  }
+  APEX_TARGET static Reg exp(Reg x) { return exp_lanes(x); }
 };
 
 #include "ops_simd.inc"
-#include "avx512_tiles.h"
 
 // kHeadDim > 0 fixes head_dim at compile time (the common 64 and 128): q stays in registers
 // and every key row is a constant offset from one pointer. kFull: all 16 tokens are present;

@@ -1,13 +1,21 @@
-// int8 KV with AVX512-VNNI: q . k as integer dot products. q is quantized per row (llama.cpp
-// does the same for its 8-bit caches); VPDPBUSD sums 4 u8 x s8 products into each int32 lane,
-// 64 key elements per instruction, exact. It needs unsigned keys, so each tile's keys are
-// flipped to k + 128 once, and 128 * sum(q) is taken off each score. p . v stays the float
-// kernel of ops_avx512.cpp. Runs only after select_kernel_ops has found avx512vnni.
+// int8 KV with AVX512-VNNI, one block of one kv head per call (KernelOps::attend_int8): q . k,
+// the online softmax and p . v in registers, the token scales applied between them.
+// - q . k: q is quantized per row (llama.cpp does the same for its 8-bit caches); VPDPBUSD sums
+//   4 u8 x s8 products into each int32 lane, exact. Keys are flipped to unsigned (k + 128;
+//   128 * sum(q) comes off each score) and four tokens' dwords interleaved in registers, so the
+//   lanes are tokens and no per-token reduction tree is needed.
+// - p . v: each row's weights of a 16-token tile become 16-bit integers relative to the largest
+//   of them, split into a high and a low byte; four tokens' value bytes are interleaved so that
+//   one VPDPBUSD adds four tokens' products into each dim's int32 lane.
+// Against widening to float32 that is a quarter (q . k) and half (p . v) of the multiply
+// instructions. Runs only after select_kernel_ops has found avx512vnni.
 #if defined(__x86_64__)
 #include <immintrin.h>
 
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 
 #include "common.h"
 
@@ -27,7 +35,7 @@ namespace {
 // Prepared q, per row (row_bytes(head_dim) apart, inside prepared_q_floats' room): for each
 // 64-dim chunk h of the int8-quantized row and each k < 4, a "pattern" register whose 128-bit
 // lane L repeats q's dword 4L + k of that chunk (the four q bytes that meet the keys in
-// vnni_scores' transposed registers), then its float scale and int32 sum.
+// score_registers' interleaved keys), then its float scale and int32 sum.
 constexpr int kChunkBytes = 64;
 inline int num_chunks(int head_dim) { return (head_dim + kChunkBytes - 1) / kChunkBytes; }
 inline int pattern_bytes(int head_dim) { return num_chunks(head_dim) * 4 * kChunkBytes; }
@@ -92,128 +100,6 @@ APEX_TARGET inline void interleave_dwords(const __m512i (&a)[4], __m512i (&o)[4]
   o[3] = _mm512_unpackhi_epi64(high01, high23);
 }
 
-// acc[i] lane (L, slot s): partial dot of token 4i + s over the lane-L dwords -> one register
-// with the 16 tokens' full dots in token order.
-APEX_TARGET inline __m512i sum_lanes(const __m512i (&acc)[4]) {
-  const __m512i x = _mm512_add_epi32(_mm512_shuffle_i32x4(acc[0], acc[1], 0x88),
-                                     _mm512_shuffle_i32x4(acc[0], acc[1], 0xdd));
-  const __m512i y = _mm512_add_epi32(_mm512_shuffle_i32x4(acc[2], acc[3], 0x88),
-                                     _mm512_shuffle_i32x4(acc[2], acc[3], 0xdd));
-  return _mm512_add_epi32(_mm512_shuffle_i32x4(x, y, 0x88), _mm512_shuffle_i32x4(x, y, 0xdd));
-}
-
-// Rows [0, kRows) of one block: lanes are tokens, so no per-token reduction tree. Each group of
-// four keys is loaded once, flipped to unsigned (k + 128; VPDPBUSD multiplies unsigned by
-// signed bytes, and 128 * sum(q) comes off each score) and interleaved for every row.
-template <int kRows, int kChunks>
-APEX_TARGET inline void vnni_score_rows(const char* prepared, const int8_t* k, int num_tokens,
-                                        int head_dim, float scale, float* scores,
-                                        int score_stride) {
-  const __m512i flip = _mm512_set1_epi8(char(0x80));
-  __m512i acc[kRows][4];
-#pragma GCC unroll 4
-  for (int g = 0; g < kRows; ++g)
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_setzero_si512();
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-#pragma GCC unroll 4
-    for (int h = 0; h < kChunks; ++h) {
-      const int left = head_dim - h * kChunkBytes;
-      const __mmask64 dims = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
-      __m512i keys[4];
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        const int token = 4 * i + j;
-        // Missing tokens and dims load as zero: their q is zero, or their lane is not stored.
-        keys[j] = _mm512_xor_si512(
-            _mm512_maskz_loadu_epi8(token < num_tokens ? dims : 0,
-                                    k + int64_t(token) * head_dim + h * kChunkBytes),
-            flip);
-      }
-      __m512i interleaved[4];
-      interleave_dwords(keys, interleaved);
-#pragma GCC unroll 4
-      for (int g = 0; g < kRows; ++g) {
-        const char* patterns = prepared + int64_t(g) * row_bytes(head_dim) + h * 4 * kChunkBytes;
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j)
-          acc[g][i] = _mm512_dpbusd_epi32(acc[g][i], interleaved[j],
-                                          _mm512_loadu_si512(patterns + j * kChunkBytes));
-      }
-    }
-  }
-#pragma GCC unroll 4
-  for (int g = 0; g < kRows; ++g) {
-    const char* row = prepared + int64_t(g) * row_bytes(head_dim);
-    float q_scale;
-    int32_t q_sum;
-    std::memcpy(&q_scale, row + pattern_bytes(head_dim), sizeof(q_scale));
-    std::memcpy(&q_sum, row + pattern_bytes(head_dim) + 4, sizeof(q_sum));
-    // Sums stay below 2^24 (kMaxIntDotDim), so the float conversion is exact.
-    const __m512 dots = _mm512_sub_ps(_mm512_cvtepi32_ps(sum_lanes(acc[g])),
-                                      _mm512_set1_ps(128.0f * float(q_sum)));
-    _mm512_mask_storeu_ps(scores + g * score_stride, lanes(num_tokens),
-                          _mm512_mul_ps(dots, _mm512_set1_ps(q_scale * scale)));
-  }
-}
-
-template <int kChunks>
-APEX_TARGET void vnni_score_tiles(const char* prepared, const int8_t* keys, int num_rows,
-                                  int num_tokens, int head_dim, float scale, float* scores) {
-  for (int token = 0; token < num_tokens; token += kTileTokens) {
-    const int count = num_tokens - token < kTileTokens ? num_tokens - token : kTileTokens;
-    const int8_t* tile = keys + int64_t(token) * head_dim;
-    for (int g = 0; g < num_rows;) {
-      const char* rows = prepared + int64_t(g) * row_bytes(head_dim);
-      float* out = scores + g * num_tokens + token;
-      if (num_rows - g >= 4) {
-        vnni_score_rows<4, kChunks>(rows, tile, count, head_dim, scale, out, num_tokens);
-        g += 4;
-      } else if (num_rows - g >= 2) {
-        vnni_score_rows<2, kChunks>(rows, tile, count, head_dim, scale, out, num_tokens);
-        g += 2;
-      } else {
-        vnni_score_rows<1, kChunks>(rows, tile, count, head_dim, scale, out, num_tokens);
-        g += 1;
-      }
-    }
-  }
-}
-
-APEX_TARGET void vnni_scores(const float* prepared_q, const void* k, int num_rows,
-                             int num_tokens, int head_dim, float scale, float* scores) {
-  const char* prepared = reinterpret_cast<const char*>(prepared_q);
-  const int8_t* keys = static_cast<const int8_t*>(k);
-  switch (num_chunks(head_dim)) {
-    case 1:
-      return vnni_score_tiles<1>(prepared, keys, num_rows, num_tokens, head_dim, scale, scores);
-    case 2:
-      return vnni_score_tiles<2>(prepared, keys, num_rows, num_tokens, head_dim, scale, scores);
-    case 3:
-      return vnni_score_tiles<3>(prepared, keys, num_rows, num_tokens, head_dim, scale, scores);
-    case 4:
-      return vnni_score_tiles<4>(prepared, keys, num_rows, num_tokens, head_dim, scale, scores);
-    default:  // past kMaxIntDotDim
-      return plain_int_scores(prepared, keys, num_rows, num_tokens, head_dim, scale, scores);
-  }
-}
-
-// ---- p . v in integers ------------------------------------------------------------------------
-// Each row's weights of one block (16 tokens, >= 0) become 16-bit integers relative to that
-// row's largest weight m: u = round(p * 65535 / m), split into a high and a low byte. V stays
-// int8; four tokens' bytes are interleaved so that one VPDPBUSD adds four tokens' u8 x s8
-// products into each dim's int32 lane: sum(high * v) << 8 + sum(low * v) is exact
-// (16 x 255 x 127 x 257 < 2^31), then one conversion and FMA per 16 dims per row. The weight's
-// relative rounding error is at most 2^-17 of m. The interleave leaves each 64-dim chunk of the
-// float accumulator in a permuted order (a 4 x 4 transpose of 4-dim units), undone once per task
-// by vnni_finish_acc.
-constexpr int kMaxPvChunks = 4;  // head dims up to 256, multiples of 64; others: float p . v
-
-inline bool int_pv(int head_dim) {
-  return head_dim % kChunkBytes == 0 && head_dim / kChunkBytes <= kMaxPvChunks;
-}
-
 // Four tokens' 64-byte chunks -> o[k], whose dword (L, s) holds the four tokens' bytes of dim
 // 16L + 4k + s of the chunk.
 APEX_TARGET inline void interleave_bytes(const __m512i (&a)[4], __m512i (&o)[4]) {
@@ -227,99 +113,266 @@ APEX_TARGET inline void interleave_bytes(const __m512i (&a)[4], __m512i (&o)[4])
   o[3] = _mm512_unpackhi_epi16(high01, high23);
 }
 
-template <int kChunks>
-APEX_TARGET void vnni_accumulate_tiles(const float* p, const int8_t* values, int num_rows,
-                                       int num_tokens, const float* alpha, float* acc) {
-  constexpr int kDim = kChunks * kChunkBytes;
-  constexpr int kRegs = kChunks * 4;
-  for (int token = 0; token < num_tokens; token += kTileTokens) {
-    const int count = num_tokens - token < kTileTokens ? num_tokens - token : kTileTokens;
-    // The tile's values, interleaved once for all rows: [group][chunk * 4 + k] registers.
-    alignas(64) __m512i tile[4][kRegs];
+// acc[i] lane (L, slot s): partial dot of token 4i + s over the lane-L dwords -> one register
+// with the 16 tokens' full dots in token order.
+APEX_TARGET inline __m512i sum_lanes(const __m512i (&acc)[4]) {
+  const __m512i x = _mm512_add_epi32(_mm512_shuffle_i32x4(acc[0], acc[1], 0x88),
+                                     _mm512_shuffle_i32x4(acc[0], acc[1], 0xdd));
+  const __m512i y = _mm512_add_epi32(_mm512_shuffle_i32x4(acc[2], acc[3], 0x88),
+                                     _mm512_shuffle_i32x4(acc[2], acc[3], 0xdd));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(x, y, 0x88), _mm512_shuffle_i32x4(x, y, 0xdd));
+}
+
+// dots[g] lane t = scale * q_g . k_t for the tile's tokens t < num_tokens (other lanes: any
+// value). kChunks = 0: head dims past kMaxIntDotDim, one dot at a time.
+template <int kRows, int kChunks>
+APEX_TARGET inline void score_registers(const char* prepared, const int8_t* k, int num_tokens,
+                                        int head_dim, float scale, __m512 (&dots)[kRows]) {
+  if constexpr (kChunks == 0) {
+    float scores[kRows * kTileTokens];  // row g at g * num_tokens
+    plain_int_scores(prepared, k, kRows, num_tokens, head_dim, scale, scores);
+    for (int g = 0; g < kRows; ++g)
+      dots[g] = _mm512_maskz_loadu_ps(lanes(num_tokens), scores + g * num_tokens);
+  } else {
+    const __m512i flip = _mm512_set1_epi8(char(0x80));
+    __m512i acc[kRows][4];
 #pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i)
+    for (int g = 0; g < kRows; ++g)
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
 #pragma GCC unroll 4
       for (int h = 0; h < kChunks; ++h) {
-        __m512i rows[4];
+        const int left = head_dim - h * kChunkBytes;
+        const __mmask64 dims = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
+        __m512i keys[4];
 #pragma GCC unroll 4
         for (int j = 0; j < 4; ++j) {
-          const int t = 4 * i + j;  // missing tokens load as zero (their weight is 0 too)
-          rows[j] = _mm512_maskz_loadu_epi8(t < count ? ~__mmask64(0) : 0,
-                                            values + int64_t(token + t) * kDim + h * kChunkBytes);
+          const int token = 4 * i + j;
+          // Missing tokens and dims load as zero: their q is zero, or their lane is unused.
+          keys[j] = _mm512_xor_si512(
+              _mm512_maskz_loadu_epi8(token < num_tokens ? dims : 0,
+                                      k + int64_t(token) * head_dim + h * kChunkBytes),
+              flip);
         }
         __m512i interleaved[4];
-        interleave_bytes(rows, interleaved);
+        interleave_dwords(keys, interleaved);
 #pragma GCC unroll 4
-        for (int k = 0; k < 4; ++k) tile[i][h * 4 + k] = interleaved[k];
-      }
-    for (int g = 0; g < num_rows; ++g) {
-      float* acc_row = acc + int64_t(g) * kDim;
-      // alpha applies once per block: at the block's first tile.
-      const __m512 rescale = _mm512_set1_ps(token == 0 ? alpha[g] : 1.0f);
-      const __m512 weights = _mm512_maskz_loadu_ps(lanes(count), p + g * num_tokens + token);
-      const float largest = _mm512_reduce_max_ps(weights);
-      if (!(largest > 0.0f)) {
-#pragma GCC unroll 16
-        for (int r = 0; r < kRegs; ++r)
-          _mm512_storeu_ps(acc_row + 16 * r,
-                           _mm512_mul_ps(_mm512_loadu_ps(acc_row + 16 * r), rescale));
-        continue;
-      }
-      const __m512i units = _mm512_min_epu32(
-          _mm512_cvtps_epu32(_mm512_mul_ps(weights, _mm512_set1_ps(65535.0f / largest))),
-          _mm512_set1_epi32(65535));
-      // Four tokens' bytes per int32 lane, in token order.
-      const __m128i high = _mm512_cvtepi32_epi8(_mm512_srli_epi32(units, 8));
-      const __m128i low = _mm512_cvtepi32_epi8(_mm512_and_si512(units, _mm512_set1_epi32(255)));
-      const __m512i high_lanes = _mm512_broadcast_i32x4(high);
-      const __m512i low_lanes = _mm512_broadcast_i32x4(low);
-      __m512i sums[kRegs];
-#pragma GCC unroll 16
-      for (int r = 0; r < kRegs; ++r) sums[r] = _mm512_setzero_si512();
+        for (int g = 0; g < kRows; ++g) {
+          const char* patterns =
+              prepared + int64_t(g) * row_bytes(head_dim) + h * 4 * kChunkBytes;
 #pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {
-        const __m512i weight = _mm512_permutexvar_epi32(_mm512_set1_epi32(i), high_lanes);
-#pragma GCC unroll 16
-        for (int r = 0; r < kRegs; ++r) sums[r] = _mm512_dpbusd_epi32(sums[r], weight, tile[i][r]);
+          for (int j = 0; j < 4; ++j)
+            acc[g][i] = _mm512_dpbusd_epi32(acc[g][i], interleaved[j],
+                                            _mm512_loadu_si512(patterns + j * kChunkBytes));
+        }
       }
-#pragma GCC unroll 16
-      for (int r = 0; r < kRegs; ++r) sums[r] = _mm512_slli_epi32(sums[r], 8);
+    }
 #pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) {
-        const __m512i weight = _mm512_permutexvar_epi32(_mm512_set1_epi32(i), low_lanes);
-#pragma GCC unroll 16
-        for (int r = 0; r < kRegs; ++r) sums[r] = _mm512_dpbusd_epi32(sums[r], weight, tile[i][r]);
-      }
-      const __m512 unit = _mm512_set1_ps(largest / 65535.0f);
-#pragma GCC unroll 16
-      for (int r = 0; r < kRegs; ++r) {
-        float* out = acc_row + 16 * r;
-        _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), unit,
-                                              _mm512_mul_ps(_mm512_loadu_ps(out), rescale)));
-      }
+    for (int g = 0; g < kRows; ++g) {
+      const char* row = prepared + int64_t(g) * row_bytes(head_dim);
+      float q_scale;
+      int32_t q_sum;
+      std::memcpy(&q_scale, row + pattern_bytes(head_dim), sizeof(q_scale));
+      std::memcpy(&q_sum, row + pattern_bytes(head_dim) + 4, sizeof(q_sum));
+      // Sums stay below 2^24 (kMaxIntDotDim), so the float conversion is exact.
+      const __m512 sums = _mm512_sub_ps(_mm512_cvtepi32_ps(sum_lanes(acc[g])),
+                                        _mm512_set1_ps(128.0f * float(q_sum)));
+      dots[g] = _mm512_mul_ps(sums, _mm512_set1_ps(q_scale * scale));
     }
   }
 }
 
-APEX_TARGET void vnni_accumulate(const float* p, const void* v, int num_rows, int num_tokens,
-                                 int head_dim, const float* alpha, float* acc) {
-  const int8_t* values = static_cast<const int8_t*>(v);
-  switch (int_pv(head_dim) ? head_dim / kChunkBytes : 0) {
-    case 1:
-      return vnni_accumulate_tiles<1>(p, values, num_rows, num_tokens, alpha, acc);
-    case 2:
-      return vnni_accumulate_tiles<2>(p, values, num_rows, num_tokens, alpha, acc);
-    case 3:
-      return vnni_accumulate_tiles<3>(p, values, num_rows, num_tokens, alpha, acc);
-    case 4:
-      return vnni_accumulate_tiles<4>(p, values, num_rows, num_tokens, alpha, acc);
-    default:
-      return avx512_kernel_ops(DType::kInt8, false)
-          ->accumulate(p, v, num_rows, num_tokens, head_dim, alpha, acc);
+// p . v in integers for head dims that are whole 64-byte chunks (others: the float kernel).
+constexpr int kMaxPvChunks = 4;
+// Registers of one interleaved value group (one, unused, where p . v is float).
+template <int kChunks>
+constexpr int tile_regs() { return kChunks > 0 ? kChunks * 4 : 1; }
+inline bool int_pv(int head_dim) {
+  return head_dim % kChunkBytes == 0 && head_dim / kChunkBytes <= kMaxPvChunks;
+}
+
+// acc_row = acc_row * alpha + weights . values for one row and one tile of interleaved values
+// [group][chunk * 4 + k]. The weights (>= 0) become u = round(w * 65535 / max w); with u's
+// high and low bytes, sum(high * v) << 8 + sum(low * v) is exact (16 x 255 x 127 x 257 < 2^31),
+// and each weight moves by at most 2^-17 of the largest. Each 64-dim chunk of the row is kept
+// in the interleave's order (a 4 x 4 transpose of 4-dim units), undone by vnni_finish_acc.
+template <int kChunks>
+APEX_TARGET inline void int_pv_row(__m512 weights, float alpha, const __m512i (*tile)[kChunks * 4],
+                                   float* acc_row) {
+  constexpr int kRegs = kChunks * 4;
+  const __m512 rescale = _mm512_set1_ps(alpha);
+  const float largest = _mm512_reduce_max_ps(weights);
+  if (!(largest > 0.0f)) {
+    if (alpha != 1.0f) {
+#pragma GCC unroll 16
+      for (int r = 0; r < kRegs; ++r)
+        _mm512_storeu_ps(acc_row + 16 * r,
+                         _mm512_mul_ps(_mm512_loadu_ps(acc_row + 16 * r), rescale));
+    }
+    return;
+  }
+  const __m512i units = _mm512_min_epu32(
+      _mm512_cvtps_epu32(_mm512_mul_ps(weights, _mm512_set1_ps(65535.0f / largest))),
+      _mm512_set1_epi32(65535));
+  // Four tokens' bytes per int32 lane, in token order, in every 128-bit lane.
+  const __m512i high = _mm512_broadcast_i32x4(_mm512_cvtepi32_epi8(_mm512_srli_epi32(units, 8)));
+  const __m512i low = _mm512_broadcast_i32x4(
+      _mm512_cvtepi32_epi8(_mm512_and_si512(units, _mm512_set1_epi32(255))));
+  __m512i sums[kRegs];
+#pragma GCC unroll 16
+  for (int r = 0; r < kRegs; ++r) sums[r] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m512i weight = _mm512_permutexvar_epi32(_mm512_set1_epi32(i), high);
+#pragma GCC unroll 16
+    for (int r = 0; r < kRegs; ++r) sums[r] = _mm512_dpbusd_epi32(sums[r], weight, tile[i][r]);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < kRegs; ++r) sums[r] = _mm512_slli_epi32(sums[r], 8);
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const __m512i weight = _mm512_permutexvar_epi32(_mm512_set1_epi32(i), low);
+#pragma GCC unroll 16
+    for (int r = 0; r < kRegs; ++r) sums[r] = _mm512_dpbusd_epi32(sums[r], weight, tile[i][r]);
+  }
+  const __m512 unit = _mm512_set1_ps(largest / 65535.0f);
+#pragma GCC unroll 16
+  for (int r = 0; r < kRegs; ++r) {
+    float* out = acc_row + 16 * r;
+    // alpha is 1 once the row's maximum settles: skip the rescale then.
+    const __m512 before = alpha == 1.0f ? _mm512_loadu_ps(out)
+                                        : _mm512_mul_ps(_mm512_loadu_ps(out), rescale);
+    _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), unit, before));
   }
 }
 
-// vnni_accumulate's order -> natural: within each 64-dim chunk, 4-dim unit (k, L) <-> (L, k).
+// Rows [0, kRows) of one tile of up to 16 tokens: scores, one online-softmax step, p . v.
+// kChunks: head_dim / 64 rounded up (0: past kMaxIntDotDim); kIntPv: int_pv(head_dim), with the
+// tile's values interleaved in `tile`.
+template <int kRows, int kChunks, bool kIntPv>
+APEX_TARGET inline void attend_rows(const char* prepared, const int8_t* keys, const int8_t* values,
+                                    const __m512i (*tile)[tile_regs<kChunks>()],
+                                    const float* k_scales,
+                                    const float* v_scales, int num_tokens, int head_dim,
+                                    float scale, float* running_max, float* running_sum,
+                                    float* acc) {
+  __m512 dots[kRows];
+  score_registers<kRows, kChunks>(prepared, keys, num_tokens, head_dim, scale, dots);
+  const __mmask16 valid = lanes(num_tokens);
+  const __m512 k_scale = _mm512_maskz_loadu_ps(valid, k_scales);
+  const __m512 v_scale = _mm512_maskz_loadu_ps(valid, v_scales);
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  float alpha[kRows];
+  __m512 weights[kRows];
+  // Unrolled over rows, so the rows' reduction and exp latencies overlap.
+#pragma GCC unroll 4
+  for (int g = 0; g < kRows; ++g) {
+    const __m512 scores = _mm512_mask_mul_ps(neg_inf, valid, dots[g], k_scale);
+    const float tile_max = _mm512_reduce_max_ps(scores);
+    const float new_max = running_max[g] > tile_max ? running_max[g] : tile_max;
+    // The maximum rarely moves once a few blocks are in: skip the scalar exp then.
+    alpha[g] = new_max == running_max[g] ? 1.0f : std::exp(running_max[g] - new_max);
+    const __m512 p =
+        _mm512_maskz_mov_ps(valid, exp_lanes(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
+    running_sum[g] = running_sum[g] * alpha[g] + _mm512_reduce_add_ps(p);
+    running_max[g] = new_max;
+    weights[g] = _mm512_mul_ps(p, v_scale);  // a token's weight on v carries its scale
+  }
+  if constexpr (kIntPv) {
+#pragma GCC unroll 4
+    for (int g = 0; g < kRows; ++g)
+      int_pv_row<kChunks>(weights[g], alpha[g], tile, acc + int64_t(g) * head_dim);
+  } else {
+    alignas(64) float p[kRows * kTileTokens];
+    for (int g = 0; g < kRows; ++g) _mm512_mask_storeu_ps(p + g * num_tokens, valid, weights[g]);
+    avx512_kernel_ops(DType::kInt8, false)
+        ->accumulate(p, values, kRows, num_tokens, head_dim, alpha, acc);
+  }
+}
+
+template <int kChunks, bool kIntPv>
+APEX_TARGET void attend_tiles(const float* prepared_q, const int8_t* k, const int8_t* v,
+                              const float* k_scales, const float* v_scales, int num_rows,
+                              int num_tokens, int head_dim, float scale, float* running_max,
+                              float* running_sum, float* acc) {
+  for (int token = 0; token < num_tokens; token += kTileTokens) {
+    const int count = num_tokens - token < kTileTokens ? num_tokens - token : kTileTokens;
+    const int8_t* keys = k + int64_t(token) * head_dim;
+    const int8_t* values = v + int64_t(token) * head_dim;
+    // The tile's values, interleaved once for every row: [group][chunk * 4 + k].
+    alignas(64) __m512i tile[4][tile_regs<kChunks>()];
+    if constexpr (kIntPv) {
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i)
+#pragma GCC unroll 4
+        for (int h = 0; h < kChunks; ++h) {
+          __m512i rows[4];
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) {
+            const int t = 4 * i + j;  // missing tokens load as zero (their weight is 0 too)
+            rows[j] = _mm512_maskz_loadu_epi8(t < count ? ~__mmask64(0) : 0,
+                                              values + int64_t(t) * head_dim + h * kChunkBytes);
+          }
+          __m512i interleaved[4];
+          interleave_bytes(rows, interleaved);
+#pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r) tile[i][h * 4 + r] = interleaved[r];
+        }
+    }
+    const char* prepared = reinterpret_cast<const char*>(prepared_q);
+    for (int g = 0; g < num_rows;) {
+      const char* rows = prepared + int64_t(g) * row_bytes(head_dim);
+      float* acc_rows = acc + int64_t(g) * head_dim;
+      const int left = num_rows - g;
+      const int chunk = left >= 4 ? 4 : (left >= 2 ? 2 : 1);
+      auto run = [&](auto rows_constant) {
+        constexpr int kRows = decltype(rows_constant)::value;
+        attend_rows<kRows, kChunks, kIntPv>(rows, keys, values, tile, k_scales + token,
+                                            v_scales + token, count, head_dim, scale,
+                                            running_max + g, running_sum + g, acc_rows);
+      };
+      if (chunk == 4) run(std::integral_constant<int, 4>());
+      else if (chunk == 2) run(std::integral_constant<int, 2>());
+      else run(std::integral_constant<int, 1>());
+      g += chunk;
+    }
+  }
+}
+
+APEX_TARGET void vnni_attend_int8(const float* prepared_q, const int8_t* k, const int8_t* v,
+                                  const float* k_scales, const float* v_scales, int num_rows,
+                                  int num_tokens, int head_dim, float scale, float* running_max,
+                                  float* running_sum, float* acc) {
+  const int chunks = head_dim > kMaxIntDotDim ? 0 : num_chunks(head_dim);
+  auto run = [&](auto chunks_constant, auto int_pv_constant) {
+    attend_tiles<decltype(chunks_constant)::value, decltype(int_pv_constant)::value>(
+        prepared_q, k, v, k_scales, v_scales, num_rows, num_tokens, head_dim, scale,
+        running_max, running_sum, acc);
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  const bool integers = int_pv(head_dim);
+  switch (chunks) {
+    case 1:
+      return integers ? run(std::integral_constant<int, 1>(), Yes())
+                      : run(std::integral_constant<int, 1>(), No());
+    case 2:
+      return integers ? run(std::integral_constant<int, 2>(), Yes())
+                      : run(std::integral_constant<int, 2>(), No());
+    case 3:
+      return integers ? run(std::integral_constant<int, 3>(), Yes())
+                      : run(std::integral_constant<int, 3>(), No());
+    case 4:
+      return integers ? run(std::integral_constant<int, 4>(), Yes())
+                      : run(std::integral_constant<int, 4>(), No());
+    default:
+      return run(std::integral_constant<int, 0>(), No());
+  }
+}
+
+// int_pv_row's order -> natural: within each 64-dim chunk, 4-dim unit (k, L) <-> (L, k).
 void vnni_finish_acc(float* acc, int num_rows, int head_dim) {
   if (!int_pv(head_dim)) return;
   for (int g = 0; g < num_rows; ++g)
@@ -337,10 +390,11 @@ void vnni_finish_acc(float* acc, int num_rows, int head_dim) {
 
 const KernelOps* avx512_vnni_kernel_ops() {
   static const KernelOps ops = [] {
-    KernelOps vnni = *avx512_kernel_ops(DType::kInt8, false);  // its softmax and p . v
+    // Decode jobs call attend_int8; the three separate steps (plain AVX-512, for a float
+    // prepared q) are never used with this prepare_q.
+    KernelOps vnni = *avx512_kernel_ops(DType::kInt8, false);
     vnni.prepare_q = vnni_prepare_q;
-    vnni.scores = vnni_scores;
-    vnni.accumulate = vnni_accumulate;
+    vnni.attend_int8 = vnni_attend_int8;
     vnni.finish_acc = vnni_finish_acc;
     vnni.name = "avx512vnni";
     return vnni;

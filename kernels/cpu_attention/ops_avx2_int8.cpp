@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <limits>
 
 #include "common.h"
 
@@ -192,6 +193,283 @@ APEX_TARGET void int8_scores(const float* prepared_q, const void* k, int num_row
   }
 }
 
+// Hides a running integer sum from the optimizer: integer adds are associative, and GCC would
+// otherwise turn each chain into a tree over all its products, spilling them to the stack.
+APEX_TARGET inline void in_register(__m256i& value) { asm("" : "+x"(value)); }
+
+// ---- Online softmax, four rows at a time ------------------------------------------------
+// A row's step is a chain of dependent reductions (max, then the exps, then the sum); the
+// float AVX2 softmax runs them row after row. Here up to four rows advance together: their
+// reductions share one transpose-and-combine tree and their exps interleave.
+constexpr int kSoftmaxRows = 4;
+
+// The polynomial exp of the float kernels (x clamped at -87: exp(-inf) gives ~1e-38, not 0).
+APEX_TARGET inline __m256 exp_approx(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 poly = _mm256_set1_ps(1.0f / 720.0f);
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 120.0f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 24.0f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f / 6.0f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.5f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.0f));
+  const __m256i exponent =
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(poly, _mm256_castsi256_ps(exponent));
+}
+
+struct MaxOf {
+  APEX_TARGET __m256 operator()(__m256 a, __m256 b) const { return _mm256_max_ps(a, b); }
+};
+struct SumOf {
+  APEX_TARGET __m256 operator()(__m256 a, __m256 b) const { return _mm256_add_ps(a, b); }
+};
+
+// Lane g (of 4) = combine over the 8 lanes of rows[g], for an associative combine.
+template <class Combine>
+APEX_TARGET inline __m128 combine_rows(const __m256 (&rows)[kSoftmaxRows], Combine combine) {
+  const __m256 rows01 = combine(_mm256_unpacklo_ps(rows[0], rows[1]),
+                                _mm256_unpackhi_ps(rows[0], rows[1]));
+  const __m256 rows23 = combine(_mm256_unpacklo_ps(rows[2], rows[3]),
+                                _mm256_unpackhi_ps(rows[2], rows[3]));
+  const __m256 halves = combine(_mm256_shuffle_ps(rows01, rows23, 0x44),
+                                _mm256_shuffle_ps(rows01, rows23, 0xee));
+  return _mm256_castps256_ps128(
+      combine(halves, _mm256_permute2f128_ps(halves, halves, 1)));
+}
+
+// Lanes [0, count) of tokens t..t+7 of a row, -inf in the others.
+APEX_TARGET inline __m256 load_scores(const float* row, int count) {
+  if (count >= 8) return _mm256_loadu_ps(row);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i inside = _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lanes);
+  return _mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()),
+                          _mm256_maskload_ps(row, inside), _mm256_castsi256_ps(inside));
+}
+
+APEX_TARGET inline void store_weights(float* row, int count, __m256 weights) {
+  if (count >= 8) return _mm256_storeu_ps(row, weights);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  _mm256_maskstore_ps(row, _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lanes), weights);
+}
+
+// Rows g < kRows (<= 4); the reductions of the missing rows repeat row 0 and are not stored.
+template <int kRows>
+APEX_TARGET void softmax_rows(float* scores, int num_tokens, float* running_max,
+                              float* running_sum, float* alpha) {
+  __m256 partial[kSoftmaxRows];
+  for (int g = 0; g < kRows; ++g)
+    partial[g] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int t = 0; t < num_tokens; t += 8)
+    for (int g = 0; g < kRows; ++g)
+      partial[g] = _mm256_max_ps(partial[g], load_scores(scores + g * num_tokens + t,
+                                                         num_tokens - t));
+  for (int g = kRows; g < kSoftmaxRows; ++g) partial[g] = partial[0];
+  alignas(16) float old_max[kSoftmaxRows], new_max[kSoftmaxRows];
+  for (int g = 0; g < kSoftmaxRows; ++g) old_max[g] = running_max[g < kRows ? g : 0];
+  const __m128 old_max4 = _mm_load_ps(old_max);
+  const __m128 new_max4 = _mm_max_ps(old_max4, combine_rows(partial, MaxOf()));
+  _mm_store_ps(new_max, new_max4);
+  // exp(0) is exactly 1: a maximum that did not move leaves acc as it is.
+  const __m128 alpha4 = _mm256_castps256_ps128(
+      exp_approx(_mm256_castps128_ps256(_mm_sub_ps(old_max4, new_max4))));
+  for (int g = 0; g < kRows; ++g) partial[g] = _mm256_setzero_ps();
+  for (int t = 0; t < num_tokens; t += 8)
+    for (int g = 0; g < kRows; ++g) {
+      float* row = scores + g * num_tokens + t;
+      const __m256 weights = exp_approx(_mm256_sub_ps(load_scores(row, num_tokens - t),
+                                                      _mm256_set1_ps(new_max[g])));
+      store_weights(row, num_tokens - t, weights);
+      partial[g] = _mm256_add_ps(partial[g], weights);
+    }
+  for (int g = kRows; g < kSoftmaxRows; ++g) partial[g] = partial[0];
+  alignas(16) float old_sum[kSoftmaxRows], new_sum[kSoftmaxRows], new_alpha[kSoftmaxRows];
+  for (int g = 0; g < kSoftmaxRows; ++g) old_sum[g] = running_sum[g < kRows ? g : 0];
+  _mm_store_ps(new_sum, _mm_fmadd_ps(_mm_load_ps(old_sum), alpha4, combine_rows(partial, SumOf())));
+  _mm_store_ps(new_alpha, alpha4);
+  for (int g = 0; g < kRows; ++g) {
+    running_max[g] = new_max[g];
+    running_sum[g] = new_sum[g];
+    alpha[g] = new_alpha[g];
+  }
+}
+
+APEX_TARGET void int8_softmax(float* scores, int num_rows, int num_tokens, float* running_max,
+                              float* running_sum, float* alpha) {
+  for (int g = 0; g < num_rows;) {
+    const int left = num_rows - g;
+    float* rows = scores + g * num_tokens;
+    if (left >= 4) {
+      softmax_rows<4>(rows, num_tokens, running_max + g, running_sum + g, alpha + g);
+      g += 4;
+    } else if (left >= 2) {
+      softmax_rows<2>(rows, num_tokens, running_max + g, running_sum + g, alpha + g);
+      g += 2;
+    } else {
+      softmax_rows<1>(rows, num_tokens, running_max + g, running_sum + g, alpha + g);
+      g += 1;
+    }
+  }
+}
+
+// ---- p . v in integers --------------------------------------------------------------------
+// Each row's weights of a span of at most kSpanTokens tokens (p >= 0, the token's v scale
+// already applied) become 15-bit integers relative to the span's largest: w = round(p / step),
+// step = max / 32767. Two token rows of v, byte-interleaved and widened to int16, meet the
+// broadcast weight pair (w[t], w[t + 1]) in one VPMADDWD per 8 dims, which sums both tokens
+// into int32 lanes in the natural dim order: exact (16 x 32767 x 127 < 2^31), and one convert
+// and FMA per 8 dims per span bring them into the float acc.
+constexpr int kSpanTokens = 16;
+constexpr int kSpanPairs = kSpanTokens / 2;
+constexpr float kWeightLevels = 32767.0f;
+
+// Quantized weights of kRows rows of one span: pairs[g][j] holds w[2j] (low) and w[2j + 1]
+// (high) as int16; step[g] turns an integer sum back into float (0: a row of zeros).
+template <int kRows>
+struct SpanWeights {
+  alignas(32) int32_t pairs[kRows][kSpanPairs];
+  float step[kRows];
+};
+
+template <int kRows>
+APEX_TARGET inline void quantize_span(const float* p, int num_tokens, int first, int count,
+                                      SpanWeights<kRows>& weights) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int g = 0; g < kRows; ++g) {
+    const float* row = p + g * num_tokens + first;
+    __m256 low, high;
+    if (count == kSpanTokens) {
+      low = _mm256_loadu_ps(row);
+      high = _mm256_loadu_ps(row + 8);
+    } else {  // a short block: zero weights past count
+      alignas(32) float padded[kSpanTokens] = {};
+      std::memcpy(padded, row, sizeof(float) * count);
+      low = _mm256_load_ps(padded);
+      high = _mm256_load_ps(padded + 8);
+    }
+    __m256 most = _mm256_max_ps(low, high);  // the row's largest weight, in every lane
+    most = _mm256_max_ps(most, _mm256_permute2f128_ps(most, most, 1));
+    most = _mm256_max_ps(most, _mm256_shuffle_ps(most, most, 0x4e));
+    most = _mm256_max_ps(most, _mm256_shuffle_ps(most, most, 0xb1));
+    const __m256 positive = _mm256_cmp_ps(most, zero, _CMP_GT_OQ);
+    const __m256 to_levels =
+        _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(kWeightLevels), most), positive);
+    weights.step[g] = _mm256_cvtss_f32(
+        _mm256_and_ps(_mm256_mul_ps(most, _mm256_set1_ps(1.0f / kWeightLevels)), positive));
+    // packs interleaves the 128-bit halves (tokens 0-3, 8-11, 4-7, 12-15): permute them back.
+    const __m256i levels = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(low, to_levels)),
+                                              _mm256_cvtps_epi32(_mm256_mul_ps(high, to_levels)));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(weights.pairs[g]),
+                       _mm256_permute4x64_epi64(levels, 0xd8));
+  }
+}
+
+// Adds, for dims [d, d + 16), both tokens of pair j weighted into sums[g][0] (dims d..d+7) and
+// sums[g][1] (d+8..d+15). `second` is the pair's second token row (zeros past a short block).
+template <int kRows>
+APEX_TARGET inline void add_pair(const int32_t (*pairs)[kSpanPairs], int j, __m128i first,
+                                 __m128i second, __m256i (&sums)[kRows][2]) {
+  const __m256i low = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(first, second));
+  const __m256i high = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(first, second));
+#pragma GCC unroll 4
+  for (int g = 0; g < kRows; ++g) {
+    const __m256i pair = _mm256_set1_epi32(pairs[g][j]);  // a load, no shuffle
+    sums[g][0] = _mm256_add_epi32(sums[g][0], _mm256_madd_epi16(low, pair));
+    sums[g][1] = _mm256_add_epi32(sums[g][1], _mm256_madd_epi16(high, pair));
+    in_register(sums[g][0]);
+    in_register(sums[g][1]);
+  }
+}
+
+// One span of `count` tokens for kRows rows: acc = acc * keep + step * (integer sums). kFull:
+// count is kSpanTokens (a constant trip count, fully unrolled).
+template <int kRows, bool kFull>
+APEX_TARGET void accumulate_span(const SpanWeights<kRows>& weights, const int8_t* v,
+                                 int runtime_count, int head_dim, const float* keep, float* acc) {
+  const int count = kFull ? kSpanTokens : runtime_count;
+  for (int d = 0; d < head_dim; d += 16) {
+    __m256i sums[kRows][2];
+#pragma GCC unroll 4
+    for (int g = 0; g < kRows; ++g) sums[g][0] = sums[g][1] = _mm256_setzero_si256();
+    const int8_t* column = v + d;
+    // Read the weights afresh per pass: hoisted out of the d loop, they would be broadcast
+    // from registers (a shuffle each) or spilled.
+    const int32_t(*pairs)[kSpanPairs] = weights.pairs;
+    asm("" : "+r"(pairs));
+#pragma GCC unroll 8
+    for (int j = 0; j < count / 2; ++j) {
+      const __m128i first =
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(column + int64_t(2 * j) * head_dim));
+      const __m128i second = _mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(column + int64_t(2 * j + 1) * head_dim));
+      add_pair<kRows>(pairs, j, first, second, sums);
+    }
+    if (count % 2 != 0) {  // the last token has no partner inside the block
+      const __m128i last = _mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(column + int64_t(count - 1) * head_dim));
+      add_pair<kRows>(pairs, count / 2, last, _mm_setzero_si128(), sums);
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < kRows; ++g) {
+      const __m256 step = _mm256_set1_ps(weights.step[g]);
+      const __m256 scale = _mm256_set1_ps(keep[g]);
+      float* out = acc + int64_t(g) * head_dim + d;
+#pragma GCC unroll 2
+      for (int half = 0; half < 2; ++half)
+        _mm256_storeu_ps(out + 8 * half,
+                         _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[g][half]), step,
+                                         _mm256_mul_ps(_mm256_loadu_ps(out + 8 * half), scale)));
+    }
+  }
+}
+
+template <int kRows>
+APEX_TARGET void int_accumulate_rows(const float* p, const int8_t* v, int num_tokens,
+                                     int head_dim, const float* alpha, float* acc) {
+  SpanWeights<kRows> weights;
+  float keep[kRows];  // alpha rescales acc once, at the first span
+  for (int g = 0; g < kRows; ++g) keep[g] = alpha[g];
+  for (int first = 0; first < num_tokens; first += kSpanTokens) {
+    const int count = num_tokens - first < kSpanTokens ? num_tokens - first : kSpanTokens;
+    quantize_span(p, num_tokens, first, count, weights);
+    const int8_t* span_v = v + int64_t(first) * head_dim;
+    if (count == kSpanTokens)
+      accumulate_span<kRows, true>(weights, span_v, count, head_dim, keep, acc);
+    else
+      accumulate_span<kRows, false>(weights, span_v, count, head_dim, keep, acc);
+    for (int g = 0; g < kRows; ++g) keep[g] = 1.0f;
+  }
+}
+
+// Head dims that are not a multiple of 16 keep the float AVX2 p . v.
+APEX_TARGET void int8_accumulate(const float* p, const void* v, int num_rows, int num_tokens,
+                                 int head_dim, const float* alpha, float* acc) {
+  if (!int_dots(head_dim)) {
+    avx2_kernel_ops(DType::kInt8)->accumulate(p, v, num_rows, num_tokens, head_dim, alpha, acc);
+    return;
+  }
+  const auto* values = static_cast<const int8_t*>(v);
+  for (int g = 0; g < num_rows;) {
+    const int left = num_rows - g;
+    const float* p_rows = p + g * num_tokens;
+    float* acc_rows = acc + int64_t(g) * head_dim;
+    if (left >= 4) {
+      int_accumulate_rows<4>(p_rows, values, num_tokens, head_dim, alpha + g, acc_rows);
+      g += 4;
+    } else if (left >= 2) {
+      int_accumulate_rows<2>(p_rows, values, num_tokens, head_dim, alpha + g, acc_rows);
+      g += 2;
+    } else {
+      int_accumulate_rows<1>(p_rows, values, num_tokens, head_dim, alpha + g, acc_rows);
+      g += 1;
+    }
+  }
+}
+
 }  // namespace
 
 const KernelOps* avx2_int8_kernel_ops() {
@@ -199,6 +477,8 @@ const KernelOps* avx2_int8_kernel_ops() {
     KernelOps int8 = *avx2_kernel_ops(DType::kInt8);  // its softmax and p . v
     int8.prepare_q = int8_prepare_q;
     int8.scores = int8_scores;
+    int8.softmax = int8_softmax;
+    int8.accumulate = int8_accumulate;
     return int8;
   }();
   return &ops;

@@ -7,7 +7,9 @@ set (--isa: the best one, a list, or `all` this CPU runs) and KV dtype (--kv-dty
 (multi-threaded torch fp32 sum, same thread count, measured again before each reference case),
 context tokens attended per second (the figure that compares across KV dtypes) and the ratio
 to torch SDPA on the same values (best of fp32 and bf16 torch, contiguous bf16 KV: generous to
-torch). One JSON line per kernel set and KV dtype for batch 32, context 2048. Then the slowdown
+torch). One JSON line per kernel set and KV dtype for batch 32, context 2048; with both KV
+dtypes, one line per (bf16, int8) pair of kernel sets with their context-tokens ratio timed in
+alternation (what a server picks, and each forced --isa that runs both). Then the slowdown
 of a Python loop of small torch ops while the pool runs on all but one core, and
 handoff_us_p50: set_flag -> worker runs a tiny flag-gated job -> wait_flag returns (the job is
 queued first, as the engine does for a whole step), as a last JSON line.
@@ -232,6 +234,44 @@ def run_kernel_set(isa: str | None, kv_dtype: str, args: argparse.Namespace,
     return record
 
 
+def kernel_set_pairs(isas: list[str | None]) -> list[tuple[str, str]]:
+    """(bf16 kernel set, int8 kernel set) pairs to compare side by side: what a server on this
+    CPU picks, and each forced --isa choice that serves both dtypes itself (avx512bf16 and
+    avx512vnni serve one dtype each; their other dtype is plain avx512's, paired already)."""
+    pairs: list[tuple[str, str]] = []
+    for isa in [None] + [isa for isa in isas if isa is not None]:
+        with CpuAttentionPool(1, isa=isa) as probe:
+            pair = (probe.isa(torch.bfloat16), probe.isa(torch.int8))
+        if (isa is None or pair == (isa, isa)) and pair not in pairs:
+            pairs.append(pair)
+    return pairs
+
+
+def int8_over_bf16(pair: tuple[str, str], threads: int, rounds: int) -> dict[str, object]:
+    """The reference case on bf16 KV and on the same values in int8 KV, timed in alternation
+    (best of `rounds` each), so that drift in the machine's memory speed, which moves single
+    figures by tens of percent, hits both alike."""
+    bf16_inputs = make_inputs(*REFERENCE_CASE, torch.bfloat16)
+    runs = [(pair[0], bf16_inputs), (pair[1], bf16_inputs.quantized())]
+    out, lse = torch.empty_like(bf16_inputs.q), torch.empty(bf16_inputs.q.shape[:2])
+    pools = [CpuAttentionPool(threads, isa=isa) for isa, _ in runs]
+    best = [math.inf, math.inf]
+    try:
+        for _ in range(rounds):
+            for index, (pool, (_, inputs)) in enumerate(zip(pools, runs)):
+                inputs.decode(pool, out, lse)  # the other set's run left the caches cold alike
+                start = time.perf_counter()
+                inputs.decode(pool, out, lse)
+                best[index] = min(best[index], time.perf_counter() - start)
+    finally:
+        for pool in pools:
+            pool.close()
+    return dict(case="int8 over bf16, batch 32 context 2048", bf16_isa=pair[0], int8_isa=pair[1],
+                threads=threads, rounds=rounds, bf16_ms=round(best[0] * 1e3, 2),
+                int8_ms=round(best[1] * 1e3, 2),
+                context_tokens_ratio=round(best[0] / best[1], 3))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer cases (~20 s per kernel set)")
@@ -270,6 +310,9 @@ def main() -> None:
             records.append(run_kernel_set(isa, kv_dtype, args, torch_times))
     for record in records:
         print(json.dumps(record))
+    if set(kv_dtypes) == set(KV_DTYPES):
+        for pair in kernel_set_pairs(isas):
+            print(json.dumps(int8_over_bf16(pair, args.threads, 6 if args.quick else 12)))
     reference_inputs = make_inputs(*REFERENCE_CASE, torch.bfloat16)
     with CpuAttentionPool(args.threads) as pool:
         handoff_p50, submit_p50 = handoff_latency_us(pool, 300 if args.quick else 2000)

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace apex {
 
@@ -130,6 +131,19 @@ inline float quantize_row(const void* row, DType dtype, int head_dim, int8_t* ou
     out[d] = int8_t(value > 127.0f ? 127.0f : (value < -127.0f ? -127.0f : value));
   }
   return scale;
+}
+
+// Visits rows [0, num_rows) in groups of kRows, then kRows / 2, ..., 1 rows, largest first:
+// visit(std::integral_constant<int, n>(), first_row). Kernels specialise their loops on the
+// group's row count so that its accumulators stay in registers.
+template <int kRows, class Visit>
+inline void for_row_groups(int num_rows, Visit&& visit) {
+  static_assert(kRows == 1 || kRows == 2 || kRows == 4 || kRows == 8, "groups of 1, 2, 4, 8");
+  int g = 0;
+  for (; num_rows - g >= kRows; g += kRows) visit(std::integral_constant<int, kRows>(), g);
+  if constexpr (kRows > 1) {
+    for_row_groups<kRows / 2>(num_rows - g, [&](auto rows, int first) { visit(rows, g + first); });
+  }
 }
 
 // Floats a prepared q of num_rows rows may take (room for padded, interleaved layouts: the

@@ -341,44 +341,19 @@ APEX_TARGET void direct_accumulate_rows(const float* p, const void* v, int num_t
 template <DType kType>
 APEX_TARGET void direct_accumulate(const float* p, const void* v, int num_rows, int num_tokens,
                                    int head_dim, const float* alpha, float* acc) {
-  for (int g = 0; g < num_rows;) {
-    const int left = num_rows - g;
-    const float* p_rows = p + g * num_tokens;
-    float* acc_rows = acc + int64_t(g) * head_dim;
-    if (left >= 4) {
-      direct_accumulate_rows<kType, 4>(p_rows, v, num_tokens, head_dim, alpha + g, acc_rows);
-      g += 4;
-    } else if (left >= 2) {
-      direct_accumulate_rows<kType, 2>(p_rows, v, num_tokens, head_dim, alpha + g, acc_rows);
-      g += 2;
-    } else {
-      direct_accumulate_rows<kType, 1>(p_rows, v, num_tokens, head_dim, alpha + g, acc_rows);
-      g += 1;
-    }
-  }
+  for_row_groups<4>(num_rows, [&](auto rows, int g) APEX_TARGET {
+    direct_accumulate_rows<kType, decltype(rows)::value>(
+        p + g * num_tokens, v, num_tokens, head_dim, alpha + g, acc + int64_t(g) * head_dim);
+  });
 }
 
 template <DType kType>
 APEX_TARGET void direct_scores(const float* q, const void* k, int num_rows, int num_tokens,
                                int head_dim, float scale, float* scores) {
-  for (int g = 0; g < num_rows;) {
-    const int left = num_rows - g;
-    const float* q_rows = q + int64_t(g) * head_dim;
-    float* score_rows = scores + g * num_tokens;
-    if (left >= 8) {
-      direct_scores_rows<kType, 8>(q_rows, k, num_tokens, head_dim, scale, score_rows);
-      g += 8;
-    } else if (left >= 4) {
-      direct_scores_rows<kType, 4>(q_rows, k, num_tokens, head_dim, scale, score_rows);
-      g += 4;
-    } else if (left >= 2) {
-      direct_scores_rows<kType, 2>(q_rows, k, num_tokens, head_dim, scale, score_rows);
-      g += 2;
-    } else {
-      direct_scores_rows<kType, 1>(q_rows, k, num_tokens, head_dim, scale, score_rows);
-      g += 1;
-    }
-  }
+  for_row_groups<8>(num_rows, [&](auto rows, int g) APEX_TARGET {
+    direct_scores_rows<kType, decltype(rows)::value>(q + int64_t(g) * head_dim, k, num_tokens,
+                                                     head_dim, scale, scores + g * num_tokens);
+  });
 }
 
 // q rows -> float32 rows head_dim apart, each step in its lane order.

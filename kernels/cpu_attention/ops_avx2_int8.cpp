@@ -180,24 +180,11 @@ void plain_int_scores(const float* q, const int8_t* k, int num_rows, int num_tok
 template <int kHeadDim>
 APEX_TARGET void int_scores(const float* prepared_q, const int8_t* k, int num_rows,
                             int num_tokens, int head_dim, float scale, float* scores) {
-  for (int g = 0; g < num_rows;) {
-    const int left = num_rows - g;
-    const float* q_rows = prepared_q + g * row_floats(head_dim);
-    float* score_rows = scores + g * num_tokens;
-    if (left >= 8) {
-      int_scores_rows<8, kHeadDim>(q_rows, k, num_tokens, head_dim, scale, score_rows);
-      g += 8;
-    } else if (left >= 4) {
-      int_scores_rows<4, kHeadDim>(q_rows, k, num_tokens, head_dim, scale, score_rows);
-      g += 4;
-    } else if (left >= 2) {
-      int_scores_rows<2, kHeadDim>(q_rows, k, num_tokens, head_dim, scale, score_rows);
-      g += 2;
-    } else {
-      int_scores_rows<1, kHeadDim>(q_rows, k, num_tokens, head_dim, scale, score_rows);
-      g += 1;
-    }
-  }
+  for_row_groups<8>(num_rows, [&](auto rows, int g) APEX_TARGET {
+    int_scores_rows<decltype(rows)::value, kHeadDim>(prepared_q + g * row_floats(head_dim), k,
+                                                     num_tokens, head_dim, scale,
+                                                     scores + g * num_tokens);
+  });
 }
 
 APEX_TARGET void int8_scores(const float* prepared_q, const void* k, int num_rows,
@@ -325,20 +312,10 @@ APEX_TARGET void softmax_rows(float* scores, int num_tokens, float* running_max,
 
 APEX_TARGET void int8_softmax(float* scores, int num_rows, int num_tokens, float* running_max,
                               float* running_sum, float* alpha) {
-  for (int g = 0; g < num_rows;) {
-    const int left = num_rows - g;
-    float* rows = scores + g * num_tokens;
-    if (left >= 4) {
-      softmax_rows<4>(rows, num_tokens, running_max + g, running_sum + g, alpha + g);
-      g += 4;
-    } else if (left >= 2) {
-      softmax_rows<2>(rows, num_tokens, running_max + g, running_sum + g, alpha + g);
-      g += 2;
-    } else {
-      softmax_rows<1>(rows, num_tokens, running_max + g, running_sum + g, alpha + g);
-      g += 1;
-    }
-  }
+  for_row_groups<4>(num_rows, [&](auto rows, int g) APEX_TARGET {
+    softmax_rows<decltype(rows)::value>(scores + g * num_tokens, num_tokens, running_max + g,
+                                        running_sum + g, alpha + g);
+  });
 }
 
 // ---- p . v in integers --------------------------------------------------------------------
@@ -481,21 +458,10 @@ APEX_TARGET void int_accumulate_rows(const float* p, const int8_t* v, int num_to
 template <int kHeadDim>
 APEX_TARGET void int_accumulate(const float* p, const int8_t* v, int num_rows, int num_tokens,
                                 int head_dim, const float* alpha, float* acc) {
-  for (int g = 0; g < num_rows;) {
-    const int left = num_rows - g;
-    const float* p_rows = p + g * num_tokens;
-    float* acc_rows = acc + int64_t(g) * head_dim;
-    if (left >= 4) {
-      int_accumulate_rows<4, kHeadDim>(p_rows, v, num_tokens, head_dim, alpha + g, acc_rows);
-      g += 4;
-    } else if (left >= 2) {
-      int_accumulate_rows<2, kHeadDim>(p_rows, v, num_tokens, head_dim, alpha + g, acc_rows);
-      g += 2;
-    } else {
-      int_accumulate_rows<1, kHeadDim>(p_rows, v, num_tokens, head_dim, alpha + g, acc_rows);
-      g += 1;
-    }
-  }
+  for_row_groups<4>(num_rows, [&](auto rows, int g) APEX_TARGET {
+    int_accumulate_rows<decltype(rows)::value, kHeadDim>(
+        p + g * num_tokens, v, num_tokens, head_dim, alpha + g, acc + int64_t(g) * head_dim);
+  });
 }
 
 // Head dims that are not a multiple of 16 keep the float AVX2 p . v.

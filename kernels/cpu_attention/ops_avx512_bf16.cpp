@@ -263,24 +263,10 @@ APEX_TARGET void accumulate_head_dim(const float* p, int num_tokens, const uint1
 APEX_TARGET void bf16_accumulate(const float* p, const void* v, int num_rows, int num_tokens,
                                  int head_dim, const float* alpha, float* acc) {
   const auto* values = static_cast<const uint16_t*>(v);
-  for (int g = 0; g < num_rows;) {
-    const int left = num_rows - g;
-    const float* p_rows = p + g * num_tokens;
-    float* acc_rows = acc + int64_t(g) * head_dim;
-    if (left >= 8) {
-      accumulate_head_dim<8>(p_rows, num_tokens, values, head_dim, alpha + g, acc_rows);
-      g += 8;
-    } else if (left >= 4) {
-      accumulate_head_dim<4>(p_rows, num_tokens, values, head_dim, alpha + g, acc_rows);
-      g += 4;
-    } else if (left >= 2) {
-      accumulate_head_dim<2>(p_rows, num_tokens, values, head_dim, alpha + g, acc_rows);
-      g += 2;
-    } else {
-      accumulate_head_dim<1>(p_rows, num_tokens, values, head_dim, alpha + g, acc_rows);
-      g += 1;
-    }
-  }
+  for_row_groups<8>(num_rows, [&](auto rows, int g) APEX_TARGET {
+    accumulate_head_dim<decltype(rows)::value>(p + g * num_tokens, num_tokens, values, head_dim,
+                                               alpha + g, acc + int64_t(g) * head_dim);
+  });
 }
 
 }  // namespace

@@ -87,30 +87,37 @@ void plain_int_scores(const char* prepared, const int8_t* k, int num_rows, int n
   }
 }
 
-// Four tokens' 64-byte chunks a[0..3] -> o[k], whose 128-bit lane L holds dword 4L + k of each
-// token in slots 0..3 (two unpack levels, no lane crossing).
-APEX_TARGET inline void interleave_dwords(const __m512i (&a)[4], __m512i (&o)[4]) {
-  const __m512i low01 = _mm512_unpacklo_epi32(a[0], a[1]);
-  const __m512i high01 = _mm512_unpackhi_epi32(a[0], a[1]);
-  const __m512i low23 = _mm512_unpacklo_epi32(a[2], a[3]);
-  const __m512i high23 = _mm512_unpackhi_epi32(a[2], a[3]);
-  o[0] = _mm512_unpacklo_epi64(low01, low23);
-  o[1] = _mm512_unpackhi_epi64(low01, low23);
-  o[2] = _mm512_unpacklo_epi64(high01, high23);
-  o[3] = _mm512_unpackhi_epi64(high01, high23);
+// VPUNPCK{L,H}{BW,WD,DQ,QDQ}: interleave kBits-wide elements of a and b inside 128-bit lanes.
+template <int kBits>
+APEX_TARGET inline __m512i unpack_low(__m512i a, __m512i b) {
+  if constexpr (kBits == 8) return _mm512_unpacklo_epi8(a, b);
+  else if constexpr (kBits == 16) return _mm512_unpacklo_epi16(a, b);
+  else if constexpr (kBits == 32) return _mm512_unpacklo_epi32(a, b);
+  else return _mm512_unpacklo_epi64(a, b);
 }
 
-// Four tokens' 64-byte chunks -> o[k], whose dword (L, s) holds the four tokens' bytes of dim
-// 16L + 4k + s of the chunk.
-APEX_TARGET inline void interleave_bytes(const __m512i (&a)[4], __m512i (&o)[4]) {
-  const __m512i low01 = _mm512_unpacklo_epi8(a[0], a[1]);
-  const __m512i high01 = _mm512_unpackhi_epi8(a[0], a[1]);
-  const __m512i low23 = _mm512_unpacklo_epi8(a[2], a[3]);
-  const __m512i high23 = _mm512_unpackhi_epi8(a[2], a[3]);
-  o[0] = _mm512_unpacklo_epi16(low01, low23);
-  o[1] = _mm512_unpackhi_epi16(low01, low23);
-  o[2] = _mm512_unpacklo_epi16(high01, high23);
-  o[3] = _mm512_unpackhi_epi16(high01, high23);
+template <int kBits>
+APEX_TARGET inline __m512i unpack_high(__m512i a, __m512i b) {
+  if constexpr (kBits == 8) return _mm512_unpackhi_epi8(a, b);
+  else if constexpr (kBits == 16) return _mm512_unpackhi_epi16(a, b);
+  else if constexpr (kBits == 32) return _mm512_unpackhi_epi32(a, b);
+  else return _mm512_unpackhi_epi64(a, b);
+}
+
+// Four tokens' 64-byte chunks a[0..3] -> o[k], by two unpack levels inside 128-bit lanes:
+// - kUnit 4 (keys): o[k]'s lane L holds dword 4L + k of each token, in slots 0..3;
+// - kUnit 1 (values): o[k]'s dword (L, s) holds the four tokens' bytes of dim 16L + 4k + s.
+template <int kUnit>
+APEX_TARGET inline void interleave_tokens(const __m512i (&a)[4], __m512i (&o)[4]) {
+  constexpr int kBits = 8 * kUnit;
+  const __m512i low01 = unpack_low<kBits>(a[0], a[1]);
+  const __m512i high01 = unpack_high<kBits>(a[0], a[1]);
+  const __m512i low23 = unpack_low<kBits>(a[2], a[3]);
+  const __m512i high23 = unpack_high<kBits>(a[2], a[3]);
+  o[0] = unpack_low<2 * kBits>(low01, low23);
+  o[1] = unpack_high<2 * kBits>(low01, low23);
+  o[2] = unpack_low<2 * kBits>(high01, high23);
+  o[3] = unpack_high<2 * kBits>(high01, high23);
 }
 
 // acc[i] lane (L, slot s): partial dot of token 4i + s over the lane-L dwords -> one register
@@ -157,7 +164,7 @@ APEX_TARGET inline void score_registers(const char* prepared, const int8_t* k, i
               flip);
         }
         __m512i interleaved[4];
-        interleave_dwords(keys, interleaved);
+        interleave_tokens<4>(keys, interleaved);
 #pragma GCC unroll 4
         for (int g = 0; g < kRows; ++g) {
           const char* patterns =
@@ -316,28 +323,18 @@ APEX_TARGET void attend_tiles(const float* prepared_q, const int8_t* k, const in
                                               values + int64_t(t) * head_dim + h * kChunkBytes);
           }
           __m512i interleaved[4];
-          interleave_bytes(rows, interleaved);
+          interleave_tokens<1>(rows, interleaved);
 #pragma GCC unroll 4
           for (int r = 0; r < 4; ++r) tile[i][h * 4 + r] = interleaved[r];
         }
     }
     const char* prepared = reinterpret_cast<const char*>(prepared_q);
-    for (int g = 0; g < num_rows;) {
-      const char* rows = prepared + int64_t(g) * row_bytes(head_dim);
-      float* acc_rows = acc + int64_t(g) * head_dim;
-      const int left = num_rows - g;
-      const int chunk = left >= 4 ? 4 : (left >= 2 ? 2 : 1);
-      auto run = [&](auto rows_constant) {
-        constexpr int kRows = decltype(rows_constant)::value;
-        attend_rows<kRows, kChunks, kIntPv>(rows, keys, values, tile, k_scales + token,
-                                            v_scales + token, count, head_dim, scale,
-                                            running_max + g, running_sum + g, acc_rows);
-      };
-      if (chunk == 4) run(std::integral_constant<int, 4>());
-      else if (chunk == 2) run(std::integral_constant<int, 2>());
-      else run(std::integral_constant<int, 1>());
-      g += chunk;
-    }
+    for_row_groups<4>(num_rows, [&](auto rows, int g) APEX_TARGET {
+      attend_rows<decltype(rows)::value, kChunks, kIntPv>(
+          prepared + int64_t(g) * row_bytes(head_dim), keys, values, tile, k_scales + token,
+          v_scales + token, count, head_dim, scale, running_max + g, running_sum + g,
+          acc + int64_t(g) * head_dim);
+    });
   }
 }
 

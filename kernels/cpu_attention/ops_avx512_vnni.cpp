@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "common.h"
 
@@ -44,8 +45,9 @@ inline int row_bytes(int head_dim) { return pattern_bytes(head_dim) + 64; }
 void vnni_prepare_q(const void* q, int num_rows, int head_dim, float* prepared) {
   const float* rows = static_cast<const float*>(q);  // int8 kernels take q in float32
   const int padded = num_chunks(head_dim) * kChunkBytes;
-  int8_t quantized[1024];
-  int8_t* row_q = padded <= 1024 ? quantized : new int8_t[padded];
+  int8_t on_stack[1024];  // head dims past 1024 (none in use) take the heap
+  std::vector<int8_t> on_heap(padded <= 1024 ? 0 : padded);
+  int8_t* row_q = padded <= 1024 ? on_stack : on_heap.data();
   for (int g = 0; g < num_rows; ++g) {
     char* out = reinterpret_cast<char*>(prepared) + int64_t(g) * row_bytes(head_dim);
     const float scale =
@@ -62,7 +64,6 @@ void vnni_prepare_q(const void* q, int num_rows, int head_dim, float* prepared) 
     std::memcpy(out + pattern_bytes(head_dim), &scale, sizeof(scale));
     std::memcpy(out + pattern_bytes(head_dim) + 4, &sum, sizeof(sum));
   }
-  if (row_q != quantized) delete[] row_q;
 }
 
 // Past this head dim an int32 sum of (k + 128) * q could lose exactness as a float

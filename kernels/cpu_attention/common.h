@@ -174,8 +174,8 @@ struct KernelOps {
   void (*finish_acc)(float* acc, int num_rows, int head_dim) = nullptr;
   // 8-bit KV, when set: scores, softmax and accumulate for one block of one kv head in one call,
   // with the block's token scales of that kv head (k_scales, v_scales [num_tokens]) applied
-  // between them; the three steps above are then not used. nullptr: the three steps, with the
-  // scales applied in between by the caller.
+  // between them; a table that sets it leaves the three steps above null. nullptr: the three
+  // steps, with the scales applied in between by the caller.
   void (*attend_int8)(const float* prepared_q, const int8_t* k, const int8_t* v,
                       const float* k_scales, const float* v_scales, int num_rows, int num_tokens,
                       int head_dim, float scale, float* running_max, float* running_sum,

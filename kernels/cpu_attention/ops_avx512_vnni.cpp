@@ -387,14 +387,10 @@ void vnni_finish_acc(float* acc, int num_rows, int head_dim) {
 }  // namespace
 
 const KernelOps* avx512_vnni_kernel_ops() {
+  // Only the fused step: no separate scores, softmax or accumulate reads this prepared q.
   static const KernelOps ops = [] {
-    // Decode jobs call attend_int8; the three separate steps (plain AVX-512, for a float
-    // prepared q) are never used with this prepare_q.
-    KernelOps vnni = *avx512_kernel_ops(DType::kInt8, false);
-    vnni.prepare_q = vnni_prepare_q;
+    KernelOps vnni{vnni_prepare_q, nullptr, nullptr, nullptr, "avx512vnni", vnni_finish_acc};
     vnni.attend_int8 = vnni_attend_int8;
-    vnni.finish_acc = vnni_finish_acc;
-    vnni.name = "avx512vnni";
     return vnni;
   }();
   return &ops;

@@ -24,12 +24,14 @@ from clients.bench.cli import main as bench_main
 from clients.client import ApexClient, ApexError, RetryPolicy
 from scripts.fleet import Fleet
 
-pytest.importorskip("apex_grpc.engine.builder", reason="the engine is not built yet")
-
 MAX_NEW_TOKENS = 48
 CHECKER_PROMPTS = [[random.Random(i).randrange(3, 500) for _ in range(12)] for i in range(8)]
 # Refused, retried attempts wait at most ~1 s in all; a stream that had a token is never resent.
 RETRY = RetryPolicy(max_retries=6, initial_backoff_s=0.05, max_backoff_s=0.4)
+# How a stream on the killed replica may fail. HAProxy resets a client stream whose server
+# connection died with RST_STREAM(CANCEL), which gRPC reports as CANCELLED although the client
+# cancelled nothing (seen once in CI; haproxy/haproxy#3319 reports the same).
+KILLED_REPLICA_ERRORS = {"UNAVAILABLE", "INTERNAL", "UNKNOWN", "CANCELLED"}
 
 
 def _bench(target: str, result_path, num_prompts: int, rate: float, output_len: int) -> dict:
@@ -134,7 +136,7 @@ def test_fleet_behind_haproxy_through_sigterm_and_sigkill(tmp_path):
         else:
             # A failure is a clear gRPC status, only on the killed replica, and a stream
             # that had delivered tokens was not resent anywhere.
-            assert outcome["error"] in {"UNAVAILABLE", "INTERNAL", "UNKNOWN"}, outcome
+            assert outcome["error"] in KILLED_REPLICA_ERRORS, outcome
             assert outcome["replica_id"] in {"", killed.name}, outcome
             assert finished[outcome["request_id"]] == 0, outcome
     after_kill = [o for o in outcomes if o["sent"] > killed_at + 0.1]
@@ -147,8 +149,8 @@ def test_fleet_behind_haproxy_through_sigterm_and_sigkill(tmp_path):
 
     assert set(results["requests_per_replica"]) == {r.name for r in fleet.replicas}
     for output_len, error in zip(results["output_lens"], results["errors"]):
-        assert (error == "" and output_len == MAX_NEW_TOKENS) or error in {
-            "UNAVAILABLE", "INTERNAL", "UNKNOWN"}, (output_len, error)
+        assert (error == "" and output_len == MAX_NEW_TOKENS) or error in KILLED_REPLICA_ERRORS, (
+            output_len, error)
     failed_on = {replica for replica, error in zip(results["replica_ids"], results["errors"])
                  if error}
     assert failed_on <= {"", killed.name}, failed_on

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from apex_grpc.bench import policy_grid
 
@@ -68,7 +69,6 @@ def test_acceptance_names_each_miss():
 
 
 def test_full_grid_exits_with_a_message_without_cuda(tmp_path):
-    torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("checks the message of a machine without CUDA")
     done = subprocess.run([sys.executable, "-m", "apex_grpc.bench.policy_grid", "--out",

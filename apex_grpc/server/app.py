@@ -17,6 +17,7 @@ import asyncio
 import logging
 import signal
 import socket
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -58,6 +59,10 @@ class ServerSettings:
         None, "reject longer prompts (INVALID_ARGUMENT); default: the context limit")
     shutdown_grace_s: float = flag(
         10.0, "seconds in-flight streams get to finish on SIGTERM/SIGINT", name="--shutdown-grace")
+    drain_quiet_s: float = flag(
+        1.0, "on SIGTERM/SIGINT keep the port open, refusing with UNAVAILABLE, until no request "
+        "has arrived for this long (a balancer that still routes here gets a refusal its "
+        "clients retry, not a reset stream); within --shutdown-grace", name="--drain-quiet")
     replica_id: str | None = flag(
         None, "name of this replica in GetServerInfo and the apex-replica response metadata "
         "(default: hostname:port)")
@@ -78,8 +83,10 @@ class ServerSettings:
             raise ValueError(f"--max-prompt-len must be positive, got {self.max_prompt_len}")
         if self.max_queue_time_ms is not None and self.max_queue_time_ms <= 0:
             raise ValueError(f"--max-queue-time-ms must be positive, got {self.max_queue_time_ms}")
-        if self.shutdown_grace_s < 0:
-            raise ValueError(f"--shutdown-grace must be >= 0, got {self.shutdown_grace_s}")
+        for flag_name, value in (("--shutdown-grace", self.shutdown_grace_s),
+                                 ("--drain-quiet", self.drain_quiet_s)):
+            if value < 0:
+                raise ValueError(f"{flag_name} must be >= 0, got {value}")
         if self.auth_token is not None and not self.auth_token:
             raise ValueError("--auth-token must not be empty")
         if self.replica_id is not None and not (self.replica_id.isascii()
@@ -182,8 +189,24 @@ class ApexServer:
 
     async def begin_drain(self) -> None:
         """Not ready from now on: new requests get UNAVAILABLE, readiness NOT_SERVING."""
-        self.state.draining = True
+        if not self.state.draining:
+            self.state.draining = True
+            self.state.last_arrival_while_draining = time.monotonic()
         await self._set_readiness(False)
+
+    async def _wait_until_unrouted(self, deadline: float) -> None:
+        """Returns once no request has arrived for drain_quiet_s (or at the deadline).
+
+        Balancers notice NOT_SERVING only at their next readiness checks (HAProxy here: within
+        ~0.6 s). Until then they keep sending streams, and one that crosses a closing port is
+        reset: HAProxy answers CANCELLED, which no client may retry."""
+        while True:
+            wake = min(self.state.last_arrival_while_draining + self.settings.drain_quiet_s,
+                       deadline)
+            now = time.monotonic()
+            if now >= wake:
+                return
+            await asyncio.sleep(wake - now)
 
     async def stop(self) -> None:
         """Graceful drain: NOT_SERVING, refuse new requests, let in-flight ones finish."""
@@ -194,12 +217,14 @@ class ApexServer:
         logger.info("event=draining grace_s=%.1f active_streams=%d", grace_s,
                     self.state.num_active_streams)
         await self.begin_drain()
+        deadline = time.monotonic() + grace_s
         if self._health_task is not None:
             self._health_task.cancel()
         engine = self.state.engine
         if engine is not None:
             # Streams that outlive the grace end with ABORTED from the engine, not a reset.
             await engine.shutdown(grace_s)
+        await self._wait_until_unrouted(deadline)
         if self._server is not None:
             # The engine has ended every request; this only lets handlers flush final messages.
             await self._server.stop(grace=min(grace_s, 2.0))

@@ -46,6 +46,8 @@ class ServingState:
     engine: EngineClient | None = None
     validator: RequestValidator | None = None
     draining: bool = False
+    # time.monotonic() of the drain's start or of the last request refused since.
+    last_arrival_while_draining: float = 0.0
     num_active_streams: int = 0
     live_request_ids: set[str] = field(default_factory=set)
 
@@ -139,6 +141,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             await _abort(context, None, request_id, grpc.StatusCode.UNAVAILABLE,
                          "the server is warming up (model loading)")
         if self.state.draining:
+            self.state.last_arrival_while_draining = time.monotonic()
             await _abort(context, None, request_id, grpc.StatusCode.UNAVAILABLE,
                          "the server is shutting down")
         return self.state.engine

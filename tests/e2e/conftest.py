@@ -41,7 +41,8 @@ class InProcessServer:
 
     def __init__(self, serve_options, **settings) -> None:
         self.serve_options = serve_options
-        self.settings = {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 2.0, **settings}
+        self.settings = {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 2.0,
+                         "drain_quiet_s": 0.0, **settings}
         self.loop = asyncio.new_event_loop()
         self.server = None
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)

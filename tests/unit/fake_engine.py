@@ -217,7 +217,9 @@ class FakeEngine:
 @contextlib.asynccontextmanager
 async def serving(engine: FakeEngine, **settings: object) -> AsyncIterator[ApexServer]:
     """An in-process server on 127.0.0.1 (free port) around `engine`; drained on exit."""
-    options = {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 1.0, "health_poll_s": 0.05}
+    # drain_quiet_s 0: no balancer in front to wait for (tests/unit/test_server_ops.py tests it).
+    options = {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 1.0, "drain_quiet_s": 0.0,
+               "health_poll_s": 0.05}
     options.update(settings)
     server = ApexServer(ServerSettings(**options), lambda: engine)
     await server.start()
@@ -253,7 +255,7 @@ class ServerThread:
     def __enter__(self) -> ServerThread:
         self._thread.start()
         options = {"host": "127.0.0.1", "port": 0, "shutdown_grace_s": 1.0,
-                   "health_poll_s": 0.05}
+                   "drain_quiet_s": 0.0, "health_poll_s": 0.05}
         options.update(self.settings)
 
         async def start() -> ApexServer:

@@ -67,6 +67,7 @@ def test_probes_and_drain_follow_the_health_contract():
     # Model load gets at least 5 minutes before the kubelet restarts the container.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
     assert pod["terminationGracePeriodSeconds"] > float(flags["shutdown-grace"])
+    assert float(flags["drain-quiet"]) > readiness["periodSeconds"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     mount = container["volumeMounts"][0]
     assert mount["readOnly"] and flags["model"].startswith(mount["mountPath"] + "/")

@@ -96,6 +96,44 @@ def test_streams_outliving_the_grace_end_aborted():
     assert chunks[-1].finish_reason == pb.FINISH_REASON_ABORTED
 
 
+def test_drain_keeps_refusing_until_requests_stop_arriving():
+    """A balancer routes here until its next readiness check: the port stays open, refusing
+    with UNAVAILABLE, until no request has arrived for drain_quiet_s, within the grace."""
+    quiet_s = 0.4
+
+    async def body():
+        async with serving(FakeEngine(), drain_quiet_s=quiet_s, shutdown_grace_s=5.0) as server, \
+                grpc.aio.insecure_channel(target(server)) as ch:
+            stub = generation_pb2_grpc.GenerationServiceStub(ch)
+            stop = asyncio.create_task(server.stop())
+            await wait_until(lambda: server.state.draining)
+            refusals = []
+            for _ in range(6):  # 0.6 s of arrivals, each closer than quiet_s to the last
+                try:
+                    await stub.Generate(pb.GenerateRequest(text="late"))
+                except grpc.aio.AioRpcError as error:
+                    refusals.append((error.code(), error.details()))
+                await asyncio.sleep(0.1)
+                assert not stop.done()
+            last_request = time.monotonic()
+            await stop
+            return refusals, time.monotonic() - last_request
+
+    refusals, closed_after_s = run(body())
+    assert refusals == [(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")] * 6
+    assert quiet_s - 0.15 <= closed_after_s < quiet_s + 2.0
+
+
+def test_drain_quiet_wait_ends_at_the_grace():
+    async def body():
+        async with serving(FakeEngine(), drain_quiet_s=30.0, shutdown_grace_s=0.3) as server:
+            started = time.monotonic()
+            await server.stop()
+            return time.monotonic() - started
+
+    assert run(body()) < 2.5
+
+
 def test_reflection_lists_the_services():
     async def body():
         async with serving(FakeEngine()) as server, grpc.aio.insecure_channel(target(server)) as ch:

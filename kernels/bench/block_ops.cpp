@@ -85,20 +85,29 @@ int main() {
       return int8 ? static_cast<const void*>(v_int8.data() + (i % kBlocks) * block_elements)
                   : v_bf16.data() + (i % kBlocks) * block_elements;
     };
+    // Each call steps through the next block's rows as decode does (resident here, so only
+    // the cost of issuing the prefetches counts).
+    const int64_t head_bytes = block_elements * (int8 ? 1 : 2);
+    auto next_rows = [&](int i) { return RowPrefetch(k_block(i + 1), v_block(i + 1), head_bytes); };
     if (ops->attend_int8 != nullptr && int8) {
       const double fused = ns_per_call([&](int i) {
+        RowPrefetch ahead = next_rows(i);
         ops->attend_int8(prepared.data(), static_cast<const int8_t*>(k_block(i)),
                          static_cast<const int8_t*>(v_block(i)),
                          token_scales.data() + (i % kBlocks) * kTokens,
                          token_scales.data() + (i % kBlocks) * kTokens, kRows, kTokens, kHeadDim,
-                         0.088f, running_max.data(), running_sum.data(), acc.data());
+                         0.088f, running_max.data(), running_sum.data(), acc.data(), ahead);
+        ahead.finish();
       });
       std::printf("%-12s %-5s %10s %10s %10s %10.1f (one fused call)\n", ops->name, "int8", "",
                   "", "", fused);
       continue;
     }
     const double qk = ns_per_call([&](int i) {
-      ops->scores(prepared.data(), k_block(i), kRows, kTokens, kHeadDim, 0.088f, scores.data());
+      RowPrefetch ahead = next_rows(i);
+      ops->scores(prepared.data(), k_block(i), kRows, kTokens, kHeadDim, 0.088f, scores.data(),
+                  ahead);
+      ahead.finish();
     });
     // The same scores each call (one step on them would leave weights that no longer move).
     std::vector<float> fixed_scores(kRows * kTokens);

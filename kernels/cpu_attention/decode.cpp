@@ -22,9 +22,11 @@ constexpr int kSeqsPerAppendTask = 32;  // appends are tiny copies; batch them
 // Least work per task, in kv-head tokens: waking a worker costs microseconds, so a tiny job
 // (a short context) runs as one task on the worker that found it rather than waking the pool.
 constexpr int64_t kMinTaskHeadTokens = 512;
-// Heads of prefetch distance: one head's compute (about half a microsecond) is too short to
-// hide a DRAM fetch of its 8 KiB at one thread's bandwidth; two measured ~10% faster on AVX2.
-constexpr int kPrefetchHeads = 2;
+// Prefetch distance, in bytes of K and V rows: one head's compute (a few hundred ns) is too
+// short to hide a DRAM fetch of its rows at one thread's bandwidth. 16 KiB is two bf16 heads
+// (head_dim 128) or four 8-bit ones; 8-bit KV ran 10-20% faster four heads ahead than two,
+// bf16 the same at two to four (batch 32 x 2048, 2026-12-07).
+constexpr int64_t kPrefetchBytes = 16 * 1024;
 
 int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
 
@@ -57,14 +59,6 @@ void write_slot(const DecodeProblem& p, const void* k, const void* v, int64_t ro
       std::memcpy(k_row, static_cast<const char*>(k) + source, row_bytes);
       std::memcpy(v_row, static_cast<const char*>(v) + source, row_bytes);
     }
-  }
-}
-
-// Pulls rows into L2 ahead of use (into L1 they would evict the rows being computed on).
-inline void prefetch_rows(const void* data, int64_t bytes) {
-  const char* bytes_ptr = static_cast<const char*>(data);
-  for (int64_t offset = 0; offset < bytes; offset += 64) {
-    __builtin_prefetch(bytes_ptr + offset, 0, 1);
   }
 }
 
@@ -264,6 +258,7 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
   const int end_block = std::min(ceil_div(seq_len, p.block_size), first_block + part_blocks_);
   const int32_t* table = p.block_tables + int64_t(task.seq) * p.max_blocks_per_seq;
   const int64_t head_bytes = int64_t(p.block_size) * dim * element;  // one kv head of a block
+  const int prefetch_heads = int(std::max<int64_t>(1, kPrefetchBytes / (2 * head_bytes)));
   auto block_offset = [&](int block) -> int64_t {
     const int32_t block_id = table[block];
     if (block_id < 0 || block_id >= p.num_blocks) {
@@ -284,62 +279,50 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
       const int64_t head_offset = offset + head * head_bytes;
       // Each kv head of a block is its own 4 KiB page (head_dim 128, bf16), where the hardware
       // prefetcher starts cold, and the next block is wherever the block table says: fetch
-      // K and V rows kPrefetchHeads heads ahead in walk order (at most into the next block)
-      // while this one computes. The fetch goes out in quarters, one beside each step of this
-      // head: in one burst of 64 lines the prefetches queue for the miss buffers ahead of the
-      // head's own loads (spread out, batch 32 x 2048 ran 5-15% faster cold on AVX2 and
-      // AVX512-BF16, 2026-12-06).
-      const int ahead = head + kPrefetchHeads;
-      const int64_t prefetch_offset =
-          ahead < num_kv_heads
-              ? offset + ahead * head_bytes
+      // the K and V rows prefetch_heads heads ahead in walk order (at most into the next
+      // block) while this one computes, a few lines per step of its q . k (RowPrefetch).
+      const int ahead_head = head + prefetch_heads;
+      const int64_t ahead_offset =
+          ahead_head < num_kv_heads
+              ? offset + ahead_head * head_bytes
               : (next_offset < 0 ? -1
-                                 : next_offset + std::min(ahead - num_kv_heads, num_kv_heads - 1) *
-                                                     head_bytes);
-      auto prefetch_quarter = [&](int quarter) {  // K first half, K second, V first, V second
-        if (prefetch_offset < 0) return;
-        const int64_t half = head_bytes / 2;
-        const char* rows = (quarter < 2 ? k_base : v_base) + prefetch_offset;
-        if (quarter % 2 == 0) prefetch_rows(rows, half);
-        else prefetch_rows(rows + half, head_bytes - half);
-        // An 8-bit head's token scales are one more line each, just as far from the last.
-        if (p.kv_dtype == DType::kInt8 && quarter % 2 == 0) {
-          const float* scales = quarter == 0 ? p.k_scales : p.v_scales;
-          prefetch_rows(scales + prefetch_offset / dim, p.block_size * int64_t(sizeof(float)));
-        }
-      };
-      const int row = head * group;
+                                 : next_offset + std::min(ahead_head - num_kv_heads,
+                                                          num_kv_heads - 1) * head_bytes);
+      RowPrefetch ahead = ahead_offset < 0 ? RowPrefetch()
+                                           : RowPrefetch(k_base + ahead_offset,
+                                                         v_base + ahead_offset, head_bytes);
       // 8-bit rows are round(x / scale): a token's score and its weight on v carry its scale.
       const int64_t scale_offset = head_offset / (int64_t(dim) * element);
+      if (p.kv_dtype == DType::kInt8 && ahead_offset >= 0) {
+        // The ahead head's token scales: one more line each.
+        const int64_t ahead_scales = ahead_offset / (int64_t(dim) * element);
+        __builtin_prefetch(p.k_scales + ahead_scales, 0, 1);
+        __builtin_prefetch(p.v_scales + ahead_scales, 0, 1);
+      }
+      const int row = head * group;
       if (ops_->attend_int8 != nullptr) {
-        prefetch_quarter(0);
-        prefetch_quarter(1);
         ops_->attend_int8(s.prepared_q + head * s.prepared_floats,
                           reinterpret_cast<const int8_t*>(k_base + head_offset),
                           reinterpret_cast<const int8_t*>(v_base + head_offset),
                           p.k_scales + scale_offset, p.v_scales + scale_offset, group,
                           num_tokens, dim, p.scale, s.running_max + row, s.running_sum + row,
-                          s.acc + int64_t(row) * dim);
-        prefetch_quarter(2);
-        prefetch_quarter(3);
+                          s.acc + int64_t(row) * dim, ahead);
+        ahead.finish();
         continue;
       }
-      prefetch_quarter(0);
       ops_->scores(s.prepared_q + head * s.prepared_floats, k_base + head_offset, group,
-                   num_tokens, dim, p.scale, s.scores);
-      prefetch_quarter(1);
+                   num_tokens, dim, p.scale, s.scores, ahead);
+      ahead.finish();
       if (p.kv_dtype == DType::kInt8) {
         scale_rows(s.scores, group, num_tokens, p.k_scales + scale_offset);
       }
       ops_->softmax(s.scores, group, num_tokens, s.running_max + row, s.running_sum + row,
                     s.alpha + row);
-      prefetch_quarter(2);
       if (p.kv_dtype == DType::kInt8) {
         scale_rows(s.scores, group, num_tokens, p.v_scales + scale_offset);
       }
       ops_->accumulate(s.scores, v_base + head_offset, group, num_tokens, dim, s.alpha + row,
                        s.acc + int64_t(row) * dim);
-      prefetch_quarter(3);
     }
     offset = next_offset;
   }

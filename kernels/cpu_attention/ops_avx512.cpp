@@ -93,13 +93,14 @@ struct Avx512Vec {
 // context may hold any bits).
 template <DType kType, int kHeadDim, bool kFull>
 APEX_TARGET inline __m512 f32_row_tile(const float* q_row, const void* k, int num_tokens,
-                                       int runtime_head_dim) {
+                                       int runtime_head_dim, RowPrefetch& ahead) {
   const int head_dim = kHeadDim > 0 ? kHeadDim : runtime_head_dim;
   __m512 acc[kTileTokens];
   for (int t = 0; t < kTileTokens; ++t) acc[t] = _mm512_setzero_ps();
   for (int d = 0; d < head_dim; d += 16) {
     const int count = head_dim - d;
     const __m512 query = Avx512Vec::load_f32(q_row + d, count, 0.0f);
+    ahead.step(RowPrefetch::kLinesPerStep / 2);  // a 16-bit head over 4 rows' 8 steps each
 #pragma GCC unroll 16
     for (int t = 0; t < kTileTokens; ++t) {
       if (!kFull && t >= num_tokens) break;
@@ -114,13 +115,16 @@ APEX_TARGET inline __m512 f32_row_tile(const float* q_row, const void* k, int nu
 // scores[g * row_stride + t] = scale * dot(q[g], k[t]).
 template <DType kType, int kHeadDim>
 APEX_TARGET void tile_rows(const float* q_f32, const void* k, int num_rows, int num_tokens,
-                           int head_dim, float scale, float* scores, int row_stride) {
+                           int head_dim, float scale, float* scores, int row_stride,
+                           RowPrefetch& ahead) {
   const __m512 scale_reg = _mm512_set1_ps(scale);
   for (int g = 0; g < num_rows; ++g) {
     const float* q_row = q_f32 + int64_t(g) * head_dim;
     const __m512 sums = num_tokens == kTileTokens
-                            ? f32_row_tile<kType, kHeadDim, true>(q_row, k, num_tokens, head_dim)
-                            : f32_row_tile<kType, kHeadDim, false>(q_row, k, num_tokens, head_dim);
+                            ? f32_row_tile<kType, kHeadDim, true>(q_row, k, num_tokens, head_dim,
+                                                                  ahead)
+                            : f32_row_tile<kType, kHeadDim, false>(q_row, k, num_tokens, head_dim,
+                                                                   ahead);
     _mm512_mask_storeu_ps(scores + g * row_stride, lanes(num_tokens),
                           _mm512_mul_ps(sums, scale_reg));
   }
@@ -140,7 +144,7 @@ APEX_TARGET void widen_tile(const void* k, int count, int head_dim, float* widen
 
 template <DType kType>
 APEX_TARGET void tile_scores(const float* q_f32, const void* k, int num_rows, int num_tokens,
-                             int head_dim, float scale, float* scores) {
+                             int head_dim, float scale, float* scores, RowPrefetch& ahead) {
   const int64_t element = element_size(kType);
   alignas(64) float widened[kTileTokens * kMaxWidenedHeadDim];
   const bool widen = kType != DType::kFloat32 && num_rows > 1 && head_dim <= kMaxWidenedHeadDim;
@@ -152,17 +156,20 @@ APEX_TARGET void tile_scores(const float* q_f32, const void* k, int num_rows, in
       widen_tile<kType>(keys, count, head_dim, widened);
       if (head_dim == 128) {
         tile_rows<DType::kFloat32, 128>(q_f32, widened, num_rows, count, head_dim, scale, tile,
-                                        num_tokens);
+                                        num_tokens, ahead);
       } else {
         tile_rows<DType::kFloat32, 0>(q_f32, widened, num_rows, count, head_dim, scale, tile,
-                                      num_tokens);
+                                      num_tokens, ahead);
       }
     } else if (head_dim == 128) {
-      tile_rows<kType, 128>(q_f32, keys, num_rows, count, head_dim, scale, tile, num_tokens);
+      tile_rows<kType, 128>(q_f32, keys, num_rows, count, head_dim, scale, tile, num_tokens,
+                            ahead);
     } else if (head_dim == 64) {
-      tile_rows<kType, 64>(q_f32, keys, num_rows, count, head_dim, scale, tile, num_tokens);
+      tile_rows<kType, 64>(q_f32, keys, num_rows, count, head_dim, scale, tile, num_tokens,
+                           ahead);
     } else {
-      tile_rows<kType, 0>(q_f32, keys, num_rows, count, head_dim, scale, tile, num_tokens);
+      tile_rows<kType, 0>(q_f32, keys, num_rows, count, head_dim, scale, tile, num_tokens,
+                          ahead);
     }
   }
 }

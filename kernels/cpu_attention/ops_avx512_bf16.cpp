@@ -82,9 +82,11 @@ APEX_TARGET inline __m512i broadcast_key(const uint16_t* key, int left) {
 // acc[t] += packed q chunk c . key chunk c of token t, for the tile's tokens.
 template <int kPack, bool kFull, bool kTail>
 APEX_TARGET inline void pack_chunk(const __m512i* packed_q, const uint16_t* k, int num_tokens,
-                                   int head_dim, int c, __m512 (&acc)[kTileTokens]) {
+                                   int head_dim, int c, __m512 (&acc)[kTileTokens],
+                                   RowPrefetch& ahead) {
   constexpr int kWidth = 32 / kPack;
   const __m512bh query = (__m512bh)_mm512_loadu_si512(packed_q + c);
+  ahead.step();
 #pragma GCC unroll 16
   for (int t = 0; t < kTileTokens; ++t) {
     if (!kFull && t >= num_tokens) break;
@@ -99,27 +101,29 @@ APEX_TARGET inline void pack_chunk(const __m512i* packed_q, const uint16_t* k, i
 // 16 tokens present; otherwise tokens >= num_tokens keep zero accumulators and are never read.
 template <int kPack, int kHeadDim, bool kFull>
 APEX_TARGET inline void pack_tile(const __m512i* packed_q, const uint16_t* k, int num_tokens,
-                                  int runtime_head_dim, __m512 (&out)[kPack]) {
+                                  int runtime_head_dim, __m512 (&out)[kPack],
+                                  RowPrefetch& ahead) {
   constexpr int kWidth = 32 / kPack;
   const int head_dim = kHeadDim > 0 ? kHeadDim : runtime_head_dim;
   __m512 acc[kTileTokens];
   for (int t = 0; t < kTileTokens; ++t) acc[t] = _mm512_setzero_ps();
   const int full_chunks = head_dim / kWidth;
   for (int c = 0; c < full_chunks; ++c)
-    pack_chunk<kPack, kFull, false>(packed_q, k, num_tokens, head_dim, c, acc);
+    pack_chunk<kPack, kFull, false>(packed_q, k, num_tokens, head_dim, c, acc, ahead);
   if (full_chunks * kWidth < head_dim)
-    pack_chunk<kPack, kFull, true>(packed_q, k, num_tokens, head_dim, full_chunks, acc);
+    pack_chunk<kPack, kFull, true>(packed_q, k, num_tokens, head_dim, full_chunks, acc, ahead);
   reduce_packed_tile<kPack>(acc, out);
 }
 
 template <int kPack, int kHeadDim>
 APEX_TARGET inline void pack_scores(const __m512i* packed_q, const uint16_t* k, int num_tokens,
-                                    int head_dim, float scale, float* scores, int row_stride) {
+                                    int head_dim, float scale, float* scores, int row_stride,
+                                    RowPrefetch& ahead) {
   __m512 sums[kPack];
   if (num_tokens == kTileTokens)
-    pack_tile<kPack, kHeadDim, true>(packed_q, k, num_tokens, head_dim, sums);
+    pack_tile<kPack, kHeadDim, true>(packed_q, k, num_tokens, head_dim, sums, ahead);
   else
-    pack_tile<kPack, kHeadDim, false>(packed_q, k, num_tokens, head_dim, sums);
+    pack_tile<kPack, kHeadDim, false>(packed_q, k, num_tokens, head_dim, sums, ahead);
   for (int r = 0; r < kPack; ++r)
     _mm512_mask_storeu_ps(scores + r * row_stride, lanes(num_tokens),
                           _mm512_mul_ps(sums[r], _mm512_set1_ps(scale)));
@@ -128,32 +132,33 @@ APEX_TARGET inline void pack_scores(const __m512i* packed_q, const uint16_t* k, 
 template <int kHeadDim>
 APEX_TARGET void tile_rows(const float* prepared_q, const uint16_t* k, int num_rows,
                            int num_tokens, int head_dim, float scale, float* scores,
-                           int row_stride) {
+                           int row_stride, RowPrefetch& ahead) {
   const auto* packed = reinterpret_cast<const __m512i*>(prepared_q);
   int g = 0;
   for (; g + 4 <= num_rows; g += 4, packed += num_chunks<4>(head_dim))
     pack_scores<4, kHeadDim>(packed, k, num_tokens, head_dim, scale, scores + g * row_stride,
-                             row_stride);
+                             row_stride, ahead);
   for (; g + 2 <= num_rows; g += 2, packed += num_chunks<2>(head_dim))
     pack_scores<2, kHeadDim>(packed, k, num_tokens, head_dim, scale, scores + g * row_stride,
-                             row_stride);
+                             row_stride, ahead);
   for (; g < num_rows; ++g, packed += num_chunks<1>(head_dim))
     pack_scores<1, kHeadDim>(packed, k, num_tokens, head_dim, scale, scores + g * row_stride,
-                             row_stride);
+                             row_stride, ahead);
 }
 
 APEX_TARGET void bf16_scores(const float* prepared_q, const void* k, int num_rows,
-                             int num_tokens, int head_dim, float scale, float* scores) {
+                             int num_tokens, int head_dim, float scale, float* scores,
+                             RowPrefetch& ahead) {
   for (int token = 0; token < num_tokens; token += kTileTokens) {
     const int count = std::min(kTileTokens, num_tokens - token);
     const auto* keys = static_cast<const uint16_t*>(k) + int64_t(token) * head_dim;
     float* tile = scores + token;
     if (head_dim == 128) {
-      tile_rows<128>(prepared_q, keys, num_rows, count, head_dim, scale, tile, num_tokens);
+      tile_rows<128>(prepared_q, keys, num_rows, count, head_dim, scale, tile, num_tokens, ahead);
     } else if (head_dim == 64) {
-      tile_rows<64>(prepared_q, keys, num_rows, count, head_dim, scale, tile, num_tokens);
+      tile_rows<64>(prepared_q, keys, num_rows, count, head_dim, scale, tile, num_tokens, ahead);
     } else {
-      tile_rows<0>(prepared_q, keys, num_rows, count, head_dim, scale, tile, num_tokens);
+      tile_rows<0>(prepared_q, keys, num_rows, count, head_dim, scale, tile, num_tokens, ahead);
     }
   }
 }

@@ -135,7 +135,8 @@ APEX_TARGET inline __m512i sum_lanes(const __m512i (&acc)[4]) {
 // value). kChunks = 0: head dims past kMaxIntDotDim, one dot at a time.
 template <int kRows, int kChunks>
 APEX_TARGET inline void score_registers(const char* prepared, const int8_t* k, int num_tokens,
-                                        int head_dim, float scale, __m512 (&dots)[kRows]) {
+                                        int head_dim, float scale, __m512 (&dots)[kRows],
+                                        RowPrefetch& ahead) {
   if constexpr (kChunks == 0) {
     float scores[kRows * kTileTokens];  // row g at g * num_tokens
     plain_int_scores(prepared, k, kRows, num_tokens, head_dim, scale, scores);
@@ -164,6 +165,7 @@ APEX_TARGET inline void score_registers(const char* prepared, const int8_t* k, i
                                       k + int64_t(token) * head_dim + h * kChunkBytes),
               flip);
         }
+        ahead.step();  // 8 steps of a tile over 128 dims: an 8-bit head
         __m512i interleaved[4];
         interleave_tokens<4>(keys, interleaved);
 #pragma GCC unroll 4
@@ -265,9 +267,9 @@ APEX_TARGET inline void attend_rows(const char* prepared, const int8_t* keys, co
                                     const float* k_scales,
                                     const float* v_scales, int num_tokens, int head_dim,
                                     float scale, float* running_max, float* running_sum,
-                                    float* acc) {
+                                    float* acc, RowPrefetch& ahead) {
   __m512 dots[kRows];
-  score_registers<kRows, kChunks>(prepared, keys, num_tokens, head_dim, scale, dots);
+  score_registers<kRows, kChunks>(prepared, keys, num_tokens, head_dim, scale, dots, ahead);
   const __mmask16 valid = lanes(num_tokens);
   const __m512 k_scale = _mm512_maskz_loadu_ps(valid, k_scales);
   const __m512 v_scale = _mm512_maskz_loadu_ps(valid, v_scales);
@@ -304,7 +306,7 @@ template <int kChunks, bool kIntPv>
 APEX_TARGET void attend_tiles(const float* prepared_q, const int8_t* k, const int8_t* v,
                               const float* k_scales, const float* v_scales, int num_rows,
                               int num_tokens, int head_dim, float scale, float* running_max,
-                              float* running_sum, float* acc) {
+                              float* running_sum, float* acc, RowPrefetch& ahead) {
   for (int token = 0; token < num_tokens; token += kTileTokens) {
     const int count = num_tokens - token < kTileTokens ? num_tokens - token : kTileTokens;
     const int8_t* keys = k + int64_t(token) * head_dim;
@@ -334,7 +336,7 @@ APEX_TARGET void attend_tiles(const float* prepared_q, const int8_t* k, const in
       attend_rows<decltype(rows)::value, kChunks, kIntPv>(
           prepared + int64_t(g) * row_bytes(head_dim), keys, values, tile, k_scales + token,
           v_scales + token, count, head_dim, scale, running_max + g, running_sum + g,
-          acc + int64_t(g) * head_dim);
+          acc + int64_t(g) * head_dim, ahead);
     });
   }
 }
@@ -342,12 +344,12 @@ APEX_TARGET void attend_tiles(const float* prepared_q, const int8_t* k, const in
 APEX_TARGET void vnni_attend_int8(const float* prepared_q, const int8_t* k, const int8_t* v,
                                   const float* k_scales, const float* v_scales, int num_rows,
                                   int num_tokens, int head_dim, float scale, float* running_max,
-                                  float* running_sum, float* acc) {
+                                  float* running_sum, float* acc, RowPrefetch& ahead) {
   const int chunks = head_dim > kMaxIntDotDim ? 0 : num_chunks(head_dim);
   auto run = [&](auto chunks_constant, auto int_pv_constant) {
     attend_tiles<decltype(chunks_constant)::value, decltype(int_pv_constant)::value>(
         prepared_q, k, v, k_scales, v_scales, num_rows, num_tokens, head_dim, scale,
-        running_max, running_sum, acc);
+        running_max, running_sum, acc, ahead);
   };
   using Yes = std::true_type;
   using No = std::false_type;

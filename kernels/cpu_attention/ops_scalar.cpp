@@ -10,7 +10,7 @@ namespace {
 
 template <DType kType>
 void scalar_scores(const float* q_f32, const void* k, int num_rows, int num_tokens,
-                   int head_dim, float scale, float* scores) {
+                   int head_dim, float scale, float* scores, RowPrefetch& /*ahead*/) {
   for (int t = 0; t < num_tokens; ++t) {
     const int64_t row = int64_t(t) * head_dim;
     for (int g = 0; g < num_rows; ++g) {

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import mmap
 import os
 from typing import Iterator
 
@@ -114,8 +116,29 @@ class Event:
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host memory for the host KV tier and staging buffers: pinned when a GPU will copy it."""
+    """Host memory for staging buffers: pinned when a GPU will copy it."""
     return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
+def host_kv_zeros(shape: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """Zeroed host memory for the host KV tier (and its scales): pinned when a GPU copies it;
+    otherwise an anonymous mapping that asks for transparent huge pages (MADV_HUGEPAGE, what
+    THP's common "madvise" mode needs). The CPU attention reads the tier in runs of one kv
+    head of one block (4 KiB for bf16 at head_dim 128) at random blocks: with 4 KiB pages
+    each run is a TLB miss. Batch 32 x 2048 on a 2-core EPYC (2026-12-07): 12% faster bf16,
+    15-30% int8. Pinned memory comes from the CUDA driver, which picks its own pages."""
+    if device.type == "cuda":
+        return torch.zeros(shape, dtype=dtype, pin_memory=True)
+    numel = math.prod(shape)
+    if numel == 0:
+        return torch.zeros(shape, dtype=dtype)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    # Anonymous pages read as zeros; the tensor holds the mapping alive.
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux only
+        region.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(region, dtype=dtype, count=numel).view(shape)
 
 
 def synchronize(device: torch.device) -> None:

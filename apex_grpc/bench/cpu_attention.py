@@ -1,6 +1,7 @@
 """Benchmark of the native CPU decode-attention kernel: python -m apex_grpc.bench.cpu_attention.
 
-Llama-3.1-8B shapes (32 q heads, 8 kv heads, head_dim 128, block 16), bf16 q. For each kernel
+Llama-3.1-8B shapes (32 q heads, 8 kv heads, head_dim 128, block 16), bf16 q, KV in memory
+allocated as the server's host tier is (platform.host_kv_zeros: huge pages). For each kernel
 set (--isa: the best one, a list, or `all` this CPU runs) and KV dtype (--kv-dtype bf16, int8:
 8-bit rows plus a float32 scale per token and kv head), per case: KV bytes read per second
 (an int8 cache's scales included), the ratio to this machine's streaming-read bandwidth
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from apex_grpc.attention.cpu_kernel import (CpuAttentionPool, best_isa, runs_isa, set_flag,
                                             wait_flag)
 from apex_grpc.kv_cache.quantized import quantize_rows
-from apex_grpc.platform import usable_cores
+from apex_grpc.platform import host_kv_zeros, usable_cores
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 REFERENCE_CASE = (32, 2048)
@@ -59,11 +60,17 @@ class Inputs:
     def quantized(self) -> Inputs:
         """The same values in an int8 cache (kv_cache/quantized.py)."""
         (k, k_scales), (v, v_scales) = quantize_rows(self.k_cache), quantize_rows(self.v_cache)
-        return Inputs(self.q, k, v, self.block_tables, self.seq_lens, k_scales, v_scales)
+        return Inputs(self.q, host_kv_copy(k), host_kv_copy(v), self.block_tables, self.seq_lens,
+                      host_kv_copy(k_scales), host_kv_copy(v_scales))
 
     def decode(self, pool: CpuAttentionPool, out: torch.Tensor, lse: torch.Tensor) -> None:
         pool.decode(self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens, out,
                     lse, k_scales=self.k_scales, v_scales=self.v_scales)
+
+
+def host_kv_copy(values: torch.Tensor) -> torch.Tensor:
+    """values in memory allocated as the server's host KV tier's (platform.host_kv_zeros)."""
+    return host_kv_zeros(tuple(values.shape), values.dtype, torch.device("cpu")).copy_(values)
 
 
 def make_inputs(batch: int, context_len: int, dtype: torch.dtype) -> Inputs:
@@ -71,8 +78,9 @@ def make_inputs(batch: int, context_len: int, dtype: torch.dtype) -> Inputs:
     num_blocks = batch * blocks_per_seq
     shape = (num_blocks, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM)
     tables = torch.randperm(num_blocks, dtype=torch.int32).reshape(batch, blocks_per_seq)
-    return Inputs(torch.randn(batch, NUM_HEADS, HEAD_DIM).to(dtype), torch.randn(shape).to(dtype),
-                  torch.randn(shape).to(dtype), tables,
+    return Inputs(torch.randn(batch, NUM_HEADS, HEAD_DIM).to(dtype),
+                  host_kv_copy(torch.randn(shape).to(dtype)),
+                  host_kv_copy(torch.randn(shape).to(dtype)), tables,
                   torch.full((batch,), context_len, dtype=torch.int32))
 
 

@@ -15,7 +15,7 @@ import torch
 from apex_grpc.config import ModelConfig
 from apex_grpc.kv_cache.manager import KVMove
 from apex_grpc.kv_cache.quantized import dequantize_rows, host_kv_element_bytes, quantize_rows
-from apex_grpc.platform import Event, Stream, pinned_empty
+from apex_grpc.platform import Event, Stream, host_kv_zeros
 from apex_grpc.request import Tier
 
 
@@ -56,13 +56,11 @@ class KVStorage:
         self.gpu = torch.zeros(kv_shape(model, num_gpu_blocks + 1, block_size), dtype=dtype,
                                device=device)
         host_shape = kv_shape(model, num_host_blocks, block_size)
-        self.host = pinned_empty(host_shape, host_dtype or dtype, device)
-        self.host.zero_()
+        self.host = host_kv_zeros(host_shape, host_dtype or dtype, device)
         # int8 host tier: [num_layers, 2, num_blocks, num_kv_heads, block_size] float32.
         self.host_scales: torch.Tensor | None = None
         if self.host.dtype == torch.int8:
-            self.host_scales = pinned_empty(host_shape[:-1], torch.float32, device)
-            self.host_scales.zero_()
+            self.host_scales = host_kv_zeros(host_shape[:-1], torch.float32, device)
         self.copy_stream = Stream(device)
 
     def tier_tensor(self, tier: Tier) -> torch.Tensor:

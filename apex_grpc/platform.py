@@ -141,6 +141,14 @@ def host_kv_zeros(shape: tuple[int, ...], dtype: torch.dtype,
     return torch.frombuffer(region, dtype=dtype, count=numel).view(shape)
 
 
+def host_kv_copy(values: torch.Tensor) -> torch.Tensor:
+    """A copy of CPU tensor values in the memory a server on this machine gives its host tier
+    (pinned where CUDA exists, else huge pages), for measurements (the kernel bench, the
+    profiler) that must read the pages the server's CPU attention reads."""
+    device = torch.device("cuda" if has_cuda() else "cpu")
+    return host_kv_zeros(tuple(values.shape), values.dtype, device).copy_(values)
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -1,7 +1,7 @@
 """Benchmark of the native CPU decode-attention kernel: python -m apex_grpc.bench.cpu_attention.
 
-Llama-3.1-8B shapes (32 q heads, 8 kv heads, head_dim 128, block 16), bf16 q, KV in memory
-allocated as the server's host tier is (platform.host_kv_zeros: huge pages). For each kernel
+Llama-3.1-8B shapes (32 q heads, 8 kv heads, head_dim 128, block 16), bf16 q, KV in the memory
+a server's host tier has on this machine (platform.host_kv_copy). For each kernel
 set (--isa: the best one, a list, or `all` this CPU runs) and KV dtype (--kv-dtype bf16, int8:
 8-bit rows plus a float32 scale per token and kv head), per case: KV bytes read per second
 (an int8 cache's scales included), the ratio to this machine's streaming-read bandwidth
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from apex_grpc.attention.cpu_kernel import (CpuAttentionPool, best_isa, runs_isa, set_flag,
                                             wait_flag)
 from apex_grpc.kv_cache.quantized import quantize_rows
-from apex_grpc.platform import host_kv_zeros, usable_cores
+from apex_grpc.platform import host_kv_copy, usable_cores
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 REFERENCE_CASE = (32, 2048)
@@ -66,11 +66,6 @@ class Inputs:
     def decode(self, pool: CpuAttentionPool, out: torch.Tensor, lse: torch.Tensor) -> None:
         pool.decode(self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens, out,
                     lse, k_scales=self.k_scales, v_scales=self.v_scales)
-
-
-def host_kv_copy(values: torch.Tensor) -> torch.Tensor:
-    """values in memory allocated as the server's host KV tier's (platform.host_kv_zeros)."""
-    return host_kv_zeros(tuple(values.shape), values.dtype, torch.device("cpu")).copy_(values)
 
 
 def make_inputs(batch: int, context_len: int, dtype: torch.dtype) -> Inputs:

@@ -15,6 +15,7 @@ import torch
 from apex_grpc.config import HostKVDtype
 from apex_grpc.kv_cache.quantized import host_kv_element_bytes, quantize_rows
 from apex_grpc.perf.perf_model import Profile, Table2D
+from apex_grpc.platform import host_kv_copy
 
 # CPU attention time per context token over an int8 tier / over a bf16 one where the kernel
 # reads at memory speed (the shipped profiles' 14-thread hosts): the bytes ratio, 264 / 512 per
@@ -29,11 +30,13 @@ INT8_CPU_COST_RATIO = 0.55
 def host_kv_caches(host_kv_dtype: str, k_cache: torch.Tensor, v_cache: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(k, v, extra submit_decode arguments) of a host tier of host_kv_dtype holding these
-    16/32-bit caches' values (the profiler measures the kernel on them)."""
+    16/32-bit caches' values, in the memory a CPU device's host tier has (the profiler
+    measures the kernel on them)."""
     if HostKVDtype(host_kv_dtype) == HostKVDtype.AUTO:
-        return k_cache, v_cache, {}
+        return host_kv_copy(k_cache), host_kv_copy(v_cache), {}
     (k, k_scales), (v, v_scales) = quantize_rows(k_cache), quantize_rows(v_cache)
-    return k, v, {"k_scales": k_scales, "v_scales": v_scales}
+    return host_kv_copy(k), host_kv_copy(v), {"k_scales": host_kv_copy(k_scales),
+                                              "v_scales": host_kv_copy(v_scales)}
 
 
 def with_host_kv_dtype(profile: Profile, host_kv_dtype: str) -> Profile:

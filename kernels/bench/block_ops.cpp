@@ -88,7 +88,11 @@ int main() {
     // Each call steps through the next block's rows as decode does (resident here, so only
     // the cost of issuing the prefetches counts).
     const int64_t head_bytes = block_elements * (int8 ? 1 : 2);
-    auto next_rows = [&](int i) { return RowPrefetch(k_block(i + 1), v_block(i + 1), head_bytes); };
+    auto next_rows = [&](int i) {
+      return int8 ? RowPrefetch(k_block(i + 2), v_block(i + 2), nullptr, nullptr, head_bytes)
+                  : RowPrefetch(k_block(i + 2), v_block(i + 2), k_block(i + 1), v_block(i + 1),
+                                head_bytes);
+    };
     if (ops->attend_int8 != nullptr && int8) {
       const double fused = ns_per_call([&](int i) {
         RowPrefetch ahead = next_rows(i);

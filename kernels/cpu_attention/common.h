@@ -152,36 +152,52 @@ inline int64_t prepared_q_floats(int num_rows, int head_dim) {
   return int64_t(num_rows) * (head_dim + 96);
 }
 
-// Rows to pull toward the cache while a kernel computes on others: one kv head's K rows, then
-// its V rows, further along the walk. A kernel's q . k loop calls step() between its own loads,
-// so the next rows go out early and a few lines at a time; decode calls finish() after the
-// kernel for whatever is left (kernels that never step: a burst). Bursts of whole halves of a
-// head queued behind the miss buffers and ran 1.2-1.5x slower cold than steps of 8 lines
-// (batch 32 x 2048, AVX512-BF16 and -VNNI, 2026-12-07).
+// Rows to pull toward the cache while a kernel computes on others, in two streams of a kv
+// head's K rows then V rows: `far`, further along the walk, into L2 (into L1 it would evict
+// the rows being computed on), and optionally `near`, the next head, from L2 into L1. A
+// kernel's q . k loop calls step() between its own loads, so both go out early and a few lines
+// at a time; decode calls finish() after the kernel for what is left of `far` (kernels that
+// never step: a burst). Bursts of whole halves of a head queued behind the miss buffers and ran
+// 1.2-1.5x slower cold than steps of 8 lines; the near stream made bf16 KV 8-25% faster and
+// 8-bit KV no faster (batch 32 x 2048, AVX2 and AVX-512, 2026-12-07).
 class RowPrefetch {
  public:
   static constexpr int kLinesPerStep = 8;
   RowPrefetch() = default;  // nothing to fetch
-  RowPrefetch(const void* k, const void* v, int64_t bytes)
-      : k_(static_cast<const char*>(k)), v_(static_cast<const char*>(v)),
-        lines_(int((bytes + 63) / 64)) {}
-  void step(int lines = kLinesPerStep) { issue(lines); }
-  void finish() { issue(2 * lines_); }
+  RowPrefetch(const void* far_k, const void* far_v, const void* near_k, const void* near_v,
+              int64_t bytes)
+      : far_(far_k, far_v, bytes), near_(near_k, near_v, bytes) {}
+  void step(int lines = kLinesPerStep) {
+    far_.issue<1>(lines);
+    near_.issue<3>(lines);
+  }
+  void finish() { far_.issue<1>(far_.remaining()); }
 
  private:
-  // Into L2 (hint 1): into L1 they would evict the rows being computed on.
-  void issue(int count) {
-    const int end = next_ + count < 2 * lines_ ? next_ + count : 2 * lines_;
-    for (; next_ < end; ++next_) {
-      __builtin_prefetch(next_ < lines_ ? k_ + int64_t(next_) * 64
-                                        : v_ + int64_t(next_ - lines_) * 64,
-                         0, 1);
+  struct Rows {
+    Rows() = default;
+    Rows(const void* k, const void* v, int64_t bytes)
+        : k(static_cast<const char*>(k)), v(static_cast<const char*>(v)),
+          lines(k == nullptr ? 0 : int((bytes + 63) / 64)) {}
+    int remaining() const { return 2 * lines - next; }
+    template <int kLocality>
+    void issue(int count) {
+      while (count > 0 && next < 2 * lines) {  // a run inside K's rows or V's
+        const bool in_k = next < lines;
+        const char* row = in_k ? k + int64_t(next) * 64 : v + int64_t(next - lines) * 64;
+        const int left = (in_k ? lines : 2 * lines) - next;
+        const int run = count < left ? count : left;
+        for (int i = 0; i < run; ++i) __builtin_prefetch(row + int64_t(i) * 64, 0, kLocality);
+        next += run;
+        count -= run;
+      }
     }
-  }
-  const char* k_ = nullptr;
-  const char* v_ = nullptr;
-  int lines_ = 0;  // per cache
-  int next_ = 0;   // lines issued, K's first
+    const char* k = nullptr;
+    const char* v = nullptr;
+    int lines = 0;  // per cache
+    int next = 0;   // lines issued, K's first
+  };
+  Rows far_, near_;
 };
 
 struct KernelOps {

@@ -280,17 +280,18 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
       // Each kv head of a block is its own 4 KiB page (head_dim 128, bf16), where the hardware
       // prefetcher starts cold, and the next block is wherever the block table says: fetch
       // the K and V rows prefetch_heads heads ahead in walk order (at most into the next
-      // block) while this one computes, a few lines per step of its q . k (RowPrefetch).
-      const int ahead_head = head + prefetch_heads;
-      const int64_t ahead_offset =
-          ahead_head < num_kv_heads
-              ? offset + ahead_head * head_bytes
-              : (next_offset < 0 ? -1
-                                 : next_offset + std::min(ahead_head - num_kv_heads,
-                                                          num_kv_heads - 1) * head_bytes);
-      RowPrefetch ahead = ahead_offset < 0 ? RowPrefetch()
-                                           : RowPrefetch(k_base + ahead_offset,
-                                                         v_base + ahead_offset, head_bytes);
+      // block) into L2, and for 16-bit KV the next head's into L1, while this one computes,
+      // a few lines per step of its q . k (RowPrefetch).
+      auto walk_offset = [&](int ahead_head) -> int64_t {  // -1: past the task's blocks
+        if (ahead_head < num_kv_heads) return offset + ahead_head * head_bytes;
+        if (next_offset < 0) return -1;
+        return next_offset + std::min(ahead_head - num_kv_heads, num_kv_heads - 1) * head_bytes;
+      };
+      const int64_t ahead_offset = walk_offset(head + prefetch_heads);
+      const int64_t near_offset = element == 2 ? walk_offset(head + 1) : -1;
+      auto rows_at = [&](const char* base, int64_t at) { return at < 0 ? nullptr : base + at; };
+      RowPrefetch ahead(rows_at(k_base, ahead_offset), rows_at(v_base, ahead_offset),
+                        rows_at(k_base, near_offset), rows_at(v_base, near_offset), head_bytes);
       // 8-bit rows are round(x / scale): a token's score and its weight on v carry its scale.
       const int64_t scale_offset = head_offset / (int64_t(dim) * element);
       if (p.kv_dtype == DType::kInt8 && ahead_offset >= 0) {

@@ -134,11 +134,14 @@ def host_kv_zeros(shape: tuple[int, ...], dtype: torch.dtype,
     if numel == 0:
         return torch.zeros(shape, dtype=dtype)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    # Anonymous pages read as zeros; the tensor holds the mapping alive.
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux only
         region.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(region, dtype=dtype, count=numel).view(shape)
+    tier = torch.frombuffer(region, dtype=dtype, count=numel).view(shape)  # holds the mapping
+    # Anonymous pages read as zeros, but writing them now commits the memory at start-up (a
+    # host tier too big for the machine fails here, not mid-serve) and faults them in as huge
+    # pages, after the advice.
+    return tier.zero_()
 
 
 def host_kv_copy(values: torch.Tensor) -> torch.Tensor:

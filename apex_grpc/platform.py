@@ -133,7 +133,7 @@ def host_kv_zeros(shape: tuple[int, ...], dtype: torch.dtype,
     numel = math.prod(shape)
     if numel == 0:
         return torch.zeros(shape, dtype=dtype)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux only
         region.madvise(mmap.MADV_HUGEPAGE)

@@ -288,7 +288,7 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
         return next_offset + std::min(ahead_head - num_kv_heads, num_kv_heads - 1) * head_bytes;
       };
       const int64_t ahead_offset = walk_offset(head + prefetch_heads);
-      const int64_t near_offset = element == 2 ? walk_offset(head + 1) : -1;
+      const int64_t near_offset = walk_offset(head + 1);
       auto rows_at = [&](const char* base, int64_t at) { return at < 0 ? nullptr : base + at; };
       RowPrefetch ahead(rows_at(k_base, ahead_offset), rows_at(v_base, ahead_offset),
                         rows_at(k_base, near_offset), rows_at(v_base, near_offset), head_bytes);

@@ -4,11 +4,13 @@
 //   4 u8 x s8 products into each int32 lane, exact. Keys are flipped to unsigned (k + 128;
 //   128 * sum(q) comes off each score) and four tokens' dwords interleaved in registers, so the
 //   lanes are tokens and no per-token reduction tree is needed.
-// - p . v: each row's weights of a 16-token tile become 16-bit integers relative to the largest
-//   of them, split into a high and a low byte; four tokens' value bytes are interleaved so that
-//   one VPDPBUSD adds four tokens' products into each dim's int32 lane.
-// Against widening to float32 that is a quarter (q . k) and half (p . v) of the multiply
-// instructions. Runs only after select_kernel_ops has found avx512vnni.
+// - softmax: the rows of a GQA group step together, their maxima and sums out of one shared
+//   reduction tree, alpha from the vector exp (a libm call would spill every live register).
+// - p . v: each row's weights of a 16-token tile become 8-bit integers relative to the largest
+//   of them (SageAttention quantizes P to 8 bits the same way); four tokens' value bytes are
+//   interleaved so that one VPDPBUSD adds four tokens' products into each dim's int32 lane.
+// Against widening to float32 that is a quarter of the multiply instructions. Runs only after
+// select_kernel_ops has found avx512vnni.
 #if defined(__x86_64__)
 #include <immintrin.h>
 
@@ -133,10 +135,11 @@ APEX_TARGET inline __m512i sum_lanes(const __m512i (&acc)[4]) {
 
 // dots[g] lane t = scale * q_g . k_t for the tile's tokens t < num_tokens (other lanes: any
 // value). kChunks = 0: head dims past kMaxIntDotDim, one dot at a time.
-template <int kRows, int kChunks>
+template <int kRows, int kChunks, int kDim>
 APEX_TARGET inline void score_registers(const char* prepared, const int8_t* k, int num_tokens,
                                         int head_dim, float scale, __m512 (&dots)[kRows],
                                         RowPrefetch& ahead) {
+  if constexpr (kDim > 0) head_dim = kDim;
   if constexpr (kChunks == 0) {
     float scores[kRows * kTileTokens];  // row g at g * num_tokens
     plain_int_scores(prepared, k, kRows, num_tokens, head_dim, scale, scores);
@@ -194,6 +197,31 @@ APEX_TARGET inline void score_registers(const char* prepared, const int8_t* k, i
   }
 }
 
+struct MaxOf {
+  APEX_TARGET __m512 operator()(__m512 a, __m512 b) const { return _mm512_max_ps(a, b); }
+};
+struct SumOf {
+  APEX_TARGET __m512 operator()(__m512 a, __m512 b) const { return _mm512_add_ps(a, b); }
+};
+
+// Lane g (g < kRows) = combine over the 16 lanes of rows[g], for an associative combine: one
+// transpose-and-combine tree for up to four rows (9 shuffles), where a reduction per row takes
+// 4 shuffles on a chain of its own. Missing rows repeat row 0.
+template <int kRows, class Combine>
+APEX_TARGET inline __m128 combine_rows(const __m512 (&rows)[kRows], Combine combine) {
+  const __m512 r0 = rows[0], r1 = rows[kRows > 1 ? 1 : 0], r2 = rows[kRows > 2 ? 2 : 0],
+               r3 = rows[kRows > 3 ? 3 : 0];
+  // 128-bit lanes: [row 0 (0|2), row 0 (1|3), row 1 (0|2), row 1 (1|3)], the same for 2, 3.
+  const __m512 r01 = combine(_mm512_shuffle_f32x4(r0, r1, 0x44), _mm512_shuffle_f32x4(r0, r1, 0xee));
+  const __m512 r23 = combine(_mm512_shuffle_f32x4(r2, r3, 0x44), _mm512_shuffle_f32x4(r2, r3, 0xee));
+  // 128-bit lane L: four partials of row L.
+  __m512 x = combine(_mm512_shuffle_f32x4(r01, r23, 0x88), _mm512_shuffle_f32x4(r01, r23, 0xdd));
+  x = combine(x, _mm512_permute_ps(x, 0x4e));
+  x = combine(x, _mm512_permute_ps(x, 0xb1));
+  return _mm512_castps512_ps128(
+      _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), x));
+}
+
 // p . v in integers for head dims that are whole 64-byte chunks (others: the float kernel).
 constexpr int kMaxPvChunks = 4;
 // Registers of one interleaved value group (one, unused, where p . v is float).
@@ -204,16 +232,17 @@ inline bool int_pv(int head_dim) {
 }
 
 // acc_row = acc_row * alpha + weights . values for one row and one tile of interleaved values
-// [group][chunk * 4 + k]. The weights (>= 0) become u = round(w * 65535 / max w); with u's
-// high and low bytes, sum(high * v) << 8 + sum(low * v) is exact (16 x 255 x 127 x 257 < 2^31),
-// and each weight moves by at most 2^-17 of the largest. Each 64-dim chunk of the row is kept
+// [group][chunk * 4 + k]. The weights (>= 0) become u = round(w * 255 / max w), max w the
+// row's `largest`; sum(u * v) is exact in int32, and each weight moves by at most 2^-9 of the
+// largest, an error that averages out over the tokens (the int8 values themselves move by up
+// to 2^-8 of their row's range). A 16-bit u in two passes (high and low byte) cost 13% more
+// time for 2^-17. Each 64-dim chunk of the row is kept
 // in the interleave's order (a 4 x 4 transpose of 4-dim units), undone by vnni_finish_acc.
 template <int kChunks>
-APEX_TARGET inline void int_pv_row(__m512 weights, float alpha, const __m512i (*tile)[kChunks * 4],
-                                   float* acc_row) {
+APEX_TARGET inline void int_pv_row(__m512 weights, float largest, float alpha,
+                                   const __m512i (*tile)[kChunks * 4], float* acc_row) {
   constexpr int kRegs = kChunks * 4;
   const __m512 rescale = _mm512_set1_ps(alpha);
-  const float largest = _mm512_reduce_max_ps(weights);
   if (!(largest > 0.0f)) {
     if (alpha != 1.0f) {
 #pragma GCC unroll 16
@@ -224,30 +253,20 @@ APEX_TARGET inline void int_pv_row(__m512 weights, float alpha, const __m512i (*
     return;
   }
   const __m512i units = _mm512_min_epu32(
-      _mm512_cvtps_epu32(_mm512_mul_ps(weights, _mm512_set1_ps(65535.0f / largest))),
-      _mm512_set1_epi32(65535));
-  // Four tokens' bytes per int32 lane, in token order, in every 128-bit lane.
-  const __m512i high = _mm512_broadcast_i32x4(_mm512_cvtepi32_epi8(_mm512_srli_epi32(units, 8)));
-  const __m512i low = _mm512_broadcast_i32x4(
-      _mm512_cvtepi32_epi8(_mm512_and_si512(units, _mm512_set1_epi32(255))));
+      _mm512_cvtps_epu32(_mm512_mul_ps(weights, _mm512_set1_ps(255.0f / largest))),
+      _mm512_set1_epi32(255));
+  // Four tokens' weights per int32 lane, in token order, in every 128-bit lane.
+  const __m512i quads = _mm512_broadcast_i32x4(_mm512_cvtepi32_epi8(units));
   __m512i sums[kRegs];
 #pragma GCC unroll 16
   for (int r = 0; r < kRegs; ++r) sums[r] = _mm512_setzero_si512();
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) {
-    const __m512i weight = _mm512_permutexvar_epi32(_mm512_set1_epi32(i), high);
+    const __m512i weight = _mm512_permutexvar_epi32(_mm512_set1_epi32(i), quads);
 #pragma GCC unroll 16
     for (int r = 0; r < kRegs; ++r) sums[r] = _mm512_dpbusd_epi32(sums[r], weight, tile[i][r]);
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < kRegs; ++r) sums[r] = _mm512_slli_epi32(sums[r], 8);
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    const __m512i weight = _mm512_permutexvar_epi32(_mm512_set1_epi32(i), low);
-#pragma GCC unroll 16
-    for (int r = 0; r < kRegs; ++r) sums[r] = _mm512_dpbusd_epi32(sums[r], weight, tile[i][r]);
-  }
-  const __m512 unit = _mm512_set1_ps(largest / 65535.0f);
+  const __m512 unit = _mm512_set1_ps(largest / 255.0f);
 #pragma GCC unroll 16
   for (int r = 0; r < kRegs; ++r) {
     float* out = acc_row + 16 * r;
@@ -261,44 +280,62 @@ APEX_TARGET inline void int_pv_row(__m512 weights, float alpha, const __m512i (*
 // Rows [0, kRows) of one tile of up to 16 tokens: scores, one online-softmax step, p . v.
 // kChunks: head_dim / 64 rounded up (0: past kMaxIntDotDim); kIntPv: int_pv(head_dim), with the
 // tile's values interleaved in `tile`.
-template <int kRows, int kChunks, bool kIntPv>
+template <int kRows, int kChunks, bool kIntPv, int kDim = kIntPv ? kChunks * kChunkBytes : 0>
 APEX_TARGET inline void attend_rows(const char* prepared, const int8_t* keys, const int8_t* values,
                                     const __m512i (*tile)[tile_regs<kChunks>()],
                                     const float* k_scales,
                                     const float* v_scales, int num_tokens, int head_dim,
                                     float scale, float* running_max, float* running_sum,
                                     float* acc, RowPrefetch& ahead) {
+  // Integer p . v means whole chunks: a constant head dim makes every stride, mask and row
+  // offset an immediate (at runtime they took a third of the instructions).
+  if constexpr (kDim > 0) head_dim = kDim;
   __m512 dots[kRows];
-  score_registers<kRows, kChunks>(prepared, keys, num_tokens, head_dim, scale, dots, ahead);
+  score_registers<kRows, kChunks, kDim>(prepared, keys, num_tokens, head_dim, scale, dots, ahead);
   const __mmask16 valid = lanes(num_tokens);
   const __m512 k_scale = _mm512_maskz_loadu_ps(valid, k_scales);
   const __m512 v_scale = _mm512_maskz_loadu_ps(valid, v_scales);
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  float alpha[kRows];
+  __m512 scores[kRows];
+#pragma GCC unroll 4
+  for (int g = 0; g < kRows; ++g) scores[g] = _mm512_mask_mul_ps(neg_inf, valid, dots[g], k_scale);
+  // The rows' step together: lane g of each __m128 is row g's (lanes past kRows: unused).
+  const __mmask8 rows = __mmask8((1u << kRows) - 1u);
+  const __m128 old_max = _mm_mask_loadu_ps(_mm_set1_ps(-std::numeric_limits<float>::infinity()),
+                                           rows, running_max);
+  const __m128 new_max = _mm_max_ps(old_max, combine_rows<kRows>(scores, MaxOf()));
+  // The maximum rarely moves once a few blocks are in: alpha is exactly 1 then.
+  const __m128 alpha = _mm_mask_blend_ps(
+      _mm_cmp_ps_mask(new_max, old_max, _CMP_EQ_OQ),
+      _mm512_castps512_ps128(exp_lanes(_mm512_castps128_ps512(_mm_sub_ps(old_max, new_max)))),
+      _mm_set1_ps(1.0f));
+  const __m512 maxima = _mm512_broadcast_f32x4(new_max);
   __m512 weights[kRows];
-  // Unrolled over rows, so the rows' reduction and exp latencies overlap.
 #pragma GCC unroll 4
   for (int g = 0; g < kRows; ++g) {
-    const __m512 scores = _mm512_mask_mul_ps(neg_inf, valid, dots[g], k_scale);
-    const float tile_max = _mm512_reduce_max_ps(scores);
-    const float new_max = running_max[g] > tile_max ? running_max[g] : tile_max;
-    // The maximum rarely moves once a few blocks are in: skip the scalar exp then.
-    alpha[g] = new_max == running_max[g] ? 1.0f : std::exp(running_max[g] - new_max);
-    const __m512 p =
-        _mm512_maskz_mov_ps(valid, exp_lanes(_mm512_sub_ps(scores, _mm512_set1_ps(new_max))));
-    running_sum[g] = running_sum[g] * alpha[g] + _mm512_reduce_add_ps(p);
-    running_max[g] = new_max;
-    weights[g] = _mm512_mul_ps(p, v_scale);  // a token's weight on v carries its scale
+    const __m512 row_max = _mm512_permutexvar_ps(_mm512_set1_epi32(g), maxima);
+    weights[g] = _mm512_maskz_mov_ps(valid, exp_lanes(_mm512_sub_ps(scores[g], row_max)));
   }
+  const __m128 old_sum = _mm_maskz_loadu_ps(rows, running_sum);
+  _mm_mask_storeu_ps(running_sum, rows,
+                     _mm_add_ps(_mm_mul_ps(old_sum, alpha), combine_rows<kRows>(weights, SumOf())));
+  _mm_mask_storeu_ps(running_max, rows, new_max);
+  // A token's weight on v carries its scale.
+#pragma GCC unroll 4
+  for (int g = 0; g < kRows; ++g) weights[g] = _mm512_mul_ps(weights[g], v_scale);
+  alignas(16) float alphas[4];
+  _mm_store_ps(alphas, alpha);
   if constexpr (kIntPv) {
+    alignas(16) float largest[4];
+    _mm_store_ps(largest, combine_rows<kRows>(weights, MaxOf()));
 #pragma GCC unroll 4
     for (int g = 0; g < kRows; ++g)
-      int_pv_row<kChunks>(weights[g], alpha[g], tile, acc + int64_t(g) * head_dim);
+      int_pv_row<kChunks>(weights[g], largest[g], alphas[g], tile, acc + int64_t(g) * head_dim);
   } else {
     alignas(64) float p[kRows * kTileTokens];
     for (int g = 0; g < kRows; ++g) _mm512_mask_storeu_ps(p + g * num_tokens, valid, weights[g]);
     avx512_kernel_ops(DType::kInt8, false)
-        ->accumulate(p, values, kRows, num_tokens, head_dim, alpha, acc);
+        ->accumulate(p, values, kRows, num_tokens, head_dim, alphas, acc);
   }
 }
 

@@ -158,8 +158,10 @@ inline int64_t prepared_q_floats(int num_rows, int head_dim) {
 // kernel's q . k loop calls step() between its own loads, so both go out early and a few lines
 // at a time; decode calls finish() after the kernel for what is left of `far` (kernels that
 // never step: a burst). Bursts of whole halves of a head queued behind the miss buffers and ran
-// 1.2-1.5x slower cold than steps of 8 lines; the near stream made bf16 KV 8-25% faster and
-// 8-bit KV no faster (batch 32 x 2048, AVX2 and AVX-512, 2026-12-07).
+// 1.2-1.5x slower cold than steps of 8 lines; the near stream made bf16 KV 8-25% faster, and
+// 8-bit KV 5-9% once its kernel's compute had shrunk (batch 32 x 2048, AVX2 and AVX-512,
+// 2026-12-07). On this AMD CPU a PREFETCHT2 that finds the miss queues full is dropped, a
+// PREFETCHT0 waits: `near` is what makes sure the rows arrive.
 class RowPrefetch {
  public:
   static constexpr int kLinesPerStep = 8;

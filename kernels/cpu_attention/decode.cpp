@@ -280,8 +280,8 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
       // Each kv head of a block is its own 4 KiB page (head_dim 128, bf16), where the hardware
       // prefetcher starts cold, and the next block is wherever the block table says: fetch
       // the K and V rows prefetch_heads heads ahead in walk order (at most into the next
-      // block) into L2, and for 16-bit KV the next head's into L1, while this one computes,
-      // a few lines per step of its q . k (RowPrefetch).
+      // block) into L2, and the next head's into L1, while this one computes, a few lines
+      // per step of its q . k (RowPrefetch).
       auto walk_offset = [&](int ahead_head) -> int64_t {  // -1: past the task's blocks
         if (ahead_head < num_kv_heads) return offset + ahead_head * head_bytes;
         if (next_offset < 0) return -1;

@@ -160,8 +160,9 @@ inline int64_t prepared_q_floats(int num_rows, int head_dim) {
 // never step: a burst). Bursts of whole halves of a head queued behind the miss buffers and ran
 // 1.2-1.5x slower cold than steps of 8 lines; the near stream made bf16 KV 8-25% faster, and
 // 8-bit KV 5-9% once its kernel's compute had shrunk (batch 32 x 2048, AVX2 and AVX-512,
-// 2026-12-07). On this AMD CPU a PREFETCHT2 that finds the miss queues full is dropped, a
-// PREFETCHT0 waits: `near` is what makes sure the rows arrive.
+// 2026-12-07). Issued faster than memory delivers, PREFETCHT2s to random pages completed at
+// 2.5x one thread's memory speed on this AMD CPU (so some were dropped), PREFETCHT0s at
+// memory speed: `near` is what makes sure the rows arrive.
 class RowPrefetch {
  public:
   static constexpr int kLinesPerStep = 8;

@@ -212,8 +212,10 @@ APEX_TARGET inline __m128 combine_rows(const __m512 (&rows)[kRows], Combine comb
   const __m512 r0 = rows[0], r1 = rows[kRows > 1 ? 1 : 0], r2 = rows[kRows > 2 ? 2 : 0],
                r3 = rows[kRows > 3 ? 3 : 0];
   // 128-bit lanes: [row 0 (0|2), row 0 (1|3), row 1 (0|2), row 1 (1|3)], the same for 2, 3.
-  const __m512 r01 = combine(_mm512_shuffle_f32x4(r0, r1, 0x44), _mm512_shuffle_f32x4(r0, r1, 0xee));
-  const __m512 r23 = combine(_mm512_shuffle_f32x4(r2, r3, 0x44), _mm512_shuffle_f32x4(r2, r3, 0xee));
+  const __m512 r01 =
+      combine(_mm512_shuffle_f32x4(r0, r1, 0x44), _mm512_shuffle_f32x4(r0, r1, 0xee));
+  const __m512 r23 =
+      combine(_mm512_shuffle_f32x4(r2, r3, 0x44), _mm512_shuffle_f32x4(r2, r3, 0xee));
   // 128-bit lane L: four partials of row L.
   __m512 x = combine(_mm512_shuffle_f32x4(r01, r23, 0x88), _mm512_shuffle_f32x4(r01, r23, 0xdd));
   x = combine(x, _mm512_permute_ps(x, 0x4e));
@@ -288,7 +290,7 @@ APEX_TARGET inline void attend_rows(const char* prepared, const int8_t* keys, co
                                     float scale, float* running_max, float* running_sum,
                                     float* acc, RowPrefetch& ahead) {
   // Integer p . v means whole chunks: a constant head dim makes every stride, mask and row
-  // offset an immediate (at runtime they took a third of the instructions).
+  // offset an immediate (2291 -> 1962 instructions in the 4-row, 2-chunk body).
   if constexpr (kDim > 0) head_dim = kDim;
   __m512 dots[kRows];
   score_registers<kRows, kChunks, kDim>(prepared, keys, num_tokens, head_dim, scale, dots, ahead);

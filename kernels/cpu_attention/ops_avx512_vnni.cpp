@@ -135,11 +135,10 @@ APEX_TARGET inline __m512i sum_lanes(const __m512i (&acc)[4]) {
 
 // dots[g] lane t = scale * q_g . k_t for the tile's tokens t < num_tokens (other lanes: any
 // value). kChunks = 0: head dims past kMaxIntDotDim, one dot at a time.
-template <int kRows, int kChunks, int kDim>
+template <int kRows, int kChunks>
 APEX_TARGET inline void score_registers(const char* prepared, const int8_t* k, int num_tokens,
                                         int head_dim, float scale, __m512 (&dots)[kRows],
                                         RowPrefetch& ahead) {
-  if constexpr (kDim > 0) head_dim = kDim;
   if constexpr (kChunks == 0) {
     float scores[kRows * kTileTokens];  // row g at g * num_tokens
     plain_int_scores(prepared, k, kRows, num_tokens, head_dim, scale, scores);
@@ -282,7 +281,7 @@ APEX_TARGET inline void int_pv_row(__m512 weights, float largest, float alpha,
 // Rows [0, kRows) of one tile of up to 16 tokens: scores, one online-softmax step, p . v.
 // kChunks: head_dim / 64 rounded up (0: past kMaxIntDotDim); kIntPv: int_pv(head_dim), with the
 // tile's values interleaved in `tile`.
-template <int kRows, int kChunks, bool kIntPv, int kDim = kIntPv ? kChunks * kChunkBytes : 0>
+template <int kRows, int kChunks, bool kIntPv>
 APEX_TARGET inline void attend_rows(const char* prepared, const int8_t* keys, const int8_t* values,
                                     const __m512i (*tile)[tile_regs<kChunks>()],
                                     const float* k_scales,
@@ -291,9 +290,9 @@ APEX_TARGET inline void attend_rows(const char* prepared, const int8_t* keys, co
                                     float* acc, RowPrefetch& ahead) {
   // Integer p . v means whole chunks: a constant head dim makes every stride, mask and row
   // offset an immediate (2291 -> 1962 instructions in the 4-row, 2-chunk body).
-  if constexpr (kDim > 0) head_dim = kDim;
+  if constexpr (kIntPv) head_dim = kChunks * kChunkBytes;
   __m512 dots[kRows];
-  score_registers<kRows, kChunks, kDim>(prepared, keys, num_tokens, head_dim, scale, dots, ahead);
+  score_registers<kRows, kChunks>(prepared, keys, num_tokens, head_dim, scale, dots, ahead);
   const __mmask16 valid = lanes(num_tokens);
   const __m512 k_scale = _mm512_maskz_loadu_ps(valid, k_scales);
   const __m512 v_scale = _mm512_maskz_loadu_ps(valid, v_scales);

@@ -203,6 +203,23 @@ class RowPrefetch {
   Rows far_, near_;
 };
 
+// One kv head of one KV block for KernelOps::attend_int8: its K and V rows [num_tokens,
+// head_dim] and their token scales [num_tokens], its GQA group's prepared q and the group's
+// running softmax state and acc rows, and the rows to prefetch meanwhile (stepped during its
+// q . k, finished after it).
+struct Int8Step {
+  const float* prepared_q;
+  const int8_t* k;
+  const int8_t* v;
+  const float* k_scales;
+  const float* v_scales;
+  int num_tokens;
+  float* running_max;
+  float* running_sum;
+  float* acc;
+  RowPrefetch* ahead;
+};
+
 struct KernelOps {
   // Writes one GQA group's q rows [num_rows, head_dim] (KV element type) in the layout that
   // `scores` reads, once per task: at most prepared_q_floats(num_rows, head_dim) floats.
@@ -224,14 +241,12 @@ struct KernelOps {
   // Puts a task's acc rows [num_rows, head_dim] in the natural order before they are read,
   // for kernels whose accumulate keeps another order; nullptr: already natural.
   void (*finish_acc)(float* acc, int num_rows, int head_dim) = nullptr;
-  // 8-bit KV, when set: scores, softmax and accumulate for one block of one kv head in one call,
-  // with the block's token scales of that kv head (k_scales, v_scales [num_tokens]) applied
-  // between them; a table that sets it leaves the three steps above null. nullptr: the three
-  // steps, with the scales applied in between by the caller.
-  void (*attend_int8)(const float* prepared_q, const int8_t* k, const int8_t* v,
-                      const float* k_scales, const float* v_scales, int num_rows, int num_tokens,
-                      int head_dim, float scale, float* running_max, float* running_sum,
-                      float* acc, RowPrefetch& ahead) = nullptr;
+  // 8-bit KV, when set: scores, softmax and accumulate for a run of steps (one kv head of one
+  // KV block each, Int8Step) in one call, the token scales applied between them; steps of one kv
+  // head come in walk order. A table that sets it leaves the three steps above null. nullptr:
+  // the three steps, with the scales applied in between by the caller.
+  void (*attend_int8)(const Int8Step* steps, int num_steps, int num_rows, int head_dim,
+                      float scale) = nullptr;
 };
 
 // Returns the kernels for dtype on the best ISA this CPU supports (or the named one, for tests:

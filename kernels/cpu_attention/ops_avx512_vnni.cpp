@@ -14,6 +14,7 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -225,86 +226,147 @@ APEX_TARGET inline __m128 combine_rows(const __m512 (&rows)[kRows], Combine comb
 
 // p . v in integers for head dims that are whole 64-byte chunks (others: the float kernel).
 constexpr int kMaxPvChunks = 4;
-// Registers of one interleaved value group (one, unused, where p . v is float).
-template <int kChunks>
-constexpr int tile_regs() { return kChunks > 0 ? kChunks * 4 : 1; }
 inline bool int_pv(int head_dim) {
   return head_dim % kChunkBytes == 0 && head_dim / kChunkBytes <= kMaxPvChunks;
 }
 
-// acc_row = acc_row * alpha + weights . values for one row and one tile of interleaved values
-// [group][chunk * 4 + k]. The weights (>= 0) become u = round(w * 255 / max w), max w the
-// row's `largest`; sum(u * v) is exact in int32, and each weight moves by at most 2^-9 of the
-// largest, an error that averages out over the tokens (the int8 values themselves move by up
-// to 2^-8 of their row's range). A 16-bit u in two passes (high and low byte) cost 13% more
-// time for 2^-17. Each 64-dim chunk of the row is kept
-// in the interleave's order (a 4 x 4 transpose of 4-dim units), undone by vnni_finish_acc.
-template <int kChunks>
-APEX_TARGET inline void int_pv_row(__m512 weights, float largest, float alpha,
-                                   const __m512i (*tile)[kChunks * 4], float* acc_row) {
-  constexpr int kRegs = kChunks * 4;
-  const __m512 rescale = _mm512_set1_ps(alpha);
-  if (!(largest > 0.0f)) {
-    if (alpha != 1.0f) {
-#pragma GCC unroll 16
-      for (int r = 0; r < kRegs; ++r)
-        _mm512_storeu_ps(acc_row + 16 * r,
-                         _mm512_mul_ps(_mm512_loadu_ps(acc_row + 16 * r), rescale));
-    }
-    return;
-  }
-  const __m512i units = _mm512_min_epu32(
-      _mm512_cvtps_epu32(_mm512_mul_ps(weights, _mm512_set1_ps(255.0f / largest))),
-      _mm512_set1_epi32(255));
+// acc rows [0, kRows) = acc * alpha + weights . values for one tile of up to 16 tokens, per
+// 64-dim chunk: four tokens' value rows at a time are interleaved (four tokens' bytes of a
+// dim in each dword) and meet every row's weights in registers, so the values are read once
+// per tile and nothing goes through memory but acc. The weights (>= 0, kTileTokens apart)
+// become u = round(w * 255 / max w), max w the row's `largest`; sum(u * v) is exact in int32,
+// and each weight moves by at most 2^-9 of the largest, an error that averages out over the
+// tokens (the int8 values themselves move by up to 2^-8 of their row's range). A 16-bit u in
+// two passes (high and low byte) cost 13% more time for 2^-17. Each 64-dim chunk of a row is
+// kept in the interleave's order (a 4 x 4 transpose of 4-dim units), undone by
+// vnni_finish_acc.
+template <int kRows, int kChunks>
+APEX_TARGET inline void int_pv_rows(const float* weights, const float* largest,
+                                    const float* alpha, const int8_t* values, int num_tokens,
+                                    float* acc) {
+  constexpr int kHeadDim = kChunks * kChunkBytes;
   // Four tokens' weights per int32 lane, in token order, in every 128-bit lane.
-  const __m512i quads = _mm512_broadcast_i32x4(_mm512_cvtepi32_epi8(units));
-  __m512i sums[kRegs];
-#pragma GCC unroll 16
-  for (int r = 0; r < kRegs; ++r) sums[r] = _mm512_setzero_si512();
+  __m512i quads[kRows];
+  __m512 units[kRows];
 #pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
-    const __m512i weight = _mm512_permutexvar_epi32(_mm512_set1_epi32(i), quads);
-#pragma GCC unroll 16
-    for (int r = 0; r < kRegs; ++r) sums[r] = _mm512_dpbusd_epi32(sums[r], weight, tile[i][r]);
+  for (int g = 0; g < kRows; ++g) {
+    // A row whose weights are all 0 (largest 0) gets u = 0 and keeps its acc * alpha.
+    const float to_units = largest[g] > 0.0f ? 255.0f / largest[g] : 0.0f;
+    const __m512i u = _mm512_min_epu32(
+        _mm512_cvtps_epu32(_mm512_mul_ps(_mm512_load_ps(weights + g * kTileTokens),
+                                         _mm512_set1_ps(to_units))),
+        _mm512_set1_epi32(255));
+    quads[g] = _mm512_broadcast_i32x4(_mm512_cvtepi32_epi8(u));
+    units[g] = _mm512_set1_ps(largest[g] / 255.0f);
   }
-  const __m512 unit = _mm512_set1_ps(largest / 255.0f);
-#pragma GCC unroll 16
-  for (int r = 0; r < kRegs; ++r) {
-    float* out = acc_row + 16 * r;
-    // alpha is 1 once the row's maximum settles: skip the rescale then.
-    const __m512 before = alpha == 1.0f ? _mm512_loadu_ps(out)
-                                        : _mm512_mul_ps(_mm512_loadu_ps(out), rescale);
-    _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r]), unit, before));
+#pragma GCC unroll 4
+  for (int h = 0; h < kChunks; ++h) {
+    // Each chunk broadcasts the weights anew: kept across chunks, the kRows x 4 broadcasts
+    // take more registers than there are and spill.
+#pragma GCC unroll 4
+    for (int g = 0; g < kRows; ++g) asm("" : "+v"(quads[g]));
+    __m512i sums[kRows][4];
+#pragma GCC unroll 4
+    for (int g = 0; g < kRows; ++g)
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) sums[g][r] = _mm512_setzero_si512();
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      __m512i rows[4];
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const int t = 4 * i + j;  // missing tokens load as zero (their weight is 0 too)
+        rows[j] = _mm512_maskz_loadu_epi8(t < num_tokens ? ~__mmask64(0) : 0,
+                                          values + int64_t(t) * kHeadDim + h * kChunkBytes);
+      }
+      __m512i interleaved[4];
+      interleave_tokens<1>(rows, interleaved);
+#pragma GCC unroll 4
+      for (int g = 0; g < kRows; ++g) {
+        const __m512i weight = _mm512_permutexvar_epi32(_mm512_set1_epi32(i), quads[g]);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r)
+          sums[g][r] = _mm512_dpbusd_epi32(sums[g][r], weight, interleaved[r]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < kRows; ++g) {
+      float* out = acc + g * kHeadDim + h * kChunkBytes;
+      // alpha is 1 once the row's maximum settles: skip the rescale then.
+      if (alpha[g] == 1.0f) {
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r)
+          _mm512_storeu_ps(out + 16 * r, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[g][r]), units[g],
+                                                         _mm512_loadu_ps(out + 16 * r)));
+      } else {
+        const __m512 rescale = _mm512_set1_ps(alpha[g]);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r)
+          _mm512_storeu_ps(out + 16 * r,
+                           _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[g][r]), units[g],
+                                           _mm512_mul_ps(_mm512_loadu_ps(out + 16 * r), rescale)));
+      }
+    }
   }
 }
 
-// Rows [0, kRows) of one tile of up to 16 tokens: scores, one online-softmax step, p . v.
-// kChunks: head_dim / 64 rounded up (0: past kMaxIntDotDim); kIntPv: int_pv(head_dim), with the
-// tile's values interleaved in `tile`.
-template <int kRows, int kChunks, bool kIntPv>
-APEX_TARGET inline void attend_rows(const char* prepared, const int8_t* keys, const int8_t* values,
-                                    const __m512i (*tile)[tile_regs<kChunks>()],
-                                    const float* k_scales,
-                                    const float* v_scales, int num_tokens, int head_dim,
-                                    float scale, float* running_max, float* running_sum,
-                                    float* acc, RowPrefetch& ahead) {
-  // Integer p . v means whole chunks: a constant head dim makes every stride, mask and row
-  // offset an immediate (2291 -> 1962 instructions in the 4-row, 2-chunk body).
-  if constexpr (kIntPv) head_dim = kChunks * kChunkBytes;
-  __m512 dots[kRows];
-  score_registers<kRows, kChunks>(prepared, keys, num_tokens, head_dim, scale, dots, ahead);
+// Rows of a GQA group that one pass over a call's tiles carries (its buffers live on the
+// stack); a larger group takes more passes.
+constexpr int kMaxPassRows = 16;
+
+// A tile's scores [row][kTileTokens] between its q . k and its softmax, each token's k scale
+// applied, lanes past the tile's tokens -inf.
+struct TileScores {
+  alignas(64) float scores[kMaxPassRows * kTileTokens];
+};
+
+// What a tile's softmax hands its p . v, per row: the weights with each token's v scale in
+// them (integer p . v: kTileTokens apart; float p . v: packed, num_tokens apart), alpha, and
+// the largest weight.
+struct TileWeights {
+  alignas(64) float p[kMaxPassRows * kTileTokens];
+  float alpha[kMaxPassRows];
+  float largest[kMaxPassRows];
+};
+
+// A tile's q . k for rows [0, num_rows), into `tile`. Steps `ahead` along the way. kWhole:
+// head_dim is kChunks whole chunks.
+template <int kChunks, bool kWhole>
+APEX_TARGET inline void tile_scores(const char* prepared, const int8_t* keys,
+                                    const float* k_scales, int num_tokens, int num_rows,
+                                    int head_dim, float scale, TileScores& tile,
+                                    RowPrefetch& ahead) {
+  if constexpr (kWhole) head_dim = kChunks * kChunkBytes;  // see attend_pass
   const __mmask16 valid = lanes(num_tokens);
   const __m512 k_scale = _mm512_maskz_loadu_ps(valid, k_scales);
-  const __m512 v_scale = _mm512_maskz_loadu_ps(valid, v_scales);
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 scores[kRows];
+  for_row_groups<4>(num_rows, [&](auto rows, int g) APEX_TARGET {
+    constexpr int kRows = decltype(rows)::value;
+    __m512 dots[kRows];
+    score_registers<kRows, kChunks>(prepared + int64_t(g) * row_bytes(head_dim), keys,
+                                    num_tokens, head_dim, scale, dots, ahead);
 #pragma GCC unroll 4
-  for (int g = 0; g < kRows; ++g) scores[g] = _mm512_mask_mul_ps(neg_inf, valid, dots[g], k_scale);
-  // The rows' step together: lane g of each __m128 is row g's (lanes past kRows: unused).
+    for (int r = 0; r < kRows; ++r)
+      _mm512_store_ps(tile.scores + (g + r) * kTileTokens,
+                      _mm512_mask_mul_ps(neg_inf, valid, dots[r], k_scale));
+  });
+}
+
+// One online-softmax step for rows [0, kRows) of a tile's scores, the rows stepping together
+// (lane g of each __m128 is row g's; lanes past kRows unused); their weights, alphas and
+// largest weights go to `out` from row `first` on.
+template <int kRows, bool kIntPv>
+APEX_TARGET inline void softmax_rows(const float* scores, const float* v_scales, int num_tokens,
+                                     float* running_max, float* running_sum, int first,
+                                     TileWeights& out) {
+  const __mmask16 valid = lanes(num_tokens);
+  __m512 rows_scores[kRows];
+#pragma GCC unroll 4
+  for (int g = 0; g < kRows; ++g) rows_scores[g] = _mm512_load_ps(scores + g * kTileTokens);
   const __mmask8 rows = __mmask8((1u << kRows) - 1u);
   const __m128 old_max = _mm_mask_loadu_ps(_mm_set1_ps(-std::numeric_limits<float>::infinity()),
                                            rows, running_max);
-  const __m128 new_max = _mm_max_ps(old_max, combine_rows<kRows>(scores, MaxOf()));
+  const __m128 new_max = _mm_max_ps(old_max, combine_rows<kRows>(rows_scores, MaxOf()));
   // The maximum rarely moves once a few blocks are in: alpha is exactly 1 then.
   const __m128 alpha = _mm_mask_blend_ps(
       _mm_cmp_ps_mask(new_max, old_max, _CMP_EQ_OQ),
@@ -315,79 +377,97 @@ APEX_TARGET inline void attend_rows(const char* prepared, const int8_t* keys, co
 #pragma GCC unroll 4
   for (int g = 0; g < kRows; ++g) {
     const __m512 row_max = _mm512_permutexvar_ps(_mm512_set1_epi32(g), maxima);
-    weights[g] = _mm512_maskz_mov_ps(valid, exp_lanes(_mm512_sub_ps(scores[g], row_max)));
+    weights[g] = _mm512_maskz_mov_ps(valid, exp_lanes(_mm512_sub_ps(rows_scores[g], row_max)));
   }
   const __m128 old_sum = _mm_maskz_loadu_ps(rows, running_sum);
   _mm_mask_storeu_ps(running_sum, rows,
                      _mm_add_ps(_mm_mul_ps(old_sum, alpha), combine_rows<kRows>(weights, SumOf())));
   _mm_mask_storeu_ps(running_max, rows, new_max);
+  _mm_mask_storeu_ps(out.alpha + first, rows, alpha);
   // A token's weight on v carries its scale.
+  const __m512 v_scale = _mm512_maskz_loadu_ps(valid, v_scales);
 #pragma GCC unroll 4
   for (int g = 0; g < kRows; ++g) weights[g] = _mm512_mul_ps(weights[g], v_scale);
-  alignas(16) float alphas[4];
-  _mm_store_ps(alphas, alpha);
   if constexpr (kIntPv) {
-    alignas(16) float largest[4];
-    _mm_store_ps(largest, combine_rows<kRows>(weights, MaxOf()));
+    _mm_mask_storeu_ps(out.largest + first, rows, combine_rows<kRows>(weights, MaxOf()));
+#pragma GCC unroll 4
+    for (int g = 0; g < kRows; ++g) _mm512_store_ps(out.p + (first + g) * kTileTokens, weights[g]);
+  } else {
 #pragma GCC unroll 4
     for (int g = 0; g < kRows; ++g)
-      int_pv_row<kChunks>(weights[g], largest[g], alphas[g], tile, acc + int64_t(g) * head_dim);
-  } else {
-    alignas(64) float p[kRows * kTileTokens];
-    for (int g = 0; g < kRows; ++g) _mm512_mask_storeu_ps(p + g * num_tokens, valid, weights[g]);
-    avx512_kernel_ops(DType::kInt8, false)
-        ->accumulate(p, values, kRows, num_tokens, head_dim, alphas, acc);
+      _mm512_mask_storeu_ps(out.p + (first + g) * num_tokens, valid, weights[g]);
   }
 }
 
+// acc rows [0, num_rows) += the tile's weights . values (after alpha's rescale).
 template <int kChunks, bool kIntPv>
-APEX_TARGET void attend_tiles(const float* prepared_q, const int8_t* k, const int8_t* v,
-                              const float* k_scales, const float* v_scales, int num_rows,
-                              int num_tokens, int head_dim, float scale, float* running_max,
-                              float* running_sum, float* acc, RowPrefetch& ahead) {
-  for (int token = 0; token < num_tokens; token += kTileTokens) {
-    const int count = num_tokens - token < kTileTokens ? num_tokens - token : kTileTokens;
-    const int8_t* keys = k + int64_t(token) * head_dim;
-    const int8_t* values = v + int64_t(token) * head_dim;
-    // The tile's values, interleaved once for every row: [group][chunk * 4 + k].
-    alignas(64) __m512i tile[4][tile_regs<kChunks>()];
-    if constexpr (kIntPv) {
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i)
-#pragma GCC unroll 4
-        for (int h = 0; h < kChunks; ++h) {
-          __m512i rows[4];
-#pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j) {
-            const int t = 4 * i + j;  // missing tokens load as zero (their weight is 0 too)
-            rows[j] = _mm512_maskz_loadu_epi8(t < count ? ~__mmask64(0) : 0,
-                                              values + int64_t(t) * head_dim + h * kChunkBytes);
-          }
-          __m512i interleaved[4];
-          interleave_tokens<1>(rows, interleaved);
-#pragma GCC unroll 4
-          for (int r = 0; r < 4; ++r) tile[i][h * 4 + r] = interleaved[r];
-        }
-    }
-    const char* prepared = reinterpret_cast<const char*>(prepared_q);
+APEX_TARGET inline void tile_pv(const TileWeights& weights, const int8_t* values, int num_tokens,
+                                int num_rows, int head_dim, float* acc) {
+  if constexpr (kIntPv) {
     for_row_groups<4>(num_rows, [&](auto rows, int g) APEX_TARGET {
-      attend_rows<decltype(rows)::value, kChunks, kIntPv>(
-          prepared + int64_t(g) * row_bytes(head_dim), keys, values, tile, k_scales + token,
-          v_scales + token, count, head_dim, scale, running_max + g, running_sum + g,
-          acc + int64_t(g) * head_dim, ahead);
+      int_pv_rows<decltype(rows)::value, kChunks>(
+          weights.p + g * kTileTokens, weights.largest + g, weights.alpha + g, values,
+          num_tokens, acc + int64_t(g) * kChunks * kChunkBytes);
     });
+  } else {
+    avx512_kernel_ops(DType::kInt8, false)
+        ->accumulate(weights.p, values, num_rows, num_tokens, head_dim, weights.alpha, acc);
   }
 }
 
-APEX_TARGET void vnni_attend_int8(const float* prepared_q, const int8_t* k, const int8_t* v,
-                                  const float* k_scales, const float* v_scales, int num_rows,
-                                  int num_tokens, int head_dim, float scale, float* running_max,
-                                  float* running_sum, float* acc, RowPrefetch& ahead) {
+// Rows [first_row, first_row + num_rows) of every step, tile by tile in order, software-
+// pipelined: each tile's softmax, then the next tile's q . k, then this tile's p . v. The
+// softmax is a chain of dependent reductions and exps; with the next tile's q . k (which
+// depends on nothing) right behind it, the out-of-order core has other work beside it.
+template <int kChunks, bool kIntPv>
+APEX_TARGET void attend_pass(const Int8Step* steps, int num_steps, int first_row, int num_rows,
+                             int head_dim, float scale) {
+  // Integer p . v means whole chunks: a constant head dim makes every stride, mask and row
+  // offset an immediate.
+  if constexpr (kIntPv) head_dim = kChunks * kChunkBytes;
+  TileScores tiles[2];
+  TileWeights weights;
+  const int64_t q_offset = int64_t(first_row) * row_bytes(head_dim);
+  auto tile_tokens = [&](int s, int token) {
+    return std::min(kTileTokens, steps[s].num_tokens - token);
+  };
+  auto scores = [&](int s, int token, TileScores& tile) APEX_TARGET {
+    const Int8Step& step = steps[s];
+    tile_scores<kChunks, kIntPv>(reinterpret_cast<const char*>(step.prepared_q) + q_offset,
+                         step.k + int64_t(token) * head_dim, step.k_scales + token,
+                         tile_tokens(s, token), num_rows, head_dim, scale, tile, *step.ahead);
+    if (token + kTileTokens >= step.num_tokens) step.ahead->finish();
+  };
+  int s = 0, token = 0, slot = 0;  // the tile behind, its scores in tiles[slot]
+  scores(0, 0, tiles[0]);
+  for (;;) {
+    const Int8Step& step = steps[s];
+    const int count = tile_tokens(s, token);
+    float* running_max = step.running_max + first_row;
+    float* running_sum = step.running_sum + first_row;
+    for_row_groups<4>(num_rows, [&](auto rows, int g) APEX_TARGET {
+      softmax_rows<decltype(rows)::value, kIntPv>(tiles[slot].scores + g * kTileTokens,
+                                                  step.v_scales + token, count,
+                                                  running_max + g, running_sum + g, g, weights);
+    });
+    int next_s = s, next_token = token + kTileTokens;
+    if (next_token >= step.num_tokens) next_s = s + 1, next_token = 0;
+    if (next_s < num_steps) scores(next_s, next_token, tiles[slot ^ 1]);
+    tile_pv<kChunks, kIntPv>(weights, step.v + int64_t(token) * head_dim, count, num_rows,
+                             head_dim, step.acc + int64_t(first_row) * head_dim);
+    if (next_s == num_steps) return;
+    s = next_s, token = next_token, slot ^= 1;
+  }
+}
+
+APEX_TARGET void vnni_attend_int8(const Int8Step* steps, int num_steps, int num_rows,
+                                  int head_dim, float scale) {
+  if (num_steps == 0) return;
   const int chunks = head_dim > kMaxIntDotDim ? 0 : num_chunks(head_dim);
   auto run = [&](auto chunks_constant, auto int_pv_constant) {
-    attend_tiles<decltype(chunks_constant)::value, decltype(int_pv_constant)::value>(
-        prepared_q, k, v, k_scales, v_scales, num_rows, num_tokens, head_dim, scale,
-        running_max, running_sum, acc, ahead);
+    for (int first = 0; first < num_rows; first += kMaxPassRows)
+      attend_pass<decltype(chunks_constant)::value, decltype(int_pv_constant)::value>(
+          steps, num_steps, first, std::min(kMaxPassRows, num_rows - first), head_dim, scale);
   };
   using Yes = std::true_type;
   using No = std::false_type;

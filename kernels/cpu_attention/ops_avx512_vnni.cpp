@@ -124,14 +124,11 @@ APEX_TARGET inline void interleave_tokens(const __m512i (&a)[4], __m512i (&o)[4]
   o[3] = unpack_high<2 * kBits>(high01, high23);
 }
 
-// acc[i] lane (L, slot s): partial dot of token 4i + s over the lane-L dwords -> one register
-// with the 16 tokens' full dots in token order.
-APEX_TARGET inline __m512i sum_lanes(const __m512i (&acc)[4]) {
-  const __m512i x = _mm512_add_epi32(_mm512_shuffle_i32x4(acc[0], acc[1], 0x88),
-                                     _mm512_shuffle_i32x4(acc[0], acc[1], 0xdd));
-  const __m512i y = _mm512_add_epi32(_mm512_shuffle_i32x4(acc[2], acc[3], 0x88),
-                                     _mm512_shuffle_i32x4(acc[2], acc[3], 0xdd));
-  return _mm512_add_epi32(_mm512_shuffle_i32x4(x, y, 0x88), _mm512_shuffle_i32x4(x, y, 0xdd));
+// One level of the lane sum: for acc[i] lane (L, slot s) = a partial dot of token 4i + s over
+// the lane-L dwords, fold(acc[0], acc[1]) then fold(that, the same of acc[2], acc[3]) is one
+// register with the 16 tokens' full dots in token order.
+APEX_TARGET inline __m512i fold_lanes(__m512i a, __m512i b) {
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x88), _mm512_shuffle_i32x4(a, b, 0xdd));
 }
 
 // dots[g] lane t = scale * q_g . k_t for the tile's tokens t < num_tokens (other lanes: any
@@ -147,40 +144,51 @@ APEX_TARGET inline void score_registers(const char* prepared, const int8_t* k, i
       dots[g] = _mm512_maskz_loadu_ps(lanes(num_tokens), scores + g * num_tokens);
   } else {
     const __m512i flip = _mm512_set1_epi8(char(0x80));
-    __m512i acc[kRows][4];
+    __m512i folded[kRows][2];  // per row, token quads 0-1 and 2-3 with one fold level done
+    // Two token quads at a time: each q pattern, loaded once into a register, meets both
+    // quads' keys. Loaded per dot product, the patterns were the step's bottleneck (one
+    // 64-byte load per cycle on this AMD CPU: q . k took 1.7x as long as with the patterns
+    // in registers).
+#pragma GCC unroll 2
+    for (int pair = 0; pair < 2; ++pair) {
+      __m512i acc[kRows][2];
 #pragma GCC unroll 4
-    for (int g = 0; g < kRows; ++g)
-#pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) acc[g][i] = _mm512_setzero_si512();
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) {
+      for (int g = 0; g < kRows; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_si512();
 #pragma GCC unroll 4
       for (int h = 0; h < kChunks; ++h) {
         const int left = head_dim - h * kChunkBytes;
         const __mmask64 dims = left >= 64 ? ~__mmask64(0) : (__mmask64(1) << left) - 1;
-        __m512i keys[4];
+        __m512i interleaved[2][4];
+#pragma GCC unroll 2
+        for (int half = 0; half < 2; ++half) {
+          __m512i keys[4];
 #pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-          const int token = 4 * i + j;
-          // Missing tokens and dims load as zero: their q is zero, or their lane is unused.
-          keys[j] = _mm512_xor_si512(
-              _mm512_maskz_loadu_epi8(token < num_tokens ? dims : 0,
-                                      k + int64_t(token) * head_dim + h * kChunkBytes),
-              flip);
+          for (int j = 0; j < 4; ++j) {
+            const int token = 8 * pair + 4 * half + j;
+            // Missing tokens and dims load as zero: their q is zero, or their lane is unused.
+            keys[j] = _mm512_xor_si512(
+                _mm512_maskz_loadu_epi8(token < num_tokens ? dims : 0,
+                                        k + int64_t(token) * head_dim + h * kChunkBytes),
+                flip);
+          }
+          ahead.step();  // 8 steps of a tile over 128 dims: an 8-bit head
+          interleave_tokens<4>(keys, interleaved[half]);
         }
-        ahead.step();  // 8 steps of a tile over 128 dims: an 8-bit head
-        __m512i interleaved[4];
-        interleave_tokens<4>(keys, interleaved);
 #pragma GCC unroll 4
-        for (int g = 0; g < kRows; ++g) {
-          const char* patterns =
-              prepared + int64_t(g) * row_bytes(head_dim) + h * 4 * kChunkBytes;
+        for (int j = 0; j < 4; ++j)
 #pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j)
-            acc[g][i] = _mm512_dpbusd_epi32(acc[g][i], interleaved[j],
-                                            _mm512_loadu_si512(patterns + j * kChunkBytes));
-        }
+          for (int g = 0; g < kRows; ++g) {
+            __m512i pattern = _mm512_loadu_si512(
+                prepared + int64_t(g) * row_bytes(head_dim) + (h * 4 + j) * kChunkBytes);
+            asm("" : "+v"(pattern));  // one load: GCC would fold it into both dot products
+#pragma GCC unroll 2
+            for (int half = 0; half < 2; ++half)
+              acc[g][half] = _mm512_dpbusd_epi32(acc[g][half], interleaved[half][j], pattern);
+          }
       }
+      // Folded now, the pair's sums take half the registers through the next pair.
+#pragma GCC unroll 4
+      for (int g = 0; g < kRows; ++g) folded[g][pair] = fold_lanes(acc[g][0], acc[g][1]);
     }
 #pragma GCC unroll 4
     for (int g = 0; g < kRows; ++g) {
@@ -190,7 +198,7 @@ APEX_TARGET inline void score_registers(const char* prepared, const int8_t* k, i
       std::memcpy(&q_scale, row + pattern_bytes(head_dim), sizeof(q_scale));
       std::memcpy(&q_sum, row + pattern_bytes(head_dim) + 4, sizeof(q_sum));
       // Sums stay below 2^24 (kMaxIntDotDim), so the float conversion is exact.
-      const __m512 sums = _mm512_sub_ps(_mm512_cvtepi32_ps(sum_lanes(acc[g])),
+      const __m512 sums = _mm512_sub_ps(_mm512_cvtepi32_ps(fold_lanes(folded[g][0], folded[g][1])),
                                         _mm512_set1_ps(128.0f * float(q_sum)));
       dots[g] = _mm512_mul_ps(sums, _mm512_set1_ps(q_scale * scale));
     }
@@ -336,15 +344,16 @@ APEX_TARGET inline void tile_scores(const char* prepared, const int8_t* keys,
                                     const float* k_scales, int num_tokens, int num_rows,
                                     int head_dim, float scale, TileScores& tile,
                                     RowPrefetch& ahead) {
-  if constexpr (kWhole) head_dim = kChunks * kChunkBytes;  // see attend_pass
   const __mmask16 valid = lanes(num_tokens);
   const __m512 k_scale = _mm512_maskz_loadu_ps(valid, k_scales);
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for_row_groups<4>(num_rows, [&](auto rows, int g) APEX_TARGET {
     constexpr int kRows = decltype(rows)::value;
+    // Computed here, not captured (see attend_pass).
+    const int dim = kWhole ? kChunks * kChunkBytes : head_dim;
     __m512 dots[kRows];
-    score_registers<kRows, kChunks>(prepared + int64_t(g) * row_bytes(head_dim), keys,
-                                    num_tokens, head_dim, scale, dots, ahead);
+    score_registers<kRows, kChunks>(prepared + int64_t(g) * row_bytes(dim), keys, num_tokens,
+                                    dim, scale, dots, ahead);
 #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r)
       _mm512_store_ps(tile.scores + (g + r) * kTileTokens,
@@ -423,19 +432,21 @@ template <int kChunks, bool kIntPv>
 APEX_TARGET void attend_pass(const Int8Step* steps, int num_steps, int first_row, int num_rows,
                              int head_dim, float scale) {
   // Integer p . v means whole chunks: a constant head dim makes every stride, mask and row
-  // offset an immediate.
-  if constexpr (kIntPv) head_dim = kChunks * kChunkBytes;
+  // offset an immediate. GCC compiles the lambdas and row-group visitors out of line, so they
+  // see this constant only where it is not a captured variable that was reassigned.
+  const int dim = kIntPv ? kChunks * kChunkBytes : head_dim;
   TileScores tiles[2];
   TileWeights weights;
-  const int64_t q_offset = int64_t(first_row) * row_bytes(head_dim);
+  const int64_t q_offset = int64_t(first_row) * row_bytes(dim);
   auto tile_tokens = [&](int s, int token) {
     return std::min(kTileTokens, steps[s].num_tokens - token);
   };
   auto scores = [&](int s, int token, TileScores& tile) APEX_TARGET {
     const Int8Step& step = steps[s];
     tile_scores<kChunks, kIntPv>(reinterpret_cast<const char*>(step.prepared_q) + q_offset,
-                         step.k + int64_t(token) * head_dim, step.k_scales + token,
-                         tile_tokens(s, token), num_rows, head_dim, scale, tile, *step.ahead);
+                                 step.k + int64_t(token) * dim, step.k_scales + token,
+                                 tile_tokens(s, token), num_rows, dim, scale, tile,
+                                 *step.ahead);
     if (token + kTileTokens >= step.num_tokens) step.ahead->finish();
   };
   int s = 0, token = 0, slot = 0;  // the tile behind, its scores in tiles[slot]
@@ -453,8 +464,8 @@ APEX_TARGET void attend_pass(const Int8Step* steps, int num_steps, int first_row
     int next_s = s, next_token = token + kTileTokens;
     if (next_token >= step.num_tokens) next_s = s + 1, next_token = 0;
     if (next_s < num_steps) scores(next_s, next_token, tiles[slot ^ 1]);
-    tile_pv<kChunks, kIntPv>(weights, step.v + int64_t(token) * head_dim, count, num_rows,
-                             head_dim, step.acc + int64_t(first_row) * head_dim);
+    tile_pv<kChunks, kIntPv>(weights, step.v + int64_t(token) * dim, count, num_rows,
+                             dim, step.acc + int64_t(first_row) * dim);
     if (next_s == num_steps) return;
     s = next_s, token = next_token, slot ^= 1;
   }

@@ -74,10 +74,12 @@ def assert_matches_dequantized(out, lse, case: PagedCase, tolerance: float) -> N
 
 @pytest.mark.parametrize("isa", int8_isas())
 @pytest.mark.parametrize("q_dtype", Q_DTYPES, ids=str)
-@pytest.mark.parametrize("head_dim,group", [(128, 4), (64, 8), (36, 7), (80, 1), (264, 2)])
+@pytest.mark.parametrize("head_dim,group",
+                         [(128, 4), (64, 8), (36, 7), (80, 1), (264, 2), (64, 20)])
 def test_int8_kv_matches_float64_reference(isa, q_dtype, head_dim, group):
-    """Odd head dims and groups reach every tail path (264: past the tiled loops' 256);
-    contexts leave partial tiles and blocks and one is long enough to be split and merged."""
+    """Odd head dims and groups reach every tail path (264: past the tiled loops' 256; a
+    group of 20: past the 16 rows one pass of the VNNI kernel carries); contexts leave partial
+    tiles and blocks and one is long enough to be split and merged."""
     case = make_case([1, 15, 17, 300, 3000], num_heads=2 * group, num_kv_heads=2,
                      head_dim=head_dim, dtype=q_dtype, seed=head_dim + group)
     k, v, k_scales, v_scales = quantized(case)

@@ -1,5 +1,6 @@
-// int8 KV with AVX512-VNNI, one block of one kv head per call (KernelOps::attend_int8): q . k,
-// the online softmax and p . v in registers, the token scales applied between them.
+// int8 KV with AVX512-VNNI, a run of steps (one kv head of one block each) per call
+// (KernelOps::attend_int8): q . k, the online softmax and p . v in registers, the token scales
+// applied between them, one tile's softmax overlapping the next one's q . k.
 // - q . k: q is quantized per row (llama.cpp does the same for its 8-bit caches); VPDPBUSD sums
 //   4 u8 x s8 products into each int32 lane, exact. Keys are flipped to unsigned (k + 128;
 //   128 * sum(q) comes off each score) and four tokens' dwords interleaved in registers, so the
@@ -8,7 +9,8 @@
 //   reduction tree, alpha from the vector exp (a libm call would spill every live register).
 // - p . v: each row's weights of a 16-token tile become 8-bit integers relative to the largest
 //   of them (SageAttention quantizes P to 8 bits the same way); four tokens' value bytes are
-//   interleaved so that one VPDPBUSD adds four tokens' products into each dim's int32 lane.
+//   interleaved in registers so that one VPDPBUSD adds four tokens' products into each dim's
+//   int32 lane, for every row of the group before the next four tokens.
 // Against widening to float32 that is a quarter of the multiply instructions. Runs only after
 // select_kernel_ops has found avx512vnni.
 #if defined(__x86_64__)

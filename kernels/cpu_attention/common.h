@@ -241,10 +241,10 @@ struct KernelOps {
   // Puts a task's acc rows [num_rows, head_dim] in the natural order before they are read,
   // for kernels whose accumulate keeps another order; nullptr: already natural.
   void (*finish_acc)(float* acc, int num_rows, int head_dim) = nullptr;
-  // 8-bit KV, when set: scores, softmax and accumulate for a run of steps (one kv head of one
-  // KV block each, Int8Step) in one call, the token scales applied between them; steps of one kv
-  // head come in walk order. A table that sets it leaves the three steps above null. nullptr:
-  // the three steps, with the scales applied in between by the caller.
+  // 8-bit KV, when set: scores, softmax and accumulate for a run of steps (Int8Step: one kv
+  // head of one KV block each) in one call, the token scales applied between them; the steps of
+  // one kv head come in walk order. A table that sets it leaves the three steps above null.
+  // nullptr: the three steps, with the scales applied in between by the caller.
   void (*attend_int8)(const Int8Step* steps, int num_steps, int num_rows, int head_dim,
                       float scale) = nullptr;
 };

@@ -59,14 +59,15 @@ def host_kv_element_bytes(host_dtype: torch.dtype, head_dim: int) -> float:
     return float(torch.empty((), dtype=host_dtype).element_size())
 
 
-def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(rows: torch.Tensor, levels: int = QMAX) -> tuple[torch.Tensor, torch.Tensor]:
     """rows [..., head_dim] (any float dtype) -> (int8 [..., head_dim], scales [...] float32).
-    Computed in float32: scale = amax / 127, q = round_half_even(x / scale); all-zero rows get
-    scale 0 and zeros."""
+    Computed in float32: scale = amax / levels, q = round_half_even(x / scale); all-zero rows
+    get scale 0 and zeros. The cache uses QMAX levels; fewer model a kernel that quantizes q
+    more coarsely (the AVX2 int8 q . k: 63)."""
     values = rows.float()
-    scales = values.abs().amax(dim=-1) / QMAX
+    scales = values.abs().amax(dim=-1) / levels
     divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
-    quantized = torch.round(values / divisor.unsqueeze(-1)).clamp_(-QMAX, QMAX)
+    quantized = torch.round(values / divisor.unsqueeze(-1)).clamp_(-levels, levels)
     return quantized.to(torch.int8), scales
 
 

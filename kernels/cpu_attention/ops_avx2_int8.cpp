@@ -1,17 +1,23 @@
-// int8 KV on AVX2: q . k as integer dot products. q is quantized per row to int8, exactly as
-// the AVX512-VNNI kernels do (so both solve the same problem), and kept as int16; each key
-// chunk is widened int8 -> int16 once per token and VPMADDWD multiplies it by every query row,
-// summing pairs into int32 lanes. Against widening keys to float32 (two conversions per 8
-// elements) and one FMA per 8 elements per row, that is one conversion per 16 elements and one
-// multiply-add plus one integer add per 16 elements per row; the sums are exact in int32 and
-// become float once per 8-token tile. p . v multiplies integers too (15-bit weights against
-// int8 values, see below), and the softmax advances four rows at a time; head dims that are
-// not a multiple of 16 keep the float AVX2 p . v.
+// int8 KV on AVX2: q . k and p . v as VPMADDUBSW integer dot products (32 multiply-adds of an
+// unsigned byte by a signed one per instruction, pairs summed into int16 lanes), then VPMADDWD
+// by ones to sum those pairs into exact int32 lanes; the softmax advances four rows at a time.
+// VPMADDUBSW saturates its int16 pair sums, so one side of each product has 7 bits:
+// - q . k: q is quantized per row to [-63, 63] (kQueryLevels) and the keys are read as k + 128,
+//   unsigned (one XOR per 32 bytes, shared by every row): pairs stay within 2 x 255 x 63, and
+//   the row's 128 * sum(q), computed once, takes the offset back out. The AVX512-VNNI kernels
+//   read k + 128 the same way, with 8-bit q (VPDPBUSD does not saturate).
+// - p . v: each row's weights of a span of 16 tokens become 7-bit integers relative to the
+//   span's largest (kWeightLevels); four tokens' values are byte-interleaved per dim, so one
+//   VPMADDUBSW and one VPMADDWD sum four tokens into each dim's int32 lane.
+// Against the earlier int16 kernels (VPMADDWD on widened keys and 15-bit weights: half the
+// multiply-adds per instruction, plus the widening), a KV block costs ~25% less.
+// Other head dims (not a multiple of 16, or 16) take scalar q . k and the float AVX2 p . v.
 #if defined(__x86_64__)
 #include <immintrin.h>
 
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "common.h"
 
@@ -20,49 +26,119 @@
 namespace apex {
 namespace {
 
-constexpr int kStep = 16;        // key elements per widened register
+constexpr int kChunk = 32;       // bytes per register: key elements, or v dims per pass
 constexpr int kTileTokens = 8;   // scores per int32 register after the reduction
+constexpr int kQueryLevels = 63;
 
-inline bool int_dots(int head_dim) { return head_dim % kStep == 0; }
+// Head dims of whole 16-dim halves, at least one 32-byte chunk.
+inline bool int_dots(int head_dim) { return head_dim % 16 == 0 && head_dim >= kChunk; }
 
-// Keeps `value` in a register, opaque to the optimizer: a q chunk folded into each VPMADDWD as
+// Keeps `value` in a register, opaque to the optimizer: a q chunk folded into each multiply as
 // a memory operand would be loaded once per token, and integer adds being associative, GCC
 // would turn a running sum's chain into a tree over all its products, spilled to the stack.
 APEX_TARGET inline void in_register(__m256i& value) { asm("" : "+x"(value)); }
 
-// Prepared q, per row (row_floats(head_dim) floats apart, 32-byte multiples so that row chunks
-// never straddle cache lines; inside prepared_q_floats' room): the int8-quantized row as
-// int16, then (at float scale_index(head_dim)) its float scale.
-inline int64_t scale_index(int head_dim) { return (head_dim + 1) / 2; }
-inline int64_t row_floats(int head_dim) { return (scale_index(head_dim) + 8) & ~int64_t(7); }
-
-inline int16_t q_element(const float* row, int d) {
-  int16_t value;
-  std::memcpy(&value, reinterpret_cast<const char*>(row) + 2 * d, sizeof(value));
-  return value;
+// Lanes [0, 16) of a 32-byte register from 16 bytes, the rest zero (the 16-dim tail of a row).
+APEX_TARGET inline __m256i load_16(const int8_t* bytes) {
+  return _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
 }
+
+APEX_TARGET inline __m256i load_32(const int8_t* bytes) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes));
+}
+
+// int32 lanes += the int16 pair sums of VPMADDUBSW(unsigned_bytes, signed_bytes).
+APEX_TARGET inline __m256i add_dots(__m256i sums, __m256i unsigned_bytes, __m256i signed_bytes) {
+  return _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned_bytes,
+                                                                       signed_bytes),
+                                                  _mm256_set1_epi16(1)));
+}
+
+// Prepared q, per row (row_floats(head_dim) floats apart, 32-byte multiples; inside
+// prepared_q_floats' room): the 7-bit row as int8 in chunks of kChunk bytes, then its float
+// scale and its int32 128 * sum(q). A row whose last chunk has only 16 dims meets the keys
+// [head_dim - 32, head_dim) there (key_offset), so that chunk holds 16 zeros, then those dims.
+inline int padded_dims(int head_dim) { return (head_dim + kChunk - 1) / kChunk * kChunk; }
+inline int64_t row_floats(int head_dim) { return padded_dims(head_dim) / 4 + 8; }
+inline int key_offset(int d, int head_dim) {
+  return d + kChunk <= head_dim ? d : head_dim - kChunk;
+}
+
+inline const int8_t* q_bytes(const float* row) { return reinterpret_cast<const int8_t*>(row); }
 
 inline float q_scale(const float* row, int head_dim) {
   float value;
-  std::memcpy(&value, row + scale_index(head_dim), sizeof(value));
+  std::memcpy(&value, row + padded_dims(head_dim) / 4, sizeof(value));
   return value;
+}
+
+inline int32_t q_offset(const float* row, int head_dim) {
+  int32_t value;
+  std::memcpy(&value, row + padded_dims(head_dim) / 4 + 1, sizeof(value));
+  return value;
+}
+
+// q element d of a prepared row.
+inline int8_t q_element(const float* row, int d, int head_dim) {
+  const int chunk = d / kChunk * kChunk;
+  return q_bytes(row)[chunk + d - key_offset(chunk, head_dim)];
+}
+
+// quantize_row (common.h) of a float32 row to kQueryLevels levels, 8 elements at a time: the
+// same division and round-half-to-even (prepare_q runs for every query row of every step).
+APEX_TARGET float quantize_q_row(const float* row, int head_dim, int8_t* out) {
+  const __m256 magnitude_bits = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 most = _mm256_setzero_ps();
+  int d = 0;
+  for (; d + 8 <= head_dim; d += 8)
+    // Operands in this order, a NaN element is skipped, as quantize_row's comparison skips it.
+    most = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(row + d), magnitude_bits), most);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, most);
+  float absmax = 0.0f;
+  for (float lane : lanes) absmax = lane > absmax ? lane : absmax;
+  for (; d < head_dim; ++d) absmax = std::fabs(row[d]) > absmax ? std::fabs(row[d]) : absmax;
+  const float top = float(kQueryLevels);
+  const float scale = absmax / top;
+  const __m256 divisor = _mm256_set1_ps(scale > 0.0f ? scale : 1.0f);
+  for (d = 0; d + 8 <= head_dim; d += 8) {
+    const __m256 value = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(row + d), divisor),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m128i words = _mm_packs_epi32(
+        _mm256_castsi256_si128(_mm256_cvtps_epi32(value)),
+        _mm256_extracti128_si256(_mm256_cvtps_epi32(value), 1));
+    // |value| <= top already (x / (max|x| / top)), up to the division's rounding: clamp.
+    const __m128i bytes = _mm_max_epi8(_mm_min_epi8(_mm_packs_epi16(words, words),
+                                                    _mm_set1_epi8(kQueryLevels)),
+                                       _mm_set1_epi8(-kQueryLevels));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + d), bytes);
+  }
+  for (; d < head_dim; ++d) {
+    const float value = std::nearbyint(row[d] / (scale > 0.0f ? scale : 1.0f));
+    out[d] = int8_t(value > top ? top : (value < -top ? -top : value));
+  }
+  return scale;
 }
 
 void int8_prepare_q(const void* q, int num_rows, int head_dim, float* prepared) {
   const float* rows = static_cast<const float*>(q);  // int8 kernels take q in float32
+  int8_t on_stack[1024];  // head dims past 1024 (none in use) take the heap
+  std::vector<int8_t> on_heap(head_dim <= 1024 ? 0 : head_dim);
+  int8_t* quantized = head_dim <= 1024 ? on_stack : on_heap.data();
   for (int g = 0; g < num_rows; ++g) {
     float* out = prepared + g * row_floats(head_dim);
-    char* bytes = reinterpret_cast<char*>(out);
-    // Quantized into the upper half of the int16 area, then widened forward in place:
-    // element d is read (byte head_dim + d) before anything overwrites it (bytes 2d, 2d + 1).
-    auto* quantized = reinterpret_cast<int8_t*>(bytes + head_dim);
-    const float scale = quantize_row(rows + int64_t(g) * head_dim, DType::kFloat32, head_dim,
-                                     quantized);
+    const float scale = quantize_q_row(rows + int64_t(g) * head_dim, head_dim, quantized);
+    auto* chunks = reinterpret_cast<int8_t*>(out);
+    std::memset(chunks, 0, padded_dims(head_dim));
+    int32_t sum = 0;
     for (int d = 0; d < head_dim; ++d) {
-      const int16_t value = quantized[d];
-      std::memcpy(bytes + 2 * d, &value, sizeof(value));
+      sum += quantized[d];
+      const int chunk = d / kChunk * kChunk;
+      chunks[chunk + d - key_offset(chunk, head_dim)] = quantized[d];
     }
-    std::memcpy(out + scale_index(head_dim), &scale, sizeof(scale));
+    const int32_t offset = 128 * sum;
+    std::memcpy(out + padded_dims(head_dim) / 4, &scale, sizeof(scale));
+    std::memcpy(out + padded_dims(head_dim) / 4 + 1, &offset, sizeof(offset));
   }
 }
 
@@ -87,38 +163,37 @@ APEX_TARGET inline __m256i reduce_tile(const __m256i (&acc)[kTileTokens]) {
                           _mm256_permute2x128_si256(low, high, 0x31));
 }
 
-// kRows x kTokens int32 accumulators over tokens [token, token + kTokens); each widened key
-// chunk serves every row, each q chunk every token. kHeadDim > 0 fixes head_dim at compile
-// time (every address a constant offset). The d loop stays rolled: unrolled, GCC hoists every
-// q chunk out of the token loop and spills them to the stack.
+// kRows x kTokens int32 accumulators of q . (k + 128) over tokens [token, token + kTokens);
+// each key chunk serves every row, each q chunk every token. kHeadDim > 0 fixes head_dim at
+// compile time (every address a constant offset). The d loop stays rolled: unrolled, GCC
+// hoists every q chunk out of the token loop and spills them to the stack.
 template <int kRows, int kTokens, int kHeadDim>
 APEX_TARGET inline void int_dots_step(const float* q, const int8_t* k, int token,
                                       int runtime_head_dim, __m256i (&out)[kRows][kTileTokens],
                                       int slot) {
   const int head_dim = kHeadDim > 0 ? kHeadDim : runtime_head_dim;
-  const auto* q_elements = reinterpret_cast<const int16_t*>(q);
-  const int64_t q_stride = 2 * row_floats(head_dim);  // int16 elements between q rows
+  const int8_t* queries = q_bytes(q);
+  const int64_t q_stride = 4 * row_floats(head_dim);  // bytes between q rows
   const int8_t* keys_base = k + int64_t(token) * head_dim;
+  const __m256i flip = _mm256_set1_epi8(char(0x80));  // k + 128, as an unsigned byte
   __m256i acc[kRows][kTokens];
 #pragma GCC unroll 8
   for (int g = 0; g < kRows; ++g)
 #pragma GCC unroll 4
     for (int t = 0; t < kTokens; ++t) acc[g][t] = _mm256_setzero_si256();
-#pragma GCC unroll 1
-  for (int d = 0; d < head_dim; d += kStep) {
+#pragma GCC unroll 4
+  for (int d = 0; d < head_dim; d += kChunk) {
+    const int at = key_offset(d, head_dim);
     __m256i keys[kTokens];
 #pragma GCC unroll 4
-    for (int t = 0; t < kTokens; ++t)
-      keys[t] = _mm256_cvtepi8_epi16(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(keys_base + t * head_dim + d)));
+    for (int t = 0; t < kTokens; ++t) keys[t] = _mm256_xor_si256(load_32(keys_base + t * head_dim + at), flip);
 #pragma GCC unroll 8
     for (int g = 0; g < kRows; ++g) {
-      __m256i query =
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q_elements + g * q_stride + d));
+      __m256i query = load_32(queries + g * q_stride + d);
       if (kTokens > 1) in_register(query);
 #pragma GCC unroll 4
       for (int t = 0; t < kTokens; ++t) {
-        acc[g][t] = _mm256_add_epi32(acc[g][t], _mm256_madd_epi16(query, keys[t]));
+        acc[g][t] = add_dots(acc[g][t], keys[t], query);
         in_register(acc[g][t]);
       }
     }
@@ -133,9 +208,13 @@ template <int kRows, int kHeadDim>
 APEX_TARGET void int_scores_rows(const float* q, const int8_t* k, int num_tokens, int head_dim,
                                  float scale, float* scores, RowPrefetch& ahead) {
   constexpr int kTokens = kRows >= 8 ? 1 : (kRows >= 4 ? 2 : 4);
-  __m256 row_scales[kRows];  // q's quantization step times the softmax scale
-  for (int g = 0; g < kRows; ++g)
-    row_scales[g] = _mm256_set1_ps(q_scale(q + g * row_floats(head_dim), head_dim) * scale);
+  __m256 row_scales[kRows];   // q's quantization step times the softmax scale
+  __m256i row_offsets[kRows];  // 128 * sum(q): what reading k + 128 added
+  for (int g = 0; g < kRows; ++g) {
+    const float* row = q + g * row_floats(head_dim);
+    row_scales[g] = _mm256_set1_ps(q_scale(row, head_dim) * scale);
+    row_offsets[g] = _mm256_set1_epi32(q_offset(row, head_dim));
+  }
   for (int token = 0; token < num_tokens; token += kTileTokens) {
     const int count = num_tokens - token < kTileTokens ? num_tokens - token : kTileTokens;
     __m256i sums[kRows][kTileTokens];
@@ -148,9 +227,10 @@ APEX_TARGET void int_scores_rows(const float* q, const int8_t* k, int num_tokens
     for (; t < kTileTokens; ++t)
       for (int g = 0; g < kRows; ++g) sums[g][t] = _mm256_setzero_si256();
     for (int g = 0; g < kRows; ++g) {
-      // Sums stay below 2^24 (head_dim x 127 x 127 for head_dim <= 1040): exact in float.
-      const __m256 dots =
-          _mm256_mul_ps(_mm256_cvtepi32_ps(reduce_tile(sums[g])), row_scales[g]);
+      // |q . k| <= head_dim x 63 x 127: exact in float for head dims up to 2096.
+      const __m256 dots = _mm256_mul_ps(
+          _mm256_cvtepi32_ps(_mm256_sub_epi32(reduce_tile(sums[g]), row_offsets[g])),
+          row_scales[g]);
       float* out = scores + g * num_tokens + token;
       if (count == kTileTokens) {
         _mm256_storeu_ps(out, dots);
@@ -163,8 +243,8 @@ APEX_TARGET void int_scores_rows(const float* q, const int8_t* k, int num_tokens
   }
 }
 
-// Head dims that are not a multiple of 16 (no model in use has them): the same integer dot
-// products, one at a time.
+// Head dims that are not a multiple of 16, or 16 (no model in use has them): the same
+// integer dot products, one at a time.
 void plain_int_scores(const float* q, const int8_t* k, int num_rows, int num_tokens,
                       int head_dim, float scale, float* scores) {
   for (int g = 0; g < num_rows; ++g) {
@@ -173,7 +253,7 @@ void plain_int_scores(const float* q, const int8_t* k, int num_rows, int num_tok
     for (int t = 0; t < num_tokens; ++t) {
       int32_t dot = 0;
       for (int d = 0; d < head_dim; ++d)
-        dot += int32_t(q_element(row, d)) * k[int64_t(t) * head_dim + d];
+        dot += int32_t(q_element(row, d, head_dim)) * k[int64_t(t) * head_dim + d];
       scores[g * num_tokens + t] = float(dot) * row_scale;
     }
   }
@@ -324,20 +404,19 @@ APEX_TARGET void int8_softmax(float* scores, int num_rows, int num_tokens, float
 
 // ---- p . v in integers --------------------------------------------------------------------
 // Each row's weights of a span of at most kSpanTokens tokens (p >= 0, the token's v scale
-// already applied) become 15-bit integers relative to the span's largest: w = round(p / step),
-// step = max / 32767. Two token rows of v, byte-interleaved and widened to int16, meet the
-// broadcast weight pair (w[t], w[t + 1]) in one VPMADDWD per 8 dims, which sums both tokens
-// into int32 lanes in the natural dim order: exact (16 x 32767 x 127 < 2^31), and one convert
-// and FMA per 8 dims per span bring them into the float acc.
+// already applied) become 7-bit integers relative to the span's largest: w = round(p / step),
+// step = max / 127. Four token rows of v, byte-interleaved (each dim's dword holds its four
+// tokens' values), meet the broadcast weights (w[t] .. w[t + 3]) in one VPMADDUBSW and one
+// VPMADDWD by ones per 8 dims: exact (16 x 127 x 127 < 2^31), and one convert and FMA per 8
+// dims per span bring the int32 sums into the float acc.
 constexpr int kSpanTokens = 16;
-constexpr int kSpanPairs = kSpanTokens / 2;
-constexpr float kWeightLevels = 32767.0f;
+constexpr float kWeightLevels = 127.0f;
 
-// Quantized weights of kRows rows of one span: pairs[g][j] holds w[2j] (low) and w[2j + 1]
-// (high) as int16; step[g] turns an integer sum back into float (0: a row of zeros).
+// Quantized weights of kRows rows of one span: levels[g][t] = w[t] (zero past a short span);
+// step[g] turns an integer sum back into float (0: a row of zeros).
 template <int kRows>
 struct SpanWeights {
-  alignas(32) int32_t pairs[kRows][kSpanPairs];
+  alignas(16) uint8_t levels[kRows][kSpanTokens];
   alignas(16) float step[kTreeRows];
 };
 
@@ -370,70 +449,97 @@ APEX_TARGET inline void quantize_span(const float* p, int num_tokens, int first,
   for (int g = 0; g < kRows; ++g) {
     const __m256 scale = _mm256_set1_ps(to_levels[g]);
     // packs interleaves the 128-bit halves (tokens 0-3, 8-11, 4-7, 12-15): permute them back.
-    const __m256i levels =
+    const __m256i words = _mm256_permute4x64_epi64(
         _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(low[g], scale)),
-                           _mm256_cvtps_epi32(_mm256_mul_ps(high[g], scale)));
-    _mm256_store_si256(reinterpret_cast<__m256i*>(weights.pairs[g]),
-                       _mm256_permute4x64_epi64(levels, 0xd8));
+                           _mm256_cvtps_epi32(_mm256_mul_ps(high[g], scale))),
+        0xd8);
+    _mm_store_si128(reinterpret_cast<__m128i*>(weights.levels[g]),
+                    _mm_packus_epi16(_mm256_castsi256_si128(words),
+                                     _mm256_extracti128_si256(words, 1)));
   }
 }
 
-// Adds, for dims [d, d + 16), both tokens of pair j weighted into sums[g][0] (dims d..d+7) and
-// sums[g][1] (d+8..d+15). `second` is the pair's second token row (zeros past a short block).
-template <int kRows>
-APEX_TARGET inline void add_pair(const int32_t (*pairs)[kSpanPairs], int j, __m128i first,
-                                 __m128i second, __m256i (&sums)[kRows][2]) {
-  const __m256i low = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(first, second));
-  const __m256i high = _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(first, second));
+// acc[:, d, d + kWidth) += step * (integer sums) over one span of `count` tokens for kRows
+// rows, kWidth 32 or 16 (a row's last 16 dims). kFull: count is kSpanTokens (a constant trip
+// count, fully unrolled; no token past the span's end to replace by zeros).
+template <int kRows, bool kFull, int kWidth>
+__attribute__((always_inline)) APEX_TARGET inline void accumulate_dims(const SpanWeights<kRows>& weights, const int8_t* column,
+                                        int count, int head_dim, float* acc) {
+  // sums[g][j], per 128-bit half: j = 0: dims 0-3 | 16-19, 1: 4-7 | 20-23, 2: 8-11 | 24-27,
+  // 3: 12-15 | 28-31 (the order the byte, then word, interleaves leave). Two passes over the
+  // tokens (j = 0, 1, then 2, 3) keep each pass's sums in registers.
+  __m256i sums[kRows][4];
+  // Read the weights afresh per pass: hoisted across dims, they would be spilled.
+  const uint8_t(*levels)[kSpanTokens] = weights.levels;
+  auto token_row = [&](int t) APEX_TARGET {
+    if (!kFull && t >= count) return _mm256_setzero_si256();
+    const int8_t* row = column + int64_t(t) * head_dim;
+    return kWidth == kChunk ? load_32(row) : load_16(row);
+  };
+#pragma GCC unroll 2
+  for (int pass = 0; pass < 2; ++pass) {
+    __m256i pass_sums[kRows][2];
+#pragma GCC unroll 4
+    for (int g = 0; g < kRows; ++g) pass_sums[g][0] = pass_sums[g][1] = _mm256_setzero_si256();
+    asm("" : "+r"(levels));
+#pragma GCC unroll 4
+    for (int t = 0; t < count; t += 4) {
+      // Tokens t, t + 1 and t + 2, t + 3 byte-interleaved: pass 0 takes dims 0-7 | 16-23,
+      // pass 1 dims 8-15 | 24-31.
+      const __m256i pair01 = pass == 0 ? _mm256_unpacklo_epi8(token_row(t), token_row(t + 1))
+                                       : _mm256_unpackhi_epi8(token_row(t), token_row(t + 1));
+      const __m256i pair23 = pass == 0
+                                 ? _mm256_unpacklo_epi8(token_row(t + 2), token_row(t + 3))
+                                 : _mm256_unpackhi_epi8(token_row(t + 2), token_row(t + 3));
+      const __m256i quads[2] = {_mm256_unpacklo_epi16(pair01, pair23),
+                                _mm256_unpackhi_epi16(pair01, pair23)};
+#pragma GCC unroll 4
+      for (int g = 0; g < kRows; ++g) {
+        int32_t four;
+        std::memcpy(&four, &levels[g][t], sizeof(four));
+        const __m256i w = _mm256_set1_epi32(four);  // a load, no shuffle
+#pragma GCC unroll 2
+        for (int j = 0; j < 2; ++j) {
+          pass_sums[g][j] = add_dots(pass_sums[g][j], w, quads[j]);
+          in_register(pass_sums[g][j]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < kRows; ++g) {
+      sums[g][2 * pass] = pass_sums[g][0];
+      sums[g][2 * pass + 1] = pass_sums[g][1];
+    }
+  }
 #pragma GCC unroll 4
   for (int g = 0; g < kRows; ++g) {
-    const __m256i pair = _mm256_set1_epi32(pairs[g][j]);  // a load, no shuffle
-    sums[g][0] = _mm256_add_epi32(sums[g][0], _mm256_madd_epi16(low, pair));
-    sums[g][1] = _mm256_add_epi32(sums[g][1], _mm256_madd_epi16(high, pair));
-    in_register(sums[g][0]);
-    in_register(sums[g][1]);
+    const __m256 step = _mm256_set1_ps(weights.step[g]);
+    float* out = acc + int64_t(g) * head_dim;
+    if (kWidth == kChunk) {  // acc keeps the sums' order, undone by int8_finish_acc
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j)
+        _mm256_storeu_ps(out + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[g][j]), step,
+                                                      _mm256_loadu_ps(out + 8 * j)));
+    } else {  // the low halves: dims 0-7, then 8-15
+      const __m256i natural[2] = {_mm256_permute2x128_si256(sums[g][0], sums[g][1], 0x20),
+                                  _mm256_permute2x128_si256(sums[g][2], sums[g][3], 0x20)};
+#pragma GCC unroll 2
+      for (int i = 0; i < 2; ++i)
+        _mm256_storeu_ps(out + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(natural[i]), step,
+                                                      _mm256_loadu_ps(out + 8 * i)));
+    }
   }
 }
 
-// acc += step * (integer sums) over one span of `count` tokens for kRows rows. kFull: count
-// is kSpanTokens (a constant trip count, fully unrolled).
 template <int kRows, bool kFull, int kHeadDim>
 APEX_TARGET void accumulate_span(const SpanWeights<kRows>& weights, const int8_t* v,
                                  int runtime_count, int runtime_head_dim, float* acc) {
   const int count = kFull ? kSpanTokens : runtime_count;
   const int head_dim = kHeadDim > 0 ? kHeadDim : runtime_head_dim;
-  for (int d = 0; d < head_dim; d += kStep) {
-    __m256i sums[kRows][2];
-#pragma GCC unroll 4
-    for (int g = 0; g < kRows; ++g) sums[g][0] = sums[g][1] = _mm256_setzero_si256();
-    const int8_t* column = v + d;
-    // Read the weights afresh per pass: hoisted out of the d loop, they would be broadcast
-    // from registers (a shuffle each) or spilled.
-    const int32_t(*pairs)[kSpanPairs] = weights.pairs;
-    asm("" : "+r"(pairs));
-#pragma GCC unroll 8
-    for (int j = 0; j < count / 2; ++j) {
-      const __m128i first =
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(column + int64_t(2 * j) * head_dim));
-      const __m128i second = _mm_loadu_si128(
-          reinterpret_cast<const __m128i*>(column + int64_t(2 * j + 1) * head_dim));
-      add_pair<kRows>(pairs, j, first, second, sums);
-    }
-    if (count % 2 != 0) {  // the last token has no partner inside the block
-      const __m128i last = _mm_loadu_si128(
-          reinterpret_cast<const __m128i*>(column + int64_t(count - 1) * head_dim));
-      add_pair<kRows>(pairs, count / 2, last, _mm_setzero_si128(), sums);
-    }
-#pragma GCC unroll 4
-    for (int g = 0; g < kRows; ++g) {
-      const __m256 step = _mm256_set1_ps(weights.step[g]);
-      float* out = acc + int64_t(g) * head_dim + d;
-#pragma GCC unroll 2
-      for (int half = 0; half < 2; ++half)
-        _mm256_storeu_ps(out + 8 * half, _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[g][half]), step,
-                                                         _mm256_loadu_ps(out + 8 * half)));
-    }
-  }
+  int d = 0;
+  for (; d + kChunk <= head_dim; d += kChunk)
+    accumulate_dims<kRows, kFull, kChunk>(weights, v + d, count, head_dim, acc + d);
+  if (d < head_dim) accumulate_dims<kRows, kFull, 16>(weights, v + d, count, head_dim, acc + d);
 }
 
 template <int kRows, int kHeadDim>
@@ -468,7 +574,7 @@ APEX_TARGET void int_accumulate(const float* p, const int8_t* v, int num_rows, i
   });
 }
 
-// Head dims that are not a multiple of 16 keep the float AVX2 p . v.
+// Other head dims keep the float AVX2 p . v.
 APEX_TARGET void int8_accumulate(const float* p, const void* v, int num_rows, int num_tokens,
                                  int head_dim, const float* alpha, float* acc) {
   const auto* values = static_cast<const int8_t*>(v);
@@ -481,6 +587,22 @@ APEX_TARGET void int8_accumulate(const float* p, const void* v, int num_rows, in
   }
 }
 
+// accumulate_dims' order -> natural, in each whole 32-dim chunk of a row: (0-3, 16-19),
+// (4-7, 20-23), (8-11, 24-27), (12-15, 28-31) back to 0-31.
+void int8_finish_acc(float* acc, int num_rows, int head_dim) {
+  if (!int_dots(head_dim)) return;  // the float p . v keeps the natural order
+  for (int g = 0; g < num_rows; ++g)
+    for (int d = 0; d + kChunk <= head_dim; d += kChunk) {
+      float* chunk = acc + int64_t(g) * head_dim + d;
+      float natural[kChunk];
+      for (int j = 0; j < 4; ++j) {
+        std::memcpy(natural + 4 * j, chunk + 8 * j, 4 * sizeof(float));
+        std::memcpy(natural + 16 + 4 * j, chunk + 8 * j + 4, 4 * sizeof(float));
+      }
+      std::memcpy(chunk, natural, sizeof(natural));
+    }
+}
+
 }  // namespace
 
 const KernelOps* avx2_int8_kernel_ops() {
@@ -490,6 +612,7 @@ const KernelOps* avx2_int8_kernel_ops() {
     int8.scores = int8_scores;
     int8.softmax = int8_softmax;
     int8.accumulate = int8_accumulate;
+    int8.finish_acc = int8_finish_acc;
     return int8;
   }();
   return &ops;

@@ -13,11 +13,12 @@ from cpu_attention_reference import (PagedCase, assert_close_to_reference, make_
                                      reference_decode)
 
 Q_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Kernel sets whose q . k quantizes q per row to int8 and multiplies integers.
-INT_DOT_ISAS = ("avx512vnni", "avx2")
+# Kernel sets whose q . k quantizes q per row to int8 and multiplies integers: the levels
+# each side of zero (7 bits on avx2, where VPMADDUBSW's int16 pair sums must not saturate).
+Q_LEVELS = {"avx512vnni": 127, "avx2": 63}
 # Bits to which a kernel set's p . v rounds each row's weights, per span of 16 tokens, relative
-# to the span's largest: 15 on avx2, 8 on avx512vnni; absent: float32 weights.
-WEIGHT_BITS = {"avx2": 15, "avx512vnni": 8}
+# to the span's largest: 7 on avx2, 8 on avx512vnni; absent: float32 weights.
+WEIGHT_BITS = {"avx2": 7, "avx512vnni": 8}
 
 
 def dequantized_tolerance(isa: str, q_dtype: torch.dtype) -> float:
@@ -50,8 +51,9 @@ def quantized(case: PagedCase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 def dequantized_case(case: PagedCase, k, v, k_scales, v_scales, isa: str = "") -> PagedCase:
     """The float64 problem the kernel solves exactly: the cache dequantized, and q quantized
-    per row as well for kernel sets with integer q . k (INT_DOT_ISAS)."""
-    q = dequantize_rows(*quantize_rows(case.q), torch.float64) if isa in INT_DOT_ISAS else case.q
+    per row as well for kernel sets with integer q . k (Q_LEVELS)."""
+    q = (dequantize_rows(*quantize_rows(case.q, Q_LEVELS[isa]), torch.float64)
+         if isa in Q_LEVELS else case.q)
     return PagedCase(q, dequantize_rows(k, k_scales, torch.float64),
                      dequantize_rows(v, v_scales, torch.float64), case.block_tables,
                      case.seq_lens)

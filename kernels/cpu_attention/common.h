@@ -256,13 +256,14 @@ const KernelOps* select_kernel_ops(DType dtype, const char* isa = nullptr);
 
 const KernelOps* scalar_kernel_ops(DType dtype);
 #if defined(__x86_64__)
+// 16- and 32-bit KV.
 const KernelOps* avx2_kernel_ops(DType dtype);
-// int8 KV with AVX2 integer q . k (its softmax and p . v are the float avx2 ones).
+// int8 KV with AVX2 integer q . k and p . v, one fused call per run of steps (attend_int8).
 const KernelOps* avx2_int8_kernel_ops();
 const KernelOps* avx512_kernel_ops(DType dtype, bool use_bf16_dot);
 // bfloat16 KV with AVX512-BF16 dot products (its softmax is the plain AVX-512 one).
 const KernelOps* avx512_bf16_kernel_ops();
-// int8 KV with AVX512-VNNI integer q . k (its softmax and p . v are the plain AVX-512 ones).
+// int8 KV with AVX512-VNNI integer q . k and p . v, one fused call per run of steps.
 const KernelOps* avx512_vnni_kernel_ops();
 #endif
 

@@ -57,17 +57,6 @@ struct Avx2Vec {
   APEX_TARGET static Reg load(const void* base, int64_t index, int count) {
     if constexpr (kType == DType::kFloat32) {
       return load_f32(static_cast<const float*>(base) + index, count, 0.0f);
-    } else if constexpr (kType == DType::kInt8) {
-      const int8_t* source = static_cast<const int8_t*>(base) + index;
-      __m128i bytes;
-      if (count >= kWidth) {
-        bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(source));
-      } else {
-        alignas(16) int8_t padded[16] = {};
-        std::memcpy(padded, source, count > 0 ? count : 0);
-        bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(padded));
-      }
-      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
     } else {
       const uint16_t* source = static_cast<const uint16_t*>(base) + index;
       __m128i half;
@@ -89,10 +78,6 @@ struct Avx2Vec {
   APEX_TARGET static Reg load_full(const void* base, int64_t index) {
     if constexpr (kType == DType::kFloat32) {
       return _mm256_loadu_ps(static_cast<const float*>(base) + index);
-    } else if constexpr (kType == DType::kInt8) {
-      const __m128i bytes = _mm_loadl_epi64(
-          reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(base) + index));
-      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
     } else {
       const __m128i half = _mm_loadu_si128(
           reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + index));
@@ -428,8 +413,6 @@ const KernelOps* avx2_kernel_ops(DType dtype) {
       return avx2_table<DType::kFloat32>();
     case DType::kBFloat16:
       return avx2_table<DType::kBFloat16>();
-    case DType::kInt8:
-      return avx2_table<DType::kInt8>();
     default:
       return avx2_table<DType::kFloat16>();
   }

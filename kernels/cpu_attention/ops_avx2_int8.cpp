@@ -204,10 +204,13 @@ APEX_TARGET inline void int_dots_step(const float* q, const int8_t* k, int token
     for (int t = 0; t < kTokens; ++t) out[g][slot + t] = acc[g][t];
 }
 
+// scores[g * num_tokens + t] = dot(q[g], k[t]) * q's step * scale * k_scales[t], for rows
+// [0, kRows) of a prepared q.
 template <int kRows, int kHeadDim>
 APEX_TARGET void int_scores_rows(const float* q, const int8_t* k, int num_tokens, int head_dim,
-                                 float scale, float* scores, RowPrefetch& ahead) {
-  constexpr int kTokens = kRows >= 8 ? 1 : (kRows >= 4 ? 2 : 4);
+                                 float scale, const float* k_scales, float* scores,
+                                 RowPrefetch& ahead) {
+  constexpr int kTokens = kRows >= 4 ? 2 : 4;  // tokens per key load: 8 accumulators or more
   __m256 row_scales[kRows];   // q's quantization step times the softmax scale
   __m256i row_offsets[kRows];  // 128 * sum(q): what reading k + 128 added
   for (int g = 0; g < kRows; ++g) {
@@ -226,11 +229,16 @@ APEX_TARGET void int_scores_rows(const float* q, const int8_t* k, int num_tokens
     for (; t < count; ++t) int_dots_step<kRows, 1, kHeadDim>(q, k, token + t, head_dim, sums, t);
     for (; t < kTileTokens; ++t)
       for (int g = 0; g < kRows; ++g) sums[g][t] = _mm256_setzero_si256();
+    alignas(32) float tile_scales[kTileTokens] = {};
+    std::memcpy(tile_scales, k_scales + token, sizeof(float) * count);
+    const __m256 token_scales = _mm256_load_ps(tile_scales);
     for (int g = 0; g < kRows; ++g) {
       // |q . k| <= head_dim x 63 x 127: exact in float for head dims up to 2096.
       const __m256 dots = _mm256_mul_ps(
-          _mm256_cvtepi32_ps(_mm256_sub_epi32(reduce_tile(sums[g]), row_offsets[g])),
-          row_scales[g]);
+          _mm256_mul_ps(
+              _mm256_cvtepi32_ps(_mm256_sub_epi32(reduce_tile(sums[g]), row_offsets[g])),
+              row_scales[g]),
+          token_scales);
       float* out = scores + g * num_tokens + token;
       if (count == kTileTokens) {
         _mm256_storeu_ps(out, dots);
@@ -246,7 +254,7 @@ APEX_TARGET void int_scores_rows(const float* q, const int8_t* k, int num_tokens
 // Head dims that are not a multiple of 16, or 16 (no model in use has them): the same
 // integer dot products, one at a time.
 void plain_int_scores(const float* q, const int8_t* k, int num_rows, int num_tokens,
-                      int head_dim, float scale, float* scores) {
+                      int head_dim, float scale, const float* k_scales, float* scores) {
   for (int g = 0; g < num_rows; ++g) {
     const float* row = q + g * row_floats(head_dim);
     const float row_scale = q_scale(row, head_dim) * scale;
@@ -254,39 +262,16 @@ void plain_int_scores(const float* q, const int8_t* k, int num_rows, int num_tok
       int32_t dot = 0;
       for (int d = 0; d < head_dim; ++d)
         dot += int32_t(q_element(row, d, head_dim)) * k[int64_t(t) * head_dim + d];
-      scores[g * num_tokens + t] = float(dot) * row_scale;
+      scores[g * num_tokens + t] = float(dot) * row_scale * k_scales[t];
     }
-  }
-}
-
-template <int kHeadDim>
-APEX_TARGET void int_scores(const float* prepared_q, const int8_t* k, int num_rows,
-                            int num_tokens, int head_dim, float scale, float* scores,
-                            RowPrefetch& ahead) {
-  for_row_groups<8>(num_rows, [&](auto rows, int g) APEX_TARGET {
-    int_scores_rows<decltype(rows)::value, kHeadDim>(prepared_q + g * row_floats(head_dim), k,
-                                                     num_tokens, head_dim, scale,
-                                                     scores + g * num_tokens, ahead);
-  });
-}
-
-APEX_TARGET void int8_scores(const float* prepared_q, const void* k, int num_rows,
-                             int num_tokens, int head_dim, float scale, float* scores,
-                             RowPrefetch& ahead) {
-  const auto* keys = static_cast<const int8_t*>(k);
-  if (!int_dots(head_dim)) {
-    plain_int_scores(prepared_q, keys, num_rows, num_tokens, head_dim, scale, scores);
-  } else if (head_dim == 128) {
-    int_scores<128>(prepared_q, keys, num_rows, num_tokens, head_dim, scale, scores, ahead);
-  } else {
-    int_scores<0>(prepared_q, keys, num_rows, num_tokens, head_dim, scale, scores, ahead);
   }
 }
 
 // ---- Online softmax, four rows at a time ------------------------------------------------
 // A row's step is a chain of dependent reductions (max, then the exps, then the sum); the
 // float AVX2 softmax runs them row after row. Here up to four rows advance together: their
-// reductions share one transpose-and-combine tree and their exps interleave.
+// reductions share one transpose-and-combine tree and their exps interleave. A span's scores
+// (at most 16 tokens) stay in registers from the max to the quantized weights.
 constexpr int kTreeRows = 4;  // rows per shared reduction tree
 
 // exp(x) for x <= 0 with the float kernels' range reduction and polynomial (x clamped at -87:
@@ -343,65 +328,6 @@ APEX_TARGET inline __m256 load_scores(const float* row, int count) {
                           _mm256_maskload_ps(row, inside), _mm256_castsi256_ps(inside));
 }
 
-APEX_TARGET inline void store_weights(float* row, int count, __m256 weights) {
-  if (count >= 8) return _mm256_storeu_ps(row, weights);
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  _mm256_maskstore_ps(row, _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lanes), weights);
-}
-
-// Rows g < kRows (<= 4); the reductions of the missing rows repeat row 0 and are not stored.
-template <int kRows>
-APEX_TARGET void softmax_rows(float* scores, int num_tokens, float* running_max,
-                              float* running_sum, float* alpha) {
-  __m256 partial[kTreeRows];
-  for (int g = 0; g < kRows; ++g)
-    partial[g] = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int t = 0; t < num_tokens; t += 8)
-    for (int g = 0; g < kRows; ++g)
-      partial[g] = _mm256_max_ps(partial[g], load_scores(scores + g * num_tokens + t,
-                                                         num_tokens - t));
-  for (int g = kRows; g < kTreeRows; ++g) partial[g] = partial[0];
-  alignas(16) float old_max[kTreeRows], new_max[kTreeRows];
-  for (int g = 0; g < kTreeRows; ++g) old_max[g] = running_max[g < kRows ? g : 0];
-  const __m128 old_max4 = _mm_load_ps(old_max);
-  const __m128 new_max4 = _mm_max_ps(old_max4, combine_rows(partial, MaxOf()));
-  _mm_store_ps(new_max, new_max4);
-  __m256 row_max[kRows];  // broadcast in registers: a store and reload would sit on the chain
-  for (int g = 0; g < kRows; ++g)
-    row_max[g] = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(new_max4),
-                                          _mm256_set1_epi32(g));
-  // exp(0) is exactly 1: a maximum that did not move leaves acc as it is.
-  const __m128 alpha4 = _mm256_castps256_ps128(
-      exp_approx(_mm256_castps128_ps256(_mm_sub_ps(old_max4, new_max4))));
-  for (int g = 0; g < kRows; ++g) partial[g] = _mm256_setzero_ps();
-  for (int t = 0; t < num_tokens; t += 8)
-    for (int g = 0; g < kRows; ++g) {
-      float* row = scores + g * num_tokens + t;
-      const __m256 weights = exp_approx(_mm256_sub_ps(load_scores(row, num_tokens - t),
-                                                      row_max[g]));
-      store_weights(row, num_tokens - t, weights);
-      partial[g] = _mm256_add_ps(partial[g], weights);
-    }
-  for (int g = kRows; g < kTreeRows; ++g) partial[g] = partial[0];
-  alignas(16) float old_sum[kTreeRows], new_sum[kTreeRows], new_alpha[kTreeRows];
-  for (int g = 0; g < kTreeRows; ++g) old_sum[g] = running_sum[g < kRows ? g : 0];
-  _mm_store_ps(new_sum, _mm_fmadd_ps(_mm_load_ps(old_sum), alpha4, combine_rows(partial, SumOf())));
-  _mm_store_ps(new_alpha, alpha4);
-  for (int g = 0; g < kRows; ++g) {
-    running_max[g] = new_max[g];
-    running_sum[g] = new_sum[g];
-    alpha[g] = new_alpha[g];
-  }
-}
-
-APEX_TARGET void int8_softmax(float* scores, int num_rows, int num_tokens, float* running_max,
-                              float* running_sum, float* alpha) {
-  for_row_groups<4>(num_rows, [&](auto rows, int g) APEX_TARGET {
-    softmax_rows<decltype(rows)::value>(scores + g * num_tokens, num_tokens, running_max + g,
-                                        running_sum + g, alpha + g);
-  });
-}
-
 // ---- p . v in integers --------------------------------------------------------------------
 // Each row's weights of a span of at most kSpanTokens tokens (p >= 0, the token's v scale
 // already applied) become 7-bit integers relative to the span's largest: w = round(p / step),
@@ -420,26 +346,62 @@ struct SpanWeights {
   alignas(16) float step[kTreeRows];
 };
 
-// The rows' largest weights come out of one shared reduction tree, and one division serves
-// them all.
+// Lanes [0, count) of a span's 8 token scales, zero in the others.
+APEX_TARGET inline __m256 load_token_scales(const float* scales, int count) {
+  if (count >= 8) return _mm256_loadu_ps(scales);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(scales, _mm256_cmpgt_epi32(_mm256_set1_epi32(count), lanes));
+}
+
+// One online-softmax step on rows g < kRows (<= 4) of a span's scores [kRows, count]:
+// running_max[g] and running_sum[g] updated, alpha[g] = exp(old max - new max), and the
+// weights p = exp(x - new max), times the token's v scale, quantized into `weights`. The
+// reductions of the missing rows repeat row 0 and are not stored; the rows' largest weights
+// come out of one shared tree, and one division serves them all.
 template <int kRows>
-APEX_TARGET inline void quantize_span(const float* p, int num_tokens, int first, int count,
-                                      SpanWeights<kRows>& weights) {
-  __m256 low[kRows], high[kRows], most[kTreeRows];
+APEX_TARGET void span_softmax(const float* scores, int count, const float* v_scales,
+                              float* running_max, float* running_sum, float* alpha,
+                              SpanWeights<kRows>& weights) {
+  __m256 x[kRows][2], partial[kTreeRows];
   for (int g = 0; g < kRows; ++g) {
-    const float* row = p + g * num_tokens + first;
-    if (count == kSpanTokens) {
-      low[g] = _mm256_loadu_ps(row);
-      high[g] = _mm256_loadu_ps(row + 8);
-    } else {  // a short block: zero weights past count
-      alignas(32) float padded[kSpanTokens] = {};
-      std::memcpy(padded, row, sizeof(float) * count);
-      low[g] = _mm256_load_ps(padded);
-      high[g] = _mm256_load_ps(padded + 8);
-    }
-    most[g] = _mm256_max_ps(low[g], high[g]);
+    const float* row = scores + g * count;
+    x[g][0] = load_scores(row, count);
+    x[g][1] = load_scores(row + 8, count - 8);
+    partial[g] = _mm256_max_ps(x[g][0], x[g][1]);
   }
-  for (int g = kRows; g < kTreeRows; ++g) most[g] = most[0];
+  for (int g = kRows; g < kTreeRows; ++g) partial[g] = partial[0];
+  alignas(16) float old_max[kTreeRows], new_max[kTreeRows];
+  for (int g = 0; g < kTreeRows; ++g) old_max[g] = running_max[g < kRows ? g : 0];
+  const __m128 old_max4 = _mm_load_ps(old_max);
+  const __m128 new_max4 = _mm_max_ps(old_max4, combine_rows(partial, MaxOf()));
+  _mm_store_ps(new_max, new_max4);
+  // exp(0) is exactly 1: a maximum that did not move leaves acc as it is.
+  const __m128 alpha4 = _mm256_castps256_ps128(
+      exp_approx(_mm256_castps128_ps256(_mm_sub_ps(old_max4, new_max4))));
+  const __m256 v_scale[2] = {load_token_scales(v_scales, count),
+                             load_token_scales(v_scales + 8, count - 8)};
+  __m256 most[kTreeRows];
+  for (int g = 0; g < kRows; ++g) {
+    // the row's maximum broadcast in registers: a store and reload would sit on the chain
+    const __m256 row_max =
+        _mm256_permutevar8x32_ps(_mm256_castps128_ps256(new_max4), _mm256_set1_epi32(g));
+    for (int h = 0; h < 2; ++h) x[g][h] = exp_approx(_mm256_sub_ps(x[g][h], row_max));
+    partial[g] = _mm256_add_ps(x[g][0], x[g][1]);
+    for (int h = 0; h < 2; ++h) x[g][h] = _mm256_mul_ps(x[g][h], v_scale[h]);
+    most[g] = _mm256_max_ps(x[g][0], x[g][1]);
+  }
+  for (int g = kRows; g < kTreeRows; ++g) partial[g] = most[g] = partial[0];
+  alignas(16) float old_sum[kTreeRows], new_sum[kTreeRows];
+  for (int g = 0; g < kTreeRows; ++g) old_sum[g] = running_sum[g < kRows ? g : 0];
+  _mm_store_ps(new_sum,
+               _mm_fmadd_ps(_mm_load_ps(old_sum), alpha4, combine_rows(partial, SumOf())));
+  alignas(16) float new_alpha[kTreeRows];
+  _mm_store_ps(new_alpha, alpha4);
+  for (int g = 0; g < kRows; ++g) {
+    running_max[g] = new_max[g];
+    running_sum[g] = new_sum[g];
+    alpha[g] = new_alpha[g];
+  }
   const __m128 largest = combine_rows(most, MaxOf());
   const __m128 positive = _mm_cmpgt_ps(largest, _mm_setzero_ps());
   alignas(16) float to_levels[kTreeRows];
@@ -450,8 +412,8 @@ APEX_TARGET inline void quantize_span(const float* p, int num_tokens, int first,
     const __m256 scale = _mm256_set1_ps(to_levels[g]);
     // packs interleaves the 128-bit halves (tokens 0-3, 8-11, 4-7, 12-15): permute them back.
     const __m256i words = _mm256_permute4x64_epi64(
-        _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(low[g], scale)),
-                           _mm256_cvtps_epi32(_mm256_mul_ps(high[g], scale))),
+        _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(x[g][0], scale)),
+                           _mm256_cvtps_epi32(_mm256_mul_ps(x[g][1], scale))),
         0xd8);
     _mm_store_si128(reinterpret_cast<__m128i*>(weights.levels[g]),
                     _mm_packus_epi16(_mm256_castsi256_si128(words),
@@ -542,48 +504,77 @@ APEX_TARGET void accumulate_span(const SpanWeights<kRows>& weights, const int8_t
   if (d < head_dim) accumulate_dims<kRows, kFull, 16>(weights, v + d, count, head_dim, acc + d);
 }
 
+// Head dims that are not a multiple of 16, or 16: the same integer sums, one at a time.
+template <int kRows>
+void plain_accumulate(const SpanWeights<kRows>& weights, const int8_t* v, int count,
+                      int head_dim, float* acc) {
+  for (int g = 0; g < kRows; ++g)
+    for (int d = 0; d < head_dim; ++d) {
+      int32_t sum = 0;
+      for (int t = 0; t < count; ++t) sum += weights.levels[g][t] * v[int64_t(t) * head_dim + d];
+      acc[int64_t(g) * head_dim + d] += float(sum) * weights.step[g];
+    }
+}
+
+// ---- The step: one kv head of one KV block, span by span --------------------------------
 template <int kRows, int kHeadDim>
-APEX_TARGET void int_accumulate_rows(const float* p, const int8_t* v, int num_tokens,
-                                     int head_dim, const float* alpha, float* acc) {
-  // Once a few blocks are in, the running maximum rarely moves: rescale only where it did.
-  for (int g = 0; g < kRows; ++g) {
-    if (alpha[g] == 1.0f) continue;
-    const __m256 scale = _mm256_set1_ps(alpha[g]);
-    float* row = acc + int64_t(g) * head_dim;
-    for (int d = 0; d < head_dim; d += 8)
-      _mm256_storeu_ps(row + d, _mm256_mul_ps(_mm256_loadu_ps(row + d), scale));
-  }
-  SpanWeights<kRows> weights;
-  for (int first = 0; first < num_tokens; first += kSpanTokens) {
-    const int count = num_tokens - first < kSpanTokens ? num_tokens - first : kSpanTokens;
-    quantize_span(p, num_tokens, first, count, weights);
-    const int8_t* span_v = v + int64_t(first) * head_dim;
-    if (count == kSpanTokens)
-      accumulate_span<kRows, true, kHeadDim>(weights, span_v, count, head_dim, acc);
-    else
-      accumulate_span<kRows, false, kHeadDim>(weights, span_v, count, head_dim, acc);
+APEX_TARGET void attend_rows(const Int8Step& step, int first_row, int runtime_head_dim,
+                             float scale) {
+  const int head_dim = kHeadDim > 0 ? kHeadDim : runtime_head_dim;
+  const float* q = step.prepared_q + first_row * row_floats(head_dim);
+  float* acc = step.acc + int64_t(first_row) * head_dim;
+  for (int first = 0; first < step.num_tokens; first += kSpanTokens) {
+    const int count =
+        step.num_tokens - first < kSpanTokens ? step.num_tokens - first : kSpanTokens;
+    const int8_t* k = step.k + int64_t(first) * head_dim;
+    alignas(32) float scores[kRows * kSpanTokens];
+    if (int_dots(head_dim)) {
+      int_scores_rows<kRows, kHeadDim>(q, k, count, head_dim, scale, step.k_scales + first,
+                                       scores, *step.ahead);
+    } else {
+      plain_int_scores(q, k, kRows, count, head_dim, scale, step.k_scales + first, scores);
+    }
+    if (first + kSpanTokens >= step.num_tokens) step.ahead->finish();
+    SpanWeights<kRows> weights;
+    alignas(16) float alpha[kRows];
+    span_softmax<kRows>(scores, count, step.v_scales + first, step.running_max + first_row,
+                        step.running_sum + first_row, alpha, weights);
+    // Once a few blocks are in, the running maximum rarely moves: rescale only where it did.
+    for (int g = 0; g < kRows; ++g) {
+      if (alpha[g] == 1.0f) continue;
+      const __m256 factor = _mm256_set1_ps(alpha[g]);
+      float* row = acc + int64_t(g) * head_dim;
+      int d = 0;
+      for (; d + 8 <= head_dim; d += 8)
+        _mm256_storeu_ps(row + d, _mm256_mul_ps(_mm256_loadu_ps(row + d), factor));
+      for (; d < head_dim; ++d) row[d] *= alpha[g];
+    }
+    const int8_t* v = step.v + int64_t(first) * head_dim;
+    if (!int_dots(head_dim)) {
+      plain_accumulate(weights, v, count, head_dim, acc);
+    } else if (count == kSpanTokens) {
+      accumulate_span<kRows, true, kHeadDim>(weights, v, count, head_dim, acc);
+    } else {
+      accumulate_span<kRows, false, kHeadDim>(weights, v, count, head_dim, acc);
+    }
   }
 }
 
 template <int kHeadDim>
-APEX_TARGET void int_accumulate(const float* p, const int8_t* v, int num_rows, int num_tokens,
-                                int head_dim, const float* alpha, float* acc) {
-  for_row_groups<4>(num_rows, [&](auto rows, int g) APEX_TARGET {
-    int_accumulate_rows<decltype(rows)::value, kHeadDim>(
-        p + g * num_tokens, v, num_tokens, head_dim, alpha + g, acc + int64_t(g) * head_dim);
-  });
+APEX_TARGET void attend_steps(const Int8Step* steps, int num_steps, int num_rows, int head_dim,
+                              float scale) {
+  for (int i = 0; i < num_steps; ++i)
+    for_row_groups<4>(num_rows, [&](auto rows, int g) APEX_TARGET {
+      attend_rows<decltype(rows)::value, kHeadDim>(steps[i], g, head_dim, scale);
+    });
 }
 
-// Other head dims keep the float AVX2 p . v.
-APEX_TARGET void int8_accumulate(const float* p, const void* v, int num_rows, int num_tokens,
-                                 int head_dim, const float* alpha, float* acc) {
-  const auto* values = static_cast<const int8_t*>(v);
-  if (!int_dots(head_dim)) {
-    avx2_kernel_ops(DType::kInt8)->accumulate(p, v, num_rows, num_tokens, head_dim, alpha, acc);
-  } else if (head_dim == 128) {
-    int_accumulate<128>(p, values, num_rows, num_tokens, head_dim, alpha, acc);
+void int8_attend(const Int8Step* steps, int num_steps, int num_rows, int head_dim,
+                 float scale) {
+  if (head_dim == 128) {
+    attend_steps<128>(steps, num_steps, num_rows, head_dim, scale);
   } else {
-    int_accumulate<0>(p, values, num_rows, num_tokens, head_dim, alpha, acc);
+    attend_steps<0>(steps, num_steps, num_rows, head_dim, scale);
   }
 }
 
@@ -606,13 +597,10 @@ void int8_finish_acc(float* acc, int num_rows, int head_dim) {
 }  // namespace
 
 const KernelOps* avx2_int8_kernel_ops() {
+  // Only the fused step: q . k, softmax and p . v of a span pass the scores in registers.
   static const KernelOps ops = [] {
-    KernelOps int8 = *avx2_kernel_ops(DType::kInt8);  // its softmax and p . v
-    int8.prepare_q = int8_prepare_q;
-    int8.scores = int8_scores;
-    int8.softmax = int8_softmax;
-    int8.accumulate = int8_accumulate;
-    int8.finish_acc = int8_finish_acc;
+    KernelOps int8{int8_prepare_q, nullptr, nullptr, nullptr, "avx2", int8_finish_acc};
+    int8.attend_int8 = int8_attend;
     return int8;
   }();
   return &ops;

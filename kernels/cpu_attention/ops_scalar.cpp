@@ -97,8 +97,8 @@ const KernelOps* select_kernel_ops(DType dtype, const char* isa) {
     return avx512_kernel_ops(dtype, true);
   if (wants("avx512vnni") && has_vnni && dtype == DType::kInt8) return avx512_vnni_kernel_ops();
   // int8 KV without VNNI: the AVX2 set's integer dot products cost less than plain AVX-512's
-  // widening to float32 (kernels/bench/block_ops.cpp: 326-340 against 503-522 ns per block and
-  // kv head on Zen 4), so the best pick passes over plain AVX-512 for int8.
+  // widening to float32 (kernels/bench/block_ops.cpp: ~280 against ~530 ns per block and kv
+  // head on Zen 4), so the best pick passes over plain AVX-512 for int8.
   if (any && has_avx2 && dtype == DType::kInt8) return avx2_int8_kernel_ops();
   if (wants("avx512") && has_avx512) return avx512_kernel_ops(dtype, false);
   if (wants("avx2") && has_avx2)

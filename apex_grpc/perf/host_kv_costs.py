@@ -20,9 +20,9 @@ from apex_grpc.platform import host_kv_copy
 # CPU attention time per context token over an int8 tier / over a bf16 one where the kernel
 # reads at memory speed (the shipped profiles' 14-thread hosts): the bytes ratio, 264 / 512 per
 # token row and kv head (int8 + its scale vs bf16), rounded up. The 2-core development machine
-# measured 0.51-0.52 side by side with AVX512-VNNI and 0.66-0.72 with AVX2 (bf16 near memory
-# speed there, AVX2's int8 compute-bound) (python -m apex_grpc.bench.cpu_attention,
-# docs/benchmarks.md, 2026-12-07); where it is compute-bound, measure the table itself:
+# measured 0.51-0.52 side by side with AVX512-VNNI and 0.54-0.56 with AVX2 (bf16 near memory
+# speed there) (python -m apex_grpc.bench.cpu_attention, docs/benchmarks.md, 2026-12-07);
+# where the kernel is compute-bound, measure the table itself:
 # apex-grpc profile --host-kv-dtype int8.
 INT8_CPU_COST_RATIO = 0.55
 

@@ -27,8 +27,8 @@ constexpr int64_t kMinTaskHeadTokens = 512;
 // (head_dim 128) or four 8-bit ones; 8-bit KV ran 10-20% faster four heads ahead than two,
 // bf16 the same at two to four (batch 32 x 2048, 2026-12-07).
 constexpr int64_t kPrefetchBytes = 16 * 1024;
-// Steps (kv heads of blocks) per fused 8-bit kernel call: the call pipelines its steps, and
-// the pipeline starts empty at each call.
+// Steps (kv heads of blocks) per fused 8-bit kernel call: the VNNI call pipelines its steps,
+// and the pipeline starts empty at each call.
 constexpr int kInt8StepsPerCall = 8;
 
 int ceil_div(int64_t a, int64_t b) { return int((a + b - 1) / b); }
@@ -275,8 +275,8 @@ void DecodeJob::run_attention(const Task& task, WorkerScratch& scratch) {
   const char* k_base = static_cast<const char*>(p.k_cache);
   const char* v_base = static_cast<const char*>(p.v_cache);
   int64_t offset = block_offset(first_block);
-  // Fused 8-bit kernels take the walk's steps a few at a time, so that each step's softmax
-  // overlaps the next one's q . k.
+  // Fused 8-bit kernels take the walk's steps a few at a time (on VNNI each step's softmax
+  // overlaps the next one's q . k).
   Int8Step steps[kInt8StepsPerCall];
   RowPrefetch aheads[kInt8StepsPerCall];
   int pending = 0;
